@@ -1,0 +1,28 @@
+"""metagpt_fast: fused attention and positional-encoding kernels for GPT-style transformers.
+
+Every op has a readable PyTorch reference and fast Triton / CUDA / C++ CPU backends behind one API::
+
+    import metagpt_fast
+    out = metagpt_fast.scaled_dot_product_attention(q, k, v, is_causal=True)   # like torch's SDPA
+    model = metagpt_fast.MetaGPT(256, 128, 4, 4, 0.1, 256)                      # the article's constructor
+    metagpt_fast.available_backends()                                            # which backends run here, or why not
+"""
+
+from metagpt_fast.backends import BACKENDS, available_backends, use_backend
+from metagpt_fast.model import MetaGPT, MetaGPTConfig
+from metagpt_fast.ops import add_positional_encoding, apply_rotary, embed_positions, scaled_dot_product_attention
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "MetaGPT",
+    "MetaGPTConfig",
+    "__version__",
+    "add_positional_encoding",
+    "apply_rotary",
+    "available_backends",
+    "embed_positions",
+    "scaled_dot_product_attention",
+    "use_backend",
+]

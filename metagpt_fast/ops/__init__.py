@@ -1,0 +1,7 @@
+"""Public functional ops; each validates its inputs, asks the backend registry for an implementation and runs it."""
+
+from metagpt_fast.ops.attention import scaled_dot_product_attention
+from metagpt_fast.ops.positional import add_positional_encoding, embed_positions
+from metagpt_fast.ops.rotary import apply_rotary
+
+__all__ = ["add_positional_encoding", "apply_rotary", "embed_positions", "scaled_dot_product_attention"]

@@ -1,0 +1,104 @@
+"""Public attention op: validate once, pick a backend, run it."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from metagpt_fast import backends
+from metagpt_fast.ops import validation as check
+from metagpt_fast.ops.reference.random import new_seed
+
+
+def scaled_dot_product_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` that runs the fastest available backend.
+
+    Arguments:
+        query: ``(B, Hq, Nq, D)`` (or ``(B, Nq, D)``), float16 / bfloat16 / float32 / float64.
+        key: ``(B, Hk, Nk, D)``, same dtype and device as ``query``. ``Hk == Hq``, or ``Hq % Hk == 0`` with
+            ``enable_gqa=True``.
+        value: ``(B, Hk, Nk, Dv)``.
+        attn_mask: boolean (True = attend) or additive mask of ``query``'s dtype, broadcastable to
+            ``(B, Hq, Nq, Nk)``. Key-padding masks ``(B, 1, 1, Nk)`` are served without materialising a dense mask.
+        dropout_p: probability of dropping an attention weight, in ``[0, 1)``. Pass 0 at evaluation.
+        is_causal: mask keys after the query, aligned top-left when ``Nq != Nk`` (torch's convention).
+            Not combinable with ``attn_mask``.
+        scale: factor applied to ``Q @ K^T``; default ``1 / sqrt(D)``.
+        enable_gqa: allow grouped-query attention (``Hk`` divides ``Hq``).
+        backend: ``"reference"``, ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"auto"``; ``None`` follows
+            :func:`metagpt_fast.use_backend` / ``METAGPT_FAST_BACKEND``.
+
+    Returns:
+        ``(B, Hq, Nq, Dv)`` tensor of ``query``'s dtype. Rows whose every key is masked are 0 (torch gives NaN).
+    """
+    check.tensor("query", query, dims=(3, 4), floating=True)
+    check.tensor("key", key, dims=(query.dim(),), floating=True)
+    check.tensor("value", value, dims=(query.dim(),), floating=True)
+    check.same_dtype(query=query, key=key, value=value)
+    check.same_device(query=query, key=key, value=value, attn_mask=attn_mask)
+    dropout_p = check.probability("dropout_p", dropout_p)
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    if scale is not None:
+        scale = check.finite_float("scale", scale)
+
+    squeeze = query.dim() == 3
+    if squeeze:  # (B, N, D) -> (B, 1, N, D)
+        query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        if attn_mask is not None and attn_mask.dim() == 3:
+            attn_mask = attn_mask.unsqueeze(1)
+    _check_shapes(query, key, value, enable_gqa)
+    if attn_mask is not None:
+        check.tensor("attn_mask", attn_mask, dims=(0, 1, 2, 3, 4))
+        if is_causal:
+            raise ValueError("attn_mask and is_causal=True cannot be combined: fold the causal mask into attn_mask")
+        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+            raise TypeError(f"attn_mask must be bool or {query.dtype} (query's dtype), got {attn_mask.dtype}")
+        b, h, nq, _ = query.shape
+        check.broadcastable("attn_mask", attn_mask.shape, (b, h, nq, key.shape[-2]))
+
+    inputs = dict(
+        query=query,
+        key=key,
+        value=value,
+        attn_mask=attn_mask,
+        dropout_p=dropout_p,
+        is_causal=is_causal,
+        scale=1.0 / math.sqrt(query.shape[-1]) if scale is None else scale,
+        enable_gqa=enable_gqa,
+    )
+    impl = backends.select("attention", backend, **inputs)
+    seed = new_seed(query.device) if dropout_p > 0.0 else None
+    out = impl.fn(**inputs, seed=seed)
+    return out.squeeze(1) if squeeze else out
+
+
+def _check_shapes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, enable_gqa: bool) -> None:
+    (b, hq, _, d), (bk, hk, nk, dk), (bv, hv, nv, _) = query.shape, key.shape, value.shape
+    if bk != b or bv != b:
+        raise ValueError(f"query, key and value must share the batch size, got {b}, {bk}, {bv}")
+    if dk != d:
+        raise ValueError(f"key's head dim must equal query's ({d}), got {dk}")
+    if d == 0:
+        raise ValueError("query's head dim must be >= 1, got 0")
+    if nv != nk:
+        raise ValueError(f"value must have key's sequence length ({nk}), got {nv}")
+    if hv != hk:
+        raise ValueError(f"value must have key's number of heads ({hk}), got {hv}")
+    if enable_gqa:
+        if hk == 0 or hq % hk:
+            raise ValueError(f"with enable_gqa, key's heads ({hk}) must divide query's heads ({hq})")
+    elif hk != hq:
+        raise ValueError(f"key must have query's number of heads ({hq}), got {hk}; set enable_gqa=True for GQA")

@@ -1,0 +1,69 @@
+"""Public rotary op: rotate queries and keys together."""
+
+from __future__ import annotations
+
+import torch
+
+from metagpt_fast import backends
+from metagpt_fast.ops import validation as check
+from metagpt_fast.ops.reference.positional import DEFAULT_BASE
+
+
+def apply_rotary(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    offset: int = 0,
+    rotary_dim: int | None = None,
+    base: float = DEFAULT_BASE,
+    interleaved: bool = False,
+    inplace: bool = False,
+    *,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary position embedding of ``q`` and ``k`` in one op.
+
+    Arguments:
+        q: ``(B, Hq, T, D)`` queries, float16 / bfloat16 / float32 / float64, any strides.
+        k: ``(B, Hk, T, D)`` keys, same dtype, device, ``B``, ``T`` and ``D`` as ``q``.
+        position_ids: optional integer positions ``(T,)`` or ``(B, T)``; default ``offset + arange(T)``.
+        offset: position of the first token when ``position_ids`` is None.
+        rotary_dim: number of leading features rotated (even, ``<= D``); default ``D``.
+        base: frequency base (``rope_theta``).
+        interleaved: GPT-J pairs ``(2i, 2i+1)`` instead of GPT-NeoX/Llama halves ``(i, i + rotary_dim/2)``.
+        inplace: write the result into ``q`` and ``k`` (inference; not allowed on tensors that need grad).
+        backend: see :func:`metagpt_fast.scaled_dot_product_attention`.
+
+    Returns:
+        ``(q_rotated, k_rotated)``.
+    """
+    check.tensor("q", q, dims=(4,), floating=True)
+    check.tensor("k", k, dims=(4,), floating=True)
+    check.same_dtype(q=q, k=k)
+    check.same_device(q=q, k=k, position_ids=position_ids)
+    (b, _, t, d), (bk, _, tk, dk) = q.shape, k.shape
+    if (bk, tk, dk) != (b, t, d):
+        raise ValueError(f"k must match q's batch, length and head dim {(b, t, d)}, got {(bk, tk, dk)}")
+    rotary_dim = d if rotary_dim is None else check.integer("rotary_dim", rotary_dim, minimum=2)
+    if rotary_dim > d or rotary_dim % 2:
+        raise ValueError(f"rotary_dim must be even and <= head dim {d}, got {rotary_dim}")
+    if position_ids is not None:
+        check.tensor("position_ids", position_ids, dims=(1, 2))
+        if position_ids.dtype.is_floating_point or position_ids.dtype == torch.bool:
+            raise TypeError(f"position_ids must be an integer tensor, got {position_ids.dtype}")
+        if position_ids.shape[-1] != t or (position_ids.dim() == 2 and position_ids.shape[0] not in (1, b)):
+            raise ValueError(f"position_ids must have shape ({t},) or ({b}, {t}), got {tuple(position_ids.shape)}")
+    if inplace and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        raise ValueError("inplace=True is for inference: q or k requires grad")
+    inputs = dict(
+        q=q,
+        k=k,
+        position_ids=position_ids,
+        offset=check.integer("offset", offset, minimum=0),
+        rotary_dim=rotary_dim,
+        base=check.finite_float("base", base, positive=True),
+        interleaved=bool(interleaved),
+        inplace=bool(inplace),
+    )
+    impl = backends.select("rotary", backend, **inputs)
+    return impl.fn(**inputs)

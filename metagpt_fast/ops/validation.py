@@ -1,0 +1,90 @@
+"""Input checks shared by the public ops: every failure names the argument, what was expected and what came."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def tensor(name: str, value, *, dims: tuple[int, ...] | None = None, floating: bool = False) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if dims is not None and value.dim() not in dims:
+        expected = " or ".join(str(d) for d in dims)
+        raise ValueError(f"{name} must have {expected} dimensions, got shape {tuple(value.shape)}")
+    if floating and value.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {value.dtype}")
+    return value
+
+
+def same_device(**tensors: torch.Tensor) -> None:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {listed}")
+
+
+def same_dtype(**tensors: torch.Tensor) -> None:
+    dtypes = {name: t.dtype for name, t in tensors.items() if t is not None}
+    if len(set(dtypes.values())) > 1:
+        listed = ", ".join(f"{n}: {d}" for n, d in dtypes.items())
+        raise TypeError(f"tensors must share one dtype, got {listed}")
+
+
+def probability(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float in [0, 1), got {type(value).__name__}")
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value}")
+    return float(value)
+
+
+def finite_float(name: str, value, *, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not math.isfinite(value) or (positive and value <= 0):
+        kind = "a finite positive" if positive else "a finite"
+        raise ValueError(f"{name} must be {kind} number, got {value}")
+    return float(value)
+
+
+def integer(name: str, value, *, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, torch.SymInt):
+            return value
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def broadcastable(name: str, shape: torch.Size, target: tuple[int, ...]) -> None:
+    ok = len(shape) <= len(target) and all(
+        s == 1 or s == t for s, t in zip(reversed(tuple(shape)), reversed(target))
+    )
+    if not ok:
+        raise ValueError(f"{name} of shape {tuple(shape)} is not broadcastable to {target}")
+
+
+def token_ids(name: str, tokens, vocab_size: int) -> torch.Tensor:
+    tensor(name, tokens)
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer token ids, got {tokens.dtype}")
+    if tokens.numel() and not _is_fake(tokens):
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"{name} must lie in [0, {vocab_size}), found token id {bad}")
+    return tokens
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    """True for tensors without data (meta, fake tensors under torch.compile): value checks are skipped for them."""
+    if t.device.type == "meta":
+        return True
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(t) or torch.compiler.is_compiling()
