@@ -38,7 +38,7 @@ ENV_VAR = "METAGPT_FAST_BACKEND"
 # at import time, and importing it costs seconds.
 _BACKEND_MODULES = {
     "reference": ("metagpt_fast.ops.reference.register",),
-    "triton": ("metagpt_fast.kernels.triton.register",),
+    "triton": ("metagpt_fast.ops.triton_backend",),
     "cpu": ("metagpt_fast.ops.cpp",),
     "cuda": ("metagpt_fast.ops.cpp",),
 }

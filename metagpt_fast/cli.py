@@ -1,0 +1,40 @@
+"""``metagpt-fast`` command line: one sub-command per module of ``metagpt_fast.commands``.
+
+Each command module defines ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``; they are
+imported only when chosen, so ``metagpt-fast info`` works whatever else is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "info": "versions, device and which backends run here (and why not)",
+    "train": "train MetaGPT (default corpus: the Python standard library's sources, byte-level)",
+    "generate": "sample text from a checkpoint",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="metagpt-fast", description="Fused GPT kernels: train, benchmark, profile.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        command.set_defaults(_module=f"metagpt_fast.commands.{name}")
+        importlib.import_module(f"metagpt_fast.commands.{name}").add_arguments(command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return importlib.import_module(args._module).run(args) or 0
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"metagpt-fast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

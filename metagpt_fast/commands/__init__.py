@@ -1,0 +1,1 @@
+"""Sub-commands of the ``metagpt-fast`` CLI (see ``metagpt_fast.cli``)."""

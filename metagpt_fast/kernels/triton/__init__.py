@@ -1,0 +1,1 @@
+"""Triton kernels and launchers. Importing this package needs triton; the registry imports it lazily."""
