@@ -40,7 +40,7 @@ _BACKEND_MODULES = {
     "reference": ("metagpt_fast.ops.reference.register",),
     "triton": ("metagpt_fast.ops.triton_backend",),
     "cpu": ("metagpt_fast.ops.cpp",),
-    "cuda": ("metagpt_fast.ops.cpp",),
+    "cuda": ("metagpt_fast.ops.cpp", "metagpt_fast.ops.cuda_attention"),
 }
 
 _requested: contextvars.ContextVar[str | None] = contextvars.ContextVar("metagpt_fast_backend", default=None)

@@ -6,11 +6,15 @@ underneath: for correctness tests only, so ``auto`` never picks it).
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import torch
 
 from metagpt_fast import backends
+
+# One module per kernel family; each registers its ops with the registry when imported.
+OP_MODULES = ("metagpt_fast.ops.triton_attention", "metagpt_fast.ops.triton_positional")
 
 
 def interpreted() -> bool:
@@ -31,4 +35,5 @@ _reason = _unavailable_reason()
 if _reason is not None:
     backends.mark_unavailable("triton", _reason)
 else:
-    from metagpt_fast.ops import triton_attention, triton_positional  # noqa: F401  (registers on import)
+    for _module in OP_MODULES:
+        importlib.import_module(_module)

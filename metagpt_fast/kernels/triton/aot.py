@@ -88,3 +88,40 @@ def compile_case(case: AotCase, arch: int) -> AotStats:
         shared_bytes=max(field("SHARED"), int(getattr(compiled.metadata, "shared", 0) or 0)),
         uses_wgmma="wgmma" in compiled.asm["ptx"],
     )
+
+
+def discover_cases() -> list[AotCase]:
+    """Every ``AOT_CASES`` entry of the modules in this package."""
+    import importlib
+    import pkgutil
+
+    import metagpt_fast.kernels.triton as package
+
+    cases = []
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        cases += getattr(module, "AOT_CASES", [])
+    return cases
+
+
+def main() -> int:
+    """Compiles every case for every arch and prints one JSON object per line (kernel stats or an error)."""
+    import json
+
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("unset TRITON_INTERPRET: ahead-of-time compilation needs triton's real compiler")
+    for case in discover_cases():
+        for arch in ARCHS:
+            row = {"label": case.label, "arch": arch, "allowed_spill_bytes": case.allowed_spill_bytes,
+                   "expect_wgmma": case.expect_wgmma}
+            try:
+                row.update(dataclasses.asdict(compile_case(case, arch)), spill_bytes=None)
+                row["spill_bytes"] = max(row["stack_bytes"], row["local_bytes"])
+            except Exception as exc:  # reported, and failed by the test
+                row["error"] = f"{type(exc).__name__}: {exc}"
+            print(json.dumps(row), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
