@@ -95,10 +95,10 @@ def _check_shapes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, e
         raise ValueError("query's head dim must be >= 1, got 0")
     if nv != nk:
         raise ValueError(f"value must have key's sequence length ({nk}), got {nv}")
-    if hv != hk:
-        raise ValueError(f"value must have key's number of heads ({hk}), got {hv}")
     if enable_gqa:
         if hk == 0 or hq % hk:
             raise ValueError(f"with enable_gqa, key's heads ({hk}) must divide query's heads ({hq})")
     elif hk != hq:
         raise ValueError(f"key must have query's number of heads ({hq}), got {hk}; set enable_gqa=True for GQA")
+    if hv != hk:
+        raise ValueError(f"value must have key's number of heads ({hk}), got {hv}")

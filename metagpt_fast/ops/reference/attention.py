@@ -37,7 +37,7 @@ def attention(
 
     ``dropout_mask``: optional boolean keep-mask broadcastable to ``(B, H, Nq, Nk)``; when given (and
     ``dropout_p > 0``) it replaces torch's random dropout, so a fast kernel's Philox mask can be replayed exactly.
-    Matmuls run in the input dtype; the softmax in float32.
+    Matmuls run in the input dtype; the softmax in float32 (float64 for float64 inputs).
     """
     nq, nk = query.shape[-2], key.shape[-2]
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
@@ -46,14 +46,15 @@ def attention(
         key = key.repeat_interleave(group, dim=-3)
         value = value.repeat_interleave(group, dim=-3)
 
-    scores = (query @ key.transpose(-2, -1)).float() * scale
+    acc = torch.promote_types(query.dtype, torch.float32)  # float32, or float64 for float64 inputs
+    scores = (query @ key.transpose(-2, -1)).to(acc) * scale
     if is_causal:
         scores = scores.masked_fill(~causal_mask(nq, nk, scores.device), float("-inf"))
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attn_mask, float("-inf"))
         else:
-            scores = scores + attn_mask.float()
+            scores = scores + attn_mask.to(acc)
 
     # Softmax that maps a fully-masked row to zeros instead of NaN, with finite gradients: the row maximum of such
     # a row is -inf, replaced by 0 so exp(-inf - 0) = 0 and the normaliser is guarded.

@@ -46,9 +46,11 @@ def add_positional_encoding(
     dropout_p: float = 0.0,
     dropout_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``dropout(x + PE[offset : offset + T])`` for ``x`` of shape ``(B, T, d)``; the sum is taken in float32."""
-    table = sinusoidal_table(x.shape[-2], x.shape[-1], offset, device=x.device)
-    return _dropout((x.float() + table).to(x.dtype), dropout_p, dropout_mask)
+    """``dropout(x + PE[offset : offset + T])`` for ``x`` of shape ``(B, T, d)``; the sum is taken in float32
+    (float64 for float64 inputs)."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    table = sinusoidal_table(x.shape[-2], x.shape[-1], offset, dtype=acc, device=x.device)
+    return _dropout((x.to(acc) + table).to(x.dtype), dropout_p, dropout_mask)
 
 
 def embed_positions(
@@ -61,7 +63,8 @@ def embed_positions(
     dropout_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``dropout(weight[tokens] * scale + PE)`` for ``tokens`` ``(B, T)`` and ``weight`` ``(vocab, d)``."""
-    x = torch.nn.functional.embedding(tokens, weight).float() * scale
+    acc = torch.promote_types(weight.dtype, torch.float32)
+    x = torch.nn.functional.embedding(tokens, weight).to(acc) * scale
     if sinusoidal:
-        x = x + sinusoidal_table(tokens.shape[-1], weight.shape[-1], offset, device=weight.device)
+        x = x + sinusoidal_table(tokens.shape[-1], weight.shape[-1], offset, dtype=acc, device=weight.device)
     return _dropout(x.to(weight.dtype), dropout_p, dropout_mask)

@@ -17,15 +17,15 @@ from metagpt_fast.ops.reference.positional import DEFAULT_BASE
 
 
 def rotary_angles(
-    positions: torch.Tensor, rotary_dim: int, base: float = DEFAULT_BASE
+    positions: torch.Tensor, rotary_dim: int, base: float = DEFAULT_BASE, dtype: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of ``positions[..., None] * inv_freq``, shape ``positions.shape + (rotary_dim // 2,)``, float32.
+    """cos and sin of ``positions[..., None] * inv_freq``, shape ``positions.shape + (rotary_dim // 2,)``.
 
-    Computed in float64 and rounded once, like the sinusoidal table.
+    Computed in float64 and rounded once to ``dtype``, like the sinusoidal table.
     """
     inv_freq = base ** (-torch.arange(0, rotary_dim, 2, dtype=torch.float64, device=positions.device) / rotary_dim)
     angle = positions.to(torch.float64)[..., None] * inv_freq
-    return torch.cos(angle).float(), torch.sin(angle).float()
+    return torch.cos(angle).to(dtype), torch.sin(angle).to(dtype)
 
 
 def positions_for(
@@ -43,7 +43,7 @@ def rotate(
     """Rotates the first ``rotary_dim`` features of ``x`` ``(B, H, T, D)``; ``cos``/``sin`` are ``(T | B,T, r/2)``."""
     if cos.dim() == 3:  # per-batch positions (B, T, r/2) -> broadcast over heads
         cos, sin = cos[:, None], sin[:, None]
-    rot, rest = x[..., :rotary_dim].float(), x[..., rotary_dim:]
+    rot, rest = x[..., :rotary_dim].to(cos.dtype), x[..., rotary_dim:]
     if interleaved:
         x1, x2 = rot[..., 0::2], rot[..., 1::2]
     else:
@@ -69,5 +69,5 @@ def apply_rotary(
     """Rotates ``q`` ``(B, Hq, T, D)`` and ``k`` ``(B, Hk, T, D)`` at positions ``offset + t`` or ``position_ids``."""
     rotary_dim = q.shape[-1] if rotary_dim is None else rotary_dim
     positions = positions_for(q.shape[-2], offset, position_ids, q.device)
-    cos, sin = rotary_angles(positions, rotary_dim, base)
+    cos, sin = rotary_angles(positions, rotary_dim, base, torch.promote_types(q.dtype, torch.float32))
     return rotate(q, cos, sin, rotary_dim, interleaved), rotate(k, cos, sin, rotary_dim, interleaved)
