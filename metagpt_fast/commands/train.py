@@ -1,0 +1,107 @@
+"""``metagpt-fast train``: train MetaGPT on the standard library's sources (or ``--data``), byte-level."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from metagpt_fast.data import VOCAB_SIZE, Splits, read_corpus
+from metagpt_fast.model import MetaGPTConfig
+from metagpt_fast.training import TrainConfig, train
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Model-size options shared with ``profile``."""
+    model = parser.add_argument_group("model")
+    model.add_argument("--embed-size", type=int, default=128)
+    model.add_argument("--layers", type=int, default=4)
+    model.add_argument("--heads", type=int, default=4)
+    model.add_argument("--seq-len", type=int, default=128, help="max_seq_length and training window")
+    model.add_argument("--dropout", type=float, default=0.0)
+    model.add_argument("--positional", choices=("sinusoidal", "rotary"), default="sinusoidal")
+    model.add_argument("--backend", default="auto", help="auto, reference, triton, cuda or cpu")
+
+
+def model_config(args: argparse.Namespace) -> MetaGPTConfig:
+    return MetaGPTConfig(
+        vocab_size=VOCAB_SIZE,
+        embed_size=args.embed_size,
+        num_layers=args.layers,
+        num_heads=args.heads,
+        dropout=args.dropout,
+        max_seq_length=args.seq_len,
+        positional=args.positional,
+        backend=args.backend,
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    run = parser.add_argument_group("training")
+    defaults = TrainConfig()
+    run.add_argument("--data", type=Path, help="text file or folder (default: the Python standard library)")
+    run.add_argument("--steps", type=int, default=defaults.steps)
+    run.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    run.add_argument("--lr", type=float, default=defaults.lr)
+    run.add_argument("--eval-every", type=int, default=defaults.eval_every)
+    run.add_argument("--save-every", type=int, default=defaults.save_every)
+    run.add_argument("--seed", type=int, default=defaults.seed)
+    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    run.add_argument("--out", type=Path, default=Path("runs/metagpt"), help="checkpoint folder")
+    run.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    run.add_argument("--no-progress", action="store_true", help="print lines instead of a progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    console = Console()
+    for name in ("steps", "batch_size", "eval_every", "save_every"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.lr <= 0:
+        raise ValueError(f"--lr must be > 0, got {args.lr}")
+    cfg = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        eval_every=args.eval_every,
+        save_every=args.save_every,
+        seed=args.seed,
+        device=args.device,
+    )
+    model_cfg = model_config(args)
+    corpus = read_corpus(args.data)
+    splits = Splits.from_bytes(corpus)
+    resume = args.out / "ckpt.pt" if args.resume else None
+    console.print(
+        f"corpus: {args.data or 'Python standard library'} ({len(corpus) / 2**20:.1f} MiB, "
+        f"{len(splits.train):,} train / {len(splits.val):,} val bytes); device {cfg.device}; backend {model_cfg.backend}"
+    )
+    with Progress(
+        TextColumn("[bold]train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f}  {task.fields[tps]:,.0f} tok/s"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=args.no_progress,
+    ) as progress:
+        task = progress.add_task("train", total=cfg.steps, loss=float("nan"), tps=0.0)
+
+        def on_step(step: int, loss: float, tps: float) -> None:
+            progress.update(task, completed=step, loss=loss, tps=tps)
+            if args.no_progress and (step % 10 == 0 or step == cfg.steps):
+                console.print(f"step {step}/{cfg.steps}  loss {loss:.4f}  {tps:,.0f} tok/s")
+
+        def on_eval(step: int, val_loss: float) -> None:
+            progress.console.print(f"step {step}: held-out loss {val_loss:.4f}")
+
+        result = train(model_cfg, cfg, splits, out=args.out, resume=resume, on_step=on_step, on_eval=on_eval)
+    console.print(
+        f"done: step {result.step}, train loss {result.train_loss:.4f}, held-out loss {result.val_loss:.4f}, "
+        f"{result.tokens_per_second:,.0f} tok/s; checkpoint {result.checkpoint}"
+    )
+    return 0
