@@ -1,0 +1,68 @@
+// The online-softmax update of flash attention (Milakov & Gimelshein 2018; Dao et al. 2022), one query row at a time.
+//
+// A row keeps a running maximum ``m`` and running sum ``l = sum_j exp(s_j - m)`` over the key blocks seen so far, and
+// an output accumulator ``acc = sum_j exp(s_j - m) v_j``. For each new block with row maximum ``block_max``:
+//
+//   m_new = max(m, block_max);  alpha = exp(m - m_new);  l = alpha * l;  acc = alpha * acc;  m = m_new
+//   p_j   = exp(s_j - m)  (softmax_weight),  l += sum_j p_j,  acc += sum_j p_j v_j
+//
+// Masked scores are -inf. A row with no visible key so far has m = -inf; its weights use a finite stand-in maximum
+// (0) so exp(-inf - m) is 0, never NaN. At the end, out = acc / l (0 for an empty row) and the log-sum-exp
+// ``lse = m + log(l)`` is saved for the backward pass, which recomputes p_j = exp(s_j - lse). An empty row stores
+// lse = +inf so the recomputed weights are exactly 0 and its gradients vanish.
+//
+// A CPU kernel calls these per row on its tile of scores; a CUDA kernel calls them per thread on its fragment of a
+// row after reducing ``block_max`` / the block sum across the threads that share the row.
+#pragma once
+
+#include <math.h>
+
+#include "metagpt_fast/macros.h"
+
+namespace metagpt_fast {
+
+struct OnlineSoftmax {
+  float m;  // running maximum of the scores seen (-inf before any visible key)
+  float l;  // running sum of exp(score - m)
+};
+
+MGF_HOST_DEVICE MGF_INLINE OnlineSoftmax online_softmax_init() { return OnlineSoftmax{-INFINITY, 0.0f}; }
+
+MGF_HOST_DEVICE MGF_INLINE float mgf_exp(float x) {
+#if MGF_ON_DEVICE
+  return __expf(x);
+#else
+  return expf(x);
+#endif
+}
+
+// Maximum to subtract before exponentiating: the running maximum, or 0 while the row has seen no visible key.
+MGF_HOST_DEVICE MGF_INLINE float online_softmax_shift(float m) { return m == -INFINITY ? 0.0f : m; }
+
+// Folds a new block's row maximum into the state; returns the factor ``alpha`` that rescales ``l`` (done here) and
+// the caller's output accumulator (done by the caller). After it, the block's weights are exp(s - shift(m)).
+MGF_HOST_DEVICE MGF_INLINE float online_softmax_update(OnlineSoftmax& state, float block_max) {
+  const float m_new = fmaxf(state.m, block_max);
+  const float alpha = mgf_exp(online_softmax_shift(state.m) - online_softmax_shift(m_new));
+  state.l *= alpha;
+  state.m = m_new;
+  return alpha;
+}
+
+// Weight of one score under the current state (0 for a masked score).
+MGF_HOST_DEVICE MGF_INLINE float softmax_weight(float score, float shift) { return mgf_exp(score - shift); }
+
+// 1 / l for the final normalisation; 0 for a row whose every key was masked (its output is 0).
+MGF_HOST_DEVICE MGF_INLINE float online_softmax_inv_sum(const OnlineSoftmax& state) {
+  return state.l > 0.0f ? 1.0f / state.l : 0.0f;
+}
+
+// log-sum-exp of the row saved for the backward pass; +inf for an empty row (recomputed weights are then 0).
+MGF_HOST_DEVICE MGF_INLINE float online_softmax_lse(const OnlineSoftmax& state) {
+  return state.l > 0.0f ? state.m + logf(state.l) : INFINITY;
+}
+
+// Weight recomputed in the backward pass from the saved log-sum-exp.
+MGF_HOST_DEVICE MGF_INLINE float softmax_weight_from_lse(float score, float lse) { return mgf_exp(score - lse); }
+
+}  // namespace metagpt_fast
