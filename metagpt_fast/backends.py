@@ -92,6 +92,8 @@ def mark_unavailable(backend: str, reason: str) -> None:
 
 
 def _load(backend: str) -> None:
+    if backend in _loaded:  # checked before the lock: torch.compile traces this path and cannot trace a lock
+        return
     with _lock:
         if backend in _loaded:
             return
@@ -150,10 +152,8 @@ def candidates(op: str) -> list[Implementation]:
     """Implementations of ``op`` on available backends, fastest first."""
     for backend in BACKENDS:
         _load(backend)
-    with _lock:
-        impls = [
-            impl for (o, b), impl in _registry.items() if o == op and _unavailable.get(b) is None
-        ]
+    # Reads without the lock (dict reads are atomic): torch.compile traces select() and cannot trace a lock.
+    impls = [impl for (o, b), impl in _registry.items() if o == op and _unavailable.get(b) is None]
     return sorted(impls, key=lambda impl: -impl.priority)
 
 
@@ -162,9 +162,8 @@ def select(op: str, backend: str | None = None, **inputs: Any) -> Implementation
     name = requested_backend(backend)
     if name != "auto":
         _load(name)
-        with _lock:
-            reason = _unavailable.get(name)
-            impl = _registry.get((op, name))
+        reason = _unavailable.get(name)
+        impl = _registry.get((op, name))
         if reason is not None:
             raise ValueError(f"backend {name!r} is unavailable: {reason}")
         if impl is None:
@@ -195,3 +194,18 @@ def explain(op: str, **inputs: Any) -> dict[str, list[str]]:
         else:
             result[backend] = impl.not_supported_reasons(**inputs)
     return result
+
+
+def _load_all_before_compiling(_args: Any) -> None:
+    for backend in BACKENDS:
+        _load(backend)
+
+
+# torch.compile traces select(); importing a backend's modules cannot happen inside a trace, so every backend is
+# loaded when a compilation starts (dynamo's start callback runs before tracing).
+try:
+    import torch._dynamo
+
+    torch._dynamo.callback_handler.register_start_callback(_load_all_before_compiling)
+except (ImportError, AttributeError) as _exc:  # pragma: no cover - older torch
+    logger.debug("cannot preload backends for torch.compile: %r", _exc)

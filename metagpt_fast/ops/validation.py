@@ -87,4 +87,5 @@ def _is_fake(t: torch.Tensor) -> bool:
         return True
     from torch._subclasses.fake_tensor import is_fake
 
-    return is_fake(t) or torch.compiler.is_compiling()
+    # is_compiling first: dynamo cannot trace into is_fake (a graph break under fullgraph=True).
+    return torch.compiler.is_compiling() or is_fake(t)
