@@ -1,0 +1,90 @@
+// Launch templates: tile sizes per head dim and architecture, grids, and the order of the backward kernels.
+//
+// ``launch(kernel, shape, params)`` is supplied by the caller: the CUDA launcher in attention_launch.cu (dynamic
+// shared memory opt-in, <<<>>> on the given stream, launch error returned) or the CPU emulation in tests. It returns
+// 0 or an error code, and the first error stops a sequence of launches.
+#pragma once
+
+#include "attention_kernels.cuh"
+
+namespace metagpt_fast {
+namespace attention {
+
+struct LaunchShape {
+  int grid_x, grid_y, grid_z;
+  int threads;
+  int shared_bytes;
+};
+
+inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+template <typename T, typename Tile, typename Launch>
+int forward_with_tile(const AttentionParams& p, Launch&& launch) {
+  const LaunchShape shape{ceil_div(p.n_q, Tile::BLOCK_M), p.heads_q, p.batch, Tile::THREADS, Tile::SHARED_BYTES};
+  return launch(&attention_forward_kernel<T, Tile>, shape, p);
+}
+
+// Forward tiles. One warp owns 16 query rows and keeps its output accumulator (D/8 x 4 fp32) and a 16 x BLOCK_N
+// score tile in registers, so BLOCK_N = 64 keeps D = 128 under the 255-register limit without spilling.
+// The wide tile (128 query rows, 8 warps) halves how often K and V are streamed through shared memory per query
+// row. It is used where two of its CTAs fit in one SM's shared memory (68 KB each at D = 128): sm_80 (164 KB) and
+// sm_90 (228 KB), where the second CTA's matmuls overlap the first one's softmax and global loads (these kernels do
+// not software-pipeline). On 100 KB parts (sm_86, sm_89) a second wide CTA would not fit and the 64-row tile
+// (4 warps, 52 KB) keeps more independent CTAs per SM.
+template <typename T, int D, typename Launch>
+int forward(const AttentionParams& p, Launch&& launch) {
+  using Wide = ForwardTile<D, 128, 64, 8>;
+  using Narrow = ForwardTile<D, 64, 64, 4>;
+  if (p.shared_memory_per_sm >= 2 * Wide::SHARED_BYTES) return forward_with_tile<T, Wide>(p, launch);
+  return forward_with_tile<T, Narrow>(p, launch);
+}
+
+// Backward tiles, the same on every architecture: the dK/dV kernel holds two D-wide accumulators (dK and dV) per
+// warp, so at D = 128 it steps through 32 query rows at a time (16 x 32 S^T and dP^T tiles) to stay within 255
+// registers; its 52 KB (D = 128) and the dQ kernel's 68 KB of shared memory fit one CTA per SM on every sm_80+
+// part, and the register file (64 K per SM everywhere) is what bounds occupancy.
+template <int D>
+struct BackwardTiles;
+
+template <>
+struct BackwardTiles<64> {
+  using Dkdv = DkdvTile<64, 64, 64, 4>;
+  using Dq = DqTile<64, 64, 64, 4>;
+};
+
+template <>
+struct BackwardTiles<128> {
+  using Dkdv = DkdvTile<128, 32, 64, 4>;
+  using Dq = DqTile<128, 64, 64, 4>;
+};
+
+// Needs p.out, p.grad_out, p.lse and scratch p.delta; writes grad_q, grad_k, grad_v (every element).
+template <typename T, int D, typename Launch>
+int backward(const AttentionParams& p, Launch&& launch) {
+  using Dkdv = typename BackwardTiles<D>::Dkdv;
+  using Dq = typename BackwardTiles<D>::Dq;
+  const LaunchShape delta{ceil_div(p.n_q, kDeltaRowsPerBlock), p.heads_q, p.batch, 32 * kDeltaRowsPerBlock, 0};
+  int error = launch(&attention_backward_delta_kernel<T>, delta, p);
+  if (error != 0) return error;
+  const LaunchShape dkdv{ceil_div(p.n_k, Dkdv::BLOCK_N), p.heads_k, p.batch, Dkdv::THREADS, Dkdv::SHARED_BYTES};
+  error = launch(&attention_backward_dkdv_kernel<T, Dkdv>, dkdv, p);
+  if (error != 0) return error;
+  const LaunchShape dq{ceil_div(p.n_q, Dq::BLOCK_M), p.heads_q, p.batch, Dq::THREADS, Dq::SHARED_BYTES};
+  return launch(&attention_backward_dq_kernel<T, Dq>, dq, p);
+}
+
+// Head dims with compiled kernels (the Python side routes the others to another backend).
+inline bool head_dim_supported(int d) { return d == 64 || d == 128; }
+
+template <typename T, typename Launch>
+int forward_any_head_dim(const AttentionParams& p, Launch&& launch) {
+  return p.head_dim == 64 ? forward<T, 64>(p, launch) : forward<T, 128>(p, launch);
+}
+
+template <typename T, typename Launch>
+int backward_any_head_dim(const AttentionParams& p, Launch&& launch) {
+  return p.head_dim == 64 ? backward<T, 64>(p, launch) : backward<T, 128>(p, launch);
+}
+
+}  // namespace attention
+}  // namespace metagpt_fast
