@@ -49,8 +49,8 @@ def scaled_dot_product_attention(
     check.same_dtype(query=query, key=key, value=value)
     check.same_device(query=query, key=key, value=value, attn_mask=attn_mask)
     dropout_p = check.probability("dropout_p", dropout_p)
-    if not isinstance(is_causal, bool):
-        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    check.flag("is_causal", is_causal)
+    check.flag("enable_gqa", enable_gqa)
     if scale is not None:
         scale = check.finite_float("scale", scale)
 
@@ -80,9 +80,22 @@ def scaled_dot_product_attention(
         enable_gqa=enable_gqa,
     )
     impl = backends.select("attention", backend, **inputs)
-    seed = new_seed(query.device) if dropout_p > 0.0 else None
-    out = impl.fn(**inputs, seed=seed)
+    if query.numel() == 0 or key.shape[-2] == 0 or value.shape[-1] == 0:
+        # Nothing to attend to (no keys: every row fully masked) or nothing to compute: no kernel launch (a
+        # zero-size grid is a launch error on CUDA); the output is 0 like torch's.
+        out = _zero_attention(query, key, value)
+    else:
+        seed = new_seed(query.device) if dropout_p > 0.0 else None
+        out = impl.fn(**inputs, seed=seed)
     return out.squeeze(1) if squeeze else out
+
+
+def _zero_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``(B, Hq, Nq, Dv)`` zeros that carry zero gradients to query, key and value."""
+    b, hq, nq, _ = query.shape
+    # The sum over an empty slice is an exact 0 with a (zero) gradient, whatever NaN/Inf the inputs hold.
+    zero = sum(t.narrow(-1, 0, 0).sum() for t in (query, key, value))
+    return query.new_zeros(b, hq, nq, value.shape[-1]) + zero
 
 
 def _check_shapes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, enable_gqa: bool) -> None:

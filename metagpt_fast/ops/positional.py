@@ -43,9 +43,11 @@ def embed_positions(
         scale=check.finite_float("scale", scale),
         offset=check.integer("offset", offset, minimum=0),
         dropout_p=check.probability("dropout_p", dropout_p),
-        sinusoidal=bool(sinusoidal),
+        sinusoidal=check.flag("sinusoidal", sinusoidal),
     )
     impl = backends.select("embed_positions", backend, **inputs)
+    if tokens.numel() == 0 or weight.shape[1] == 0:  # nothing to compute: no kernel launch
+        impl = backends.select("embed_positions", "reference", **inputs)
     seed = new_seed(weight.device) if inputs["dropout_p"] > 0.0 else None
     return impl.fn(**inputs, seed=seed)
 
@@ -75,5 +77,7 @@ def add_positional_encoding(
         dropout_p=check.probability("dropout_p", dropout_p),
     )
     impl = backends.select("add_positional_encoding", backend, **inputs)
+    if x.numel() == 0:  # nothing to compute: no kernel launch
+        impl = backends.select("add_positional_encoding", "reference", **inputs)
     seed = new_seed(x.device) if inputs["dropout_p"] > 0.0 else None
     return impl.fn(**inputs, seed=seed)

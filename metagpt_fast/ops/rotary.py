@@ -53,8 +53,13 @@ def apply_rotary(
             raise TypeError(f"position_ids must be an integer tensor, got {position_ids.dtype}")
         if position_ids.shape[-1] != t or (position_ids.dim() == 2 and position_ids.shape[0] not in (1, b)):
             raise ValueError(f"position_ids must have shape ({t},) or ({b}, {t}), got {tuple(position_ids.shape)}")
-    if inplace and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
-        raise ValueError("inplace=True is for inference: q or k requires grad")
+    if check.flag("inplace", inplace):
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+            raise ValueError("inplace=True is for inference: q or k requires grad")
+        check.writable("q", q)
+        check.writable("k", k)
+        if q.numel() and k.numel() and not check._is_fake(q) and q.data_ptr() == k.data_ptr():
+            raise ValueError("inplace=True needs q and k in separate memory, got two views of the same data")
     inputs = dict(
         q=q,
         k=k,
@@ -62,8 +67,10 @@ def apply_rotary(
         offset=check.integer("offset", offset, minimum=0),
         rotary_dim=rotary_dim,
         base=check.finite_float("base", base, positive=True),
-        interleaved=bool(interleaved),
-        inplace=bool(inplace),
+        interleaved=check.flag("interleaved", interleaved),
+        inplace=inplace,
     )
     impl = backends.select("rotary", backend, **inputs)
+    if q.numel() == 0 or k.numel() == 0:  # nothing to compute (for one of them): no kernel launch
+        impl = backends.select("rotary", "reference", **inputs)
     return impl.fn(**inputs)

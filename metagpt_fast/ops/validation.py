@@ -20,7 +20,10 @@ def tensor(name: str, value, *, dims: tuple[int, ...] | None = None, floating: b
     return value
 
 
-def same_device(**tensors: torch.Tensor) -> None:
+def same_device(**tensors: torch.Tensor | None) -> None:
+    for name, t in tensors.items():
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
     devices = {name: t.device for name, t in tensors.items() if t is not None}
     if len(set(devices.values())) > 1:
         listed = ", ".join(f"{n} on {d}" for n, d in devices.items())
@@ -32,6 +35,12 @@ def same_dtype(**tensors: torch.Tensor) -> None:
     if len(set(dtypes.values())) > 1:
         listed = ", ".join(f"{n}: {d}" for n, d in dtypes.items())
         raise TypeError(f"tensors must share one dtype, got {listed}")
+
+
+def flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
 
 
 def probability(name: str, value) -> float:
@@ -71,14 +80,23 @@ def broadcastable(name: str, shape: torch.Size, target: tuple[int, ...]) -> None
 
 def token_ids(name: str, tokens, vocab_size: int) -> torch.Tensor:
     tensor(name, tokens)
-    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
-        raise TypeError(f"{name} must hold integer token ids, got {tokens.dtype}")
+    if tokens.dtype not in (torch.int32, torch.int64):  # the index dtypes torch's embedding accepts
+        raise TypeError(f"{name} must hold integer token ids (int64 or int32), got {tokens.dtype}")
     if tokens.numel() and not _is_fake(tokens):
         lo, hi = int(tokens.min()), int(tokens.max())
         if lo < 0 or hi >= vocab_size:
             bad = lo if lo < 0 else hi
             raise ValueError(f"{name} must lie in [0, {vocab_size}), found token id {bad}")
     return tokens
+
+
+def writable(name: str, t: torch.Tensor) -> None:
+    """For in-place outputs: every element of ``t`` must have its own memory (no expanded, stride-0 dimension)."""
+    if any(stride == 0 and size > 1 for size, stride in zip(t.shape, t.stride())):
+        raise ValueError(
+            f"{name} is written in place but has a broadcast (stride 0) dimension, shape {tuple(t.shape)} strides "
+            f"{t.stride()}: pass a tensor whose elements do not share memory (e.g. .clone())"
+        )
 
 
 def _is_fake(t: torch.Tensor) -> bool:
