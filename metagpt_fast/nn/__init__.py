@@ -1,11 +1,13 @@
 """Thin modules over the functional ops: parameters + a backend choice; state_dicts do not depend on the backend."""
 
 from metagpt_fast.nn.attention import MLP, CausalSelfAttention, TransformerBlock
+from metagpt_fast.nn.multihead import MultiheadAttention
 from metagpt_fast.nn.positional import PositionalEncoding, RotaryEmbedding, TokenPositionalEmbedding
 
 __all__ = [
     "MLP",
     "CausalSelfAttention",
+    "MultiheadAttention",
     "PositionalEncoding",
     "RotaryEmbedding",
     "TokenPositionalEmbedding",
