@@ -1,0 +1,326 @@
+// CPU flash attention, forward and backward: tiles of queries x keys, online softmax, O(N) extra memory.
+//
+// Forward, per (batch, query head, block of BLOCK_Q queries), over blocks of BLOCK_K keys:
+//   S = scale * Q K^T (+ mask / causal -inf)  ->  online-softmax update (metagpt_fast/online_softmax.h)
+//   acc = alpha * acc + dropout(exp(S - m)) V;   finally out = acc / l, lse = m + log(l)
+// Backward, per (batch, kv head) so dK / dV accumulate without races (GQA: the group's query heads in turn):
+//   P = exp(S - lse);  dV += dropout(P)^T dO;  dP = dropout'(dO V^T);  dS = P * (dP - rowsum(dO * O))
+//   dQ += scale * dS K;  dK += scale * dS^T Q
+// Matrix products go through gemm.h (BLAS sgemm when torch exports one); softmax, masks and the Philox dropout
+// (metagpt_fast/philox.h, offsets in the (B, Hq, Nq, Nk) probability tensor) run in vectorisable row loops.
+// Inputs float32 / bfloat16 / float16, all arithmetic in float32.
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "common.h"
+#include "gemm.h"
+#include "metagpt_fast/online_softmax.h"
+#include "metagpt_fast/philox.h"
+
+namespace metagpt_fast::cpu {
+namespace {
+
+// Tile sizes: a (BLOCK_Q x BLOCK_K) float score tile is 64 KiB and stays in L2 next to its Q, K and V panels.
+constexpr int64_t BLOCK_Q = 64;
+constexpr int64_t BLOCK_K = 256;
+
+struct Mask {
+  const void* data = nullptr;
+  bool is_bool = false;
+  int64_t stride[4] = {0, 0, 0, 0};  // (B, Hq, Nq, Nk) broadcast strides: 0 on broadcast dims
+};
+
+struct Problem {
+  int64_t batch, heads_q, heads_k, nq, nk, d, dv;
+  float scale;
+  bool causal;
+  double dropout_p;
+  uint64_t seed;
+  uint32_t threshold;
+  float inv_keep;
+  Mask mask;
+};
+
+// Strides of a (B, H, N, D) tensor with unit last stride, in elements.
+struct Layout {
+  int64_t b, h, n;
+  explicit Layout(const at::Tensor& t) : b(t.stride(0)), h(t.stride(1)), n(t.stride(2)) {}
+  int64_t at(int64_t bi, int64_t hi, int64_t ni) const { return bi * b + hi * h + ni * n; }
+};
+
+// Rows [0, rows) x [0, cols) of src (leading dimension ld) as float32: the input itself for float, else converted
+// into buf (leading dimension cols). Returns the pointer and sets *ld_out.
+template <typename T>
+const float* float_rows(const T* src, int64_t rows, int64_t cols, int64_t ld, float* buf, int64_t* ld_out) {
+  if constexpr (std::is_same_v<T, float>) {
+    *ld_out = ld;
+    return src;
+  } else {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) buf[r * cols + c] = to_float(src[r * ld + c]);
+    *ld_out = cols;
+    return buf;
+  }
+}
+
+// Masks one row of scores s[0, n) for query i, keys j0 + c: causal keys after i and masked-out keys become -inf,
+// additive mask values are added.
+template <typename T>
+void mask_row(const Problem& pb, float* s, int64_t n, int64_t b, int64_t h, int64_t i, int64_t j0) {
+  if (pb.causal) {
+    for (int64_t c = std::max<int64_t>(0, i + 1 - j0); c < n; ++c) s[c] = -INFINITY;
+  }
+  const Mask& mk = pb.mask;
+  if (mk.data == nullptr) return;
+  const int64_t base = b * mk.stride[0] + h * mk.stride[1] + i * mk.stride[2] + j0 * mk.stride[3];
+  const int64_t sj = mk.stride[3];
+  if (mk.is_bool) {
+    const bool* m = static_cast<const bool*>(mk.data) + base;
+    for (int64_t c = 0; c < n; ++c) s[c] = m[c * sj] ? s[c] : -INFINITY;
+  } else {
+    const T* m = static_cast<const T*>(mk.data) + base;
+    for (int64_t c = 0; c < n; ++c) s[c] += to_float(m[c * sj]);
+  }
+}
+
+// Dropout factors of one row: keep / (1 - p) or 0, Philox offsets ((b * Hq + h) * Nq + i) * Nk + j0 + c.
+void dropout_factors(const Problem& pb, float* f, int64_t n, int64_t b, int64_t h, int64_t i, int64_t j0) {
+  const uint64_t base = static_cast<uint64_t>(((b * pb.heads_q + h) * pb.nq + i) * pb.nk + j0);
+  for (int64_t c = 0; c < n; ++c)
+    f[c] = dropout_keep(pb.seed, base + static_cast<uint64_t>(c), pb.threshold) ? pb.inv_keep : 0.0f;
+}
+
+// Keys a query block [i0, i1) can see: all, or j < i1 when causal (top-left alignment: query i sees j <= i).
+int64_t key_end(const Problem& pb, int64_t i1) { return pb.causal ? std::min(pb.nk, i1) : pb.nk; }
+
+template <typename T>
+void forward(const Problem& pb, const T* q, Layout lq, const T* k, Layout lk, const T* v, Layout lv, T* out,
+             float* lse) {
+  const int64_t group = pb.heads_q / pb.heads_k, q_blocks = (pb.nq + BLOCK_Q - 1) / BLOCK_Q;
+  at::parallel_for(0, pb.batch * pb.heads_q * q_blocks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> qbuf(BLOCK_Q * pb.d), kbuf(BLOCK_K * pb.d), vbuf(BLOCK_K * pb.dv);
+    std::vector<float> s(BLOCK_Q * BLOCK_K), f(BLOCK_K), acc(BLOCK_Q * pb.dv);
+    std::vector<OnlineSoftmax> state(BLOCK_Q);
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t qb = task % q_blocks, h = (task / q_blocks) % pb.heads_q, b = task / (q_blocks * pb.heads_q);
+      const int64_t hk = h / group, i0 = qb * BLOCK_Q, rows = std::min(BLOCK_Q, pb.nq - i0);
+      int64_t ldq, ldk, ldv;
+      const float* qf = float_rows(q + lq.at(b, h, i0), rows, pb.d, lq.n, qbuf.data(), &ldq);
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      std::fill(state.begin(), state.end(), online_softmax_init());
+      const int64_t jend = key_end(pb, i0 + rows);
+      for (int64_t j0 = 0; j0 < jend; j0 += BLOCK_K) {
+        const int64_t cols = std::min(BLOCK_K, jend - j0);
+        const float* kf = float_rows(k + lk.at(b, hk, j0), cols, pb.d, lk.n, kbuf.data(), &ldk);
+        const float* vf = float_rows(v + lv.at(b, hk, j0), cols, pb.dv, lv.n, vbuf.data(), &ldv);
+        gemm(false, true, rows, cols, pb.d, pb.scale, qf, ldq, kf, ldk, 0.0f, s.data(), BLOCK_K);
+        for (int64_t r = 0; r < rows; ++r) {
+          float* srow = s.data() + r * BLOCK_K;
+          mask_row<T>(pb, srow, cols, b, h, i0 + r, j0);
+          float block_max = -INFINITY;
+          for (int64_t c = 0; c < cols; ++c) block_max = std::max(block_max, srow[c]);
+          const float alpha = online_softmax_update(state[r], block_max);
+          const float shift = online_softmax_shift(state[r].m);
+          float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+          for (int64_t c = 0; c < cols; ++c) {
+            const float p = softmax_weight(srow[c], shift);
+            srow[c] = p;
+            sum += p;
+          }
+          state[r].l += sum;
+          if (alpha != 1.0f) {
+            float* arow = acc.data() + r * pb.dv;
+            for (int64_t c = 0; c < pb.dv; ++c) arow[c] *= alpha;
+          }
+          if (pb.dropout_p > 0.0) {
+            dropout_factors(pb, f.data(), cols, b, h, i0 + r, j0);
+            for (int64_t c = 0; c < cols; ++c) srow[c] *= f[c];
+          }
+        }
+        gemm(false, false, rows, pb.dv, cols, 1.0f, s.data(), BLOCK_K, vf, ldv, 1.0f, acc.data(), pb.dv);
+      }
+      T* orow0 = out + ((b * pb.heads_q + h) * pb.nq + i0) * pb.dv;
+      float* lrow = lse + (b * pb.heads_q + h) * pb.nq + i0;
+      for (int64_t r = 0; r < rows; ++r) {
+        const float inv = online_softmax_inv_sum(state[r]);
+        const float* arow = acc.data() + r * pb.dv;
+        T* orow = orow0 + r * pb.dv;
+        for (int64_t c = 0; c < pb.dv; ++c) orow[c] = from_float<T>(arow[c] * inv);
+        lrow[r] = online_softmax_lse(state[r]);
+      }
+    }
+  });
+}
+
+template <typename T>
+void backward(const Problem& pb, const T* dout, Layout ldo, const T* q, Layout lq, const T* k, Layout lk,
+              const T* v, Layout lv, const T* out, Layout lo, const float* lse, T* dq, T* dk, T* dv) {
+  const int64_t group = pb.heads_q / pb.heads_k, d = pb.d, dvd = pb.dv;
+  at::parallel_for(0, pb.batch * pb.heads_k, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> qbuf(BLOCK_Q * d), dobuf(BLOCK_Q * dvd), kbuf(BLOCK_K * d), vbuf(BLOCK_K * dvd);
+    std::vector<float> p(BLOCK_Q * BLOCK_K), pd, f, dp(BLOCK_Q * BLOCK_K), dq_acc(BLOCK_Q * d), delta(BLOCK_Q);
+    std::vector<float> dk_acc(pb.nk * d), dv_acc(pb.nk * dvd);
+    if (pb.dropout_p > 0.0) {
+      pd.resize(BLOCK_Q * BLOCK_K);
+      f.resize(BLOCK_Q * BLOCK_K);
+    }
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t hk = task % pb.heads_k, b = task / pb.heads_k;
+      std::fill(dk_acc.begin(), dk_acc.end(), 0.0f);
+      std::fill(dv_acc.begin(), dv_acc.end(), 0.0f);
+      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+        for (int64_t i0 = 0; i0 < pb.nq; i0 += BLOCK_Q) {
+          const int64_t rows = std::min(BLOCK_Q, pb.nq - i0);
+          int64_t ldq, lddo, ldk, ldv;
+          const float* qf = float_rows(q + lq.at(b, h, i0), rows, d, lq.n, qbuf.data(), &ldq);
+          const float* dof = float_rows(dout + ldo.at(b, h, i0), rows, dvd, ldo.n, dobuf.data(), &lddo);
+          const float* lrow = lse + (b * pb.heads_q + h) * pb.nq + i0;
+          for (int64_t r = 0; r < rows; ++r) {  // delta = rowsum(dO * O): the softmax-Jacobian correction
+            const T* orow = out + lo.at(b, h, i0 + r);
+            const float* drow = dof + r * lddo;
+            float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+            for (int64_t c = 0; c < dvd; ++c) acc += drow[c] * to_float(orow[c]);
+            delta[r] = acc;
+          }
+          std::fill(dq_acc.begin(), dq_acc.end(), 0.0f);
+          const int64_t jend = key_end(pb, i0 + rows);
+          for (int64_t j0 = 0; j0 < jend; j0 += BLOCK_K) {
+            const int64_t cols = std::min(BLOCK_K, jend - j0);
+            const float* kf = float_rows(k + lk.at(b, hk, j0), cols, d, lk.n, kbuf.data(), &ldk);
+            const float* vf = float_rows(v + lv.at(b, hk, j0), cols, dvd, lv.n, vbuf.data(), &ldv);
+            gemm(false, true, rows, cols, d, pb.scale, qf, ldq, kf, ldk, 0.0f, p.data(), BLOCK_K);
+            for (int64_t r = 0; r < rows; ++r) {  // P = exp(S - lse), the forward's probabilities
+              float* prow = p.data() + r * BLOCK_K;
+              mask_row<T>(pb, prow, cols, b, h, i0 + r, j0);
+              const float l = lrow[r];
+              for (int64_t c = 0; c < cols; ++c) prow[c] = softmax_weight_from_lse(prow[c], l);
+              if (pb.dropout_p > 0.0) {
+                float* frow = f.data() + r * BLOCK_K;
+                float* pdrow = pd.data() + r * BLOCK_K;
+                dropout_factors(pb, frow, cols, b, h, i0 + r, j0);
+                for (int64_t c = 0; c < cols; ++c) pdrow[c] = prow[c] * frow[c];
+              }
+            }
+            const float* pdrop = pb.dropout_p > 0.0 ? pd.data() : p.data();
+            gemm(true, false, cols, dvd, rows, 1.0f, pdrop, BLOCK_K, dof, lddo, 1.0f, dv_acc.data() + j0 * dvd, dvd);
+            gemm(false, true, rows, cols, dvd, 1.0f, dof, lddo, vf, ldv, 0.0f, dp.data(), BLOCK_K);
+            for (int64_t r = 0; r < rows; ++r) {  // dS = P * (dP - delta), written over dP
+              const float* prow = p.data() + r * BLOCK_K;
+              float* dprow = dp.data() + r * BLOCK_K;
+              const float dl = delta[r];
+              if (pb.dropout_p > 0.0) {
+                const float* frow = f.data() + r * BLOCK_K;
+                for (int64_t c = 0; c < cols; ++c) dprow[c] = prow[c] * (dprow[c] * frow[c] - dl);
+              } else {
+                for (int64_t c = 0; c < cols; ++c) dprow[c] = prow[c] * (dprow[c] - dl);
+              }
+            }
+            gemm(false, false, rows, d, cols, pb.scale, dp.data(), BLOCK_K, kf, ldk, 1.0f, dq_acc.data(), d);
+            gemm(true, false, cols, d, rows, pb.scale, dp.data(), BLOCK_K, qf, ldq, 1.0f, dk_acc.data() + j0 * d, d);
+          }
+          T* dqrow = dq + ((b * pb.heads_q + h) * pb.nq + i0) * d;
+          for (int64_t x = 0; x < rows * d; ++x) dqrow[x] = from_float<T>(dq_acc[x]);
+        }
+      }
+      T* dkp = dk + (b * pb.heads_k + hk) * pb.nk * d;
+      T* dvp = dv + (b * pb.heads_k + hk) * pb.nk * dvd;
+      for (int64_t x = 0; x < pb.nk * d; ++x) dkp[x] = from_float<T>(dk_acc[x]);
+      for (int64_t x = 0; x < pb.nk * dvd; ++x) dvp[x] = from_float<T>(dv_acc[x]);
+    }
+  });
+}
+
+// Checks the inputs shared by forward and backward and fills the problem description.
+Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const c10::optional<at::Tensor>& attn_mask, at::Tensor& mask_view, double dropout_p,
+                     bool is_causal, double scale, const c10::optional<at::Tensor>& seed, const char* op) {
+  check_cpu_float(q, "q");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op, ": q, k and v must be (B, H, N, D), got ",
+              q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
+              ": q, k and v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ", v.scalar_type());
+  TORCH_CHECK(k.device().is_cpu() && v.device().is_cpu(), op, ": k and v must be CPU tensors");
+  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), op, ": q, k and v must share the batch size");
+  TORCH_CHECK(k.size(3) == q.size(3), op, ": k's head dim must equal q's (", q.size(3), "), got ", k.size(3));
+  TORCH_CHECK(v.size(1) == k.size(1) && v.size(2) == k.size(2), op, ": v must be (B, Hk, Nk, Dv) for k ", k.sizes(),
+              ", got ", v.sizes());
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, op, ": k's heads (", k.size(1),
+              ") must divide q's heads (", q.size(1), ")");
+  Problem pb{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3),
+             static_cast<float>(scale), is_causal, dropout_p, read_seed(seed, dropout_p, op),
+             dropout_threshold(dropout_p), static_cast<float>(1.0 / (1.0 - dropout_p)), Mask{}};
+  if (attn_mask.has_value()) {
+    const at::Tensor& m = *attn_mask;
+    TORCH_CHECK(!is_causal, op, ": attn_mask and is_causal cannot be combined");
+    TORCH_CHECK(m.device().is_cpu(), op, ": attn_mask must be a CPU tensor, got ", m.device());
+    TORCH_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == q.scalar_type(), op,
+                ": attn_mask must be bool or q's dtype ", q.scalar_type(), ", got ", m.scalar_type());
+    TORCH_CHECK(m.dim() <= 4, op, ": attn_mask must have at most 4 dimensions, got ", m.sizes());
+    mask_view = m.expand({pb.batch, pb.heads_q, pb.nq, pb.nk});  // a view: broadcast dims get stride 0
+    pb.mask.data = mask_view.data_ptr();
+    pb.mask.is_bool = m.scalar_type() == at::kBool;
+    for (int dim = 0; dim < 4; ++dim) pb.mask.stride[dim] = mask_view.stride(dim);
+  }
+  return pb;
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                 const c10::optional<at::Tensor>& attn_mask, double dropout_p,
+                                                 bool is_causal, double scale, const c10::optional<at::Tensor>& seed) {
+  at::Tensor mask_view;
+  const Problem pb = make_problem(q, k, v, attn_mask, mask_view, dropout_p, is_causal, scale, seed, "attention_fwd");
+  const at::Tensor qs = unit_last_stride(q), ks = unit_last_stride(k), vs = unit_last_stride(v);
+  at::Tensor out = at::empty({pb.batch, pb.heads_q, pb.nq, pb.dv}, q.options());
+  at::Tensor lse = at::empty({pb.batch, pb.heads_q, pb.nq}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
+  MGF_DISPATCH_FLOATING(q.scalar_type(), "attention_fwd", [&] {
+    forward<scalar_t>(pb, qs.data_ptr<scalar_t>(), Layout(qs), ks.data_ptr<scalar_t>(), Layout(ks),
+                      vs.data_ptr<scalar_t>(), Layout(vs), out.data_ptr<scalar_t>(), lse.data_ptr<float>());
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const c10::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal, double scale,
+    const c10::optional<at::Tensor>& seed) {
+  at::Tensor mask_view;
+  const Problem pb = make_problem(q, k, v, attn_mask, mask_view, dropout_p, is_causal, scale, seed, "attention_bwd");
+  const std::vector<int64_t> out_shape{pb.batch, pb.heads_q, pb.nq, pb.dv};
+  TORCH_CHECK(grad_out.sizes() == out_shape && grad_out.scalar_type() == q.scalar_type(),
+              "attention_bwd: grad_out must be ", out_shape, " of q's dtype, got ", grad_out.sizes(), " ",
+              grad_out.scalar_type());
+  TORCH_CHECK(out.sizes() == out_shape && out.scalar_type() == q.scalar_type(), "attention_bwd: out must be ",
+              out_shape, " of q's dtype, got ", out.sizes(), " ", out.scalar_type());
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.sizes() == at::IntArrayRef({pb.batch, pb.heads_q, pb.nq}),
+              "attention_bwd: lse must be float32 (B, Hq, Nq), got ", lse.sizes(), " ", lse.scalar_type());
+  const at::Tensor qs = unit_last_stride(q), ks = unit_last_stride(k), vs = unit_last_stride(v);
+  const at::Tensor gs = unit_last_stride(grad_out), os = unit_last_stride(out), ls = lse.contiguous();
+  at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  if (dq.numel() + dk.numel() + dv.numel() == 0) return {dq, dk, dv};
+  MGF_DISPATCH_FLOATING(q.scalar_type(), "attention_bwd", [&] {
+    backward<scalar_t>(pb, gs.data_ptr<scalar_t>(), Layout(gs), qs.data_ptr<scalar_t>(), Layout(qs),
+                       ks.data_ptr<scalar_t>(), Layout(ks), vs.data_ptr<scalar_t>(), Layout(vs),
+                       os.data_ptr<scalar_t>(), Layout(os), ls.data_ptr<float>(), dq.data_ptr<scalar_t>(),
+                       dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>());
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(metagpt_fast, CPU, m) {
+  m.impl("attention_fwd", &attention_fwd);
+  m.impl("attention_bwd", &attention_bwd);
+}
+
+}  // namespace metagpt_fast::cpu

@@ -1,0 +1,17 @@
+// Row-major single-precision matrix product for the CPU attention tiles:
+//   C (M x N) = alpha * op(A) op(B) + beta * C,   op(X) = X or X^T,   leading dimensions in elements.
+// Uses the BLAS sgemm that torch's CPU library exports (MKL on x86 wheels) when present at load time, else a
+// vectorisable loop nest.
+#pragma once
+
+#include <cstdint>
+
+namespace metagpt_fast::cpu {
+
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+          const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
+
+// True when gemm runs the BLAS library's sgemm (reported by tests and benchmarks).
+bool gemm_uses_blas();
+
+}  // namespace metagpt_fast::cpu
