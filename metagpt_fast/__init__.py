@@ -6,11 +6,15 @@ Every op has a readable PyTorch reference and fast Triton / CUDA / C++ CPU backe
     out = metagpt_fast.scaled_dot_product_attention(q, k, v, is_causal=True)   # like torch's SDPA
     model = metagpt_fast.MetaGPT(256, 128, 4, 4, 0.1, 256)                      # the article's constructor
     metagpt_fast.available_backends()                                            # which backends run here, or why not
+    report = metagpt_fast.optimize(existing_model)     # swap nn.MultiheadAttention & co. for fused modules, in place
+    with metagpt_fast.sdpa_routing(): ...               # route F.scaled_dot_product_attention calls through it
 """
 
 from metagpt_fast.backends import BACKENDS, available_backends, use_backend
+from metagpt_fast.integrations.sdpa import disable_sdpa_routing, enable_sdpa_routing, sdpa_routing
 from metagpt_fast.model import MetaGPT, MetaGPTConfig
 from metagpt_fast.ops import add_positional_encoding, apply_rotary, embed_positions, scaled_dot_product_attention
+from metagpt_fast.optimize import OptimizeReport, optimize
 
 __version__ = "0.1.0"
 
@@ -18,11 +22,16 @@ __all__ = [
     "BACKENDS",
     "MetaGPT",
     "MetaGPTConfig",
+    "OptimizeReport",
     "__version__",
     "add_positional_encoding",
     "apply_rotary",
     "available_backends",
+    "disable_sdpa_routing",
     "embed_positions",
+    "enable_sdpa_routing",
+    "optimize",
     "scaled_dot_product_attention",
+    "sdpa_routing",
     "use_backend",
 ]
