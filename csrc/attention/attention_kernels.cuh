@@ -37,14 +37,12 @@ namespace attention {
 // Row pitch of shared tiles in elements: 8 elements (16 bytes) of padding put the rows of a fragment load in
 // different banks (pitch of 36 or 68 words: rows g = 0..7 land 4 banks apart).
 template <int D>
-constexpr int shared_pitch() {
-  return D + 8;
-}
+constexpr int kSharedPitch = D + 8;
 
 template <int D_, int BLOCK_M_, int BLOCK_N_, int WARPS_>
 struct ForwardTile {
   static constexpr int D = D_, BLOCK_M = BLOCK_M_, BLOCK_N = BLOCK_N_, WARPS = WARPS_, THREADS = 32 * WARPS_;
-  static constexpr int PITCH = shared_pitch<D_>();
+  static constexpr int PITCH = kSharedPitch<D_>;
   // Q tile, K tile, V tile (2-byte elements).
   static constexpr int SHARED_BYTES = (BLOCK_M + 2 * BLOCK_N) * PITCH * 2;
   static_assert(BLOCK_M == 16 * WARPS, "each warp owns 16 query rows");
@@ -55,7 +53,7 @@ struct ForwardTile {
 template <int D_, int BLOCK_M_, int BLOCK_N_, int WARPS_>
 struct DkdvTile {
   static constexpr int D = D_, BLOCK_M = BLOCK_M_, BLOCK_N = BLOCK_N_, WARPS = WARPS_, THREADS = 32 * WARPS_;
-  static constexpr int PITCH = shared_pitch<D_>();
+  static constexpr int PITCH = kSharedPitch<D_>;
   // K, V tiles (BLOCK_N rows), Q, dO tiles (BLOCK_M rows), lse and delta of BLOCK_M rows.
   static constexpr int SHARED_BYTES = 2 * (BLOCK_N + BLOCK_M) * PITCH * 2 + 2 * BLOCK_M * 4;
   static_assert(BLOCK_N == 16 * WARPS, "each warp owns 16 keys");
@@ -66,7 +64,7 @@ struct DkdvTile {
 template <int D_, int BLOCK_M_, int BLOCK_N_, int WARPS_>
 struct DqTile {
   static constexpr int D = D_, BLOCK_M = BLOCK_M_, BLOCK_N = BLOCK_N_, WARPS = WARPS_, THREADS = 32 * WARPS_;
-  static constexpr int PITCH = shared_pitch<D_>();
+  static constexpr int PITCH = kSharedPitch<D_>;
   // Q, dO tiles (BLOCK_M rows), K, V tiles (BLOCK_N rows).
   static constexpr int SHARED_BYTES = 2 * (BLOCK_M + BLOCK_N) * PITCH * 2;
   static_assert(BLOCK_M == 16 * WARPS, "each warp owns 16 query rows");
@@ -78,7 +76,7 @@ struct DqTile {
 template <int ROWS, int D, int THREADS, typename T>
 MGF_DEV void load_tile(T* tile, const T* matrix, int64_t row_stride, int row0, int n_rows, int tid) {
   constexpr int CHUNKS_PER_ROW = D / 8;
-  constexpr int PITCH = shared_pitch<D>();
+  constexpr int PITCH = kSharedPitch<D>;
   for (int c = tid; c < ROWS * CHUNKS_PER_ROW; c += THREADS) {
     const int r = c / CHUNKS_PER_ROW, col = (c % CHUNKS_PER_ROW) * 8;
     uint4 chunk = {0u, 0u, 0u, 0u};

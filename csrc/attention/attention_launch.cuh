@@ -39,16 +39,17 @@ int forward(const AttentionParams& p, Launch&& launch) {
   return forward_with_tile<T, Narrow>(p, launch);
 }
 
-// Backward tiles, the same on every architecture: the dK/dV kernel holds two D-wide accumulators (dK and dV) per
-// warp, so at D = 128 it steps through 32 query rows at a time (16 x 32 S^T and dP^T tiles) to stay within 255
-// registers; its 52 KB (D = 128) and the dQ kernel's 68 KB of shared memory fit one CTA per SM on every sm_80+
-// part, and the register file (64 K per SM everywhere) is what bounds occupancy.
+// Backward tiles, the same on every architecture. The dK/dV kernel holds two D-wide fp32 accumulators (dK and dV)
+// per warp besides its 16 x BLOCK_M S^T and dP^T tiles; with 64-row query steps ptxas needs 255 registers at D = 64
+// and spills on sm_90, so it steps through 32 query rows at a time for both head dims. Their shared memory (at
+// D = 128: 52 KB for dK/dV, 68 KB for dQ) fits on every sm_80+ part; at 230-255 registers per thread the register
+// file (64 K per SM on all of them) is what bounds occupancy, so there is nothing to gain from per-arch variants.
 template <int D>
 struct BackwardTiles;
 
 template <>
 struct BackwardTiles<64> {
-  using Dkdv = DkdvTile<64, 64, 64, 4>;
+  using Dkdv = DkdvTile<64, 32, 64, 4>;
   using Dq = DqTile<64, 64, 64, 4>;
 };
 
@@ -72,9 +73,6 @@ int backward(const AttentionParams& p, Launch&& launch) {
   const LaunchShape dq{ceil_div(p.n_q, Dq::BLOCK_M), p.heads_q, p.batch, Dq::THREADS, Dq::SHARED_BYTES};
   return launch(&attention_backward_dq_kernel<T, Dq>, dq, p);
 }
-
-// Head dims with compiled kernels (the Python side routes the others to another backend).
-inline bool head_dim_supported(int d) { return d == 64 || d == 128; }
 
 template <typename T, typename Launch>
 int forward_any_head_dim(const AttentionParams& p, Launch&& launch) {

@@ -58,5 +58,8 @@ struct AttentionParams {
   int shared_memory_per_sm = 0;
 };
 
+// Head dims with compiled kernels (the Python side routes the others to another backend).
+inline bool head_dim_supported(int d) { return d == 64 || d == 128; }
+
 }  // namespace attention
 }  // namespace metagpt_fast
