@@ -34,6 +34,8 @@ class AotCase:
     expect_wgmma: bool = False
     # Allowed stack bytes, with the reason in a comment at the case's definition; 0 means spills fail the check.
     allowed_spill_bytes: int = 0
+    # Arguments Triton's launcher would see as multiples of 16 (aligned pointers, strides): enables vector loads.
+    divisible_by_16: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
@@ -62,7 +64,10 @@ def _cuobjdump() -> str:
 
 def compile_case(case: AotCase, arch: int) -> AotStats:
     """Compiles ``case`` for ``sm_<arch>`` and returns its resource usage."""
-    source = triton.compiler.ASTSource(fn=case.kernel, signature=case.signature, constexprs=case.constexprs)
+    attrs = {(case.kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in case.divisible_by_16}
+    source = triton.compiler.ASTSource(
+        fn=case.kernel, signature=case.signature, constexprs=case.constexprs, attrs=attrs
+    )
     compiled = triton.compile(
         source,
         target=GPUTarget("cuda", arch, 32),

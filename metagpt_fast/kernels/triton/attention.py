@@ -1,0 +1,872 @@
+"""Fused scaled-dot-product attention in Triton (FlashAttention-2): forward, backward preprocess, dK/dV and dQ.
+
+    S = scale * Q K^T (+ mask)        P = softmax(S)        O = dropout(P) V
+
+Forward (Dao 2023, "FlashAttention-2", algorithm 1): a program owns BLOCK_M query rows of one (batch, head) and
+streams BLOCK_N-key blocks of K and V, keeping the running row maximum ``m``, normaliser ``l`` and un-normalised
+output in registers: the (Nq, Nk) score matrix never exists in memory. Scores are kept in base 2 (``log2(e)`` is
+folded into the scale) so every exponential is an ``exp2``. The forward saves ``LSE = m + log2(l)`` per row (base 2;
+``+inf`` for a row whose every key is masked, whose output is then 0).
+
+Backward (algorithm 2, split in two kernels as in Triton's fused-attention tutorial, so no atomics and gradients are
+bitwise deterministic):
+
+    Delta_i = rowsum(dO_i * O_i)                                    (_attn_bwd_preprocess)
+    P = exp2(S * log2(e) - LSE);  dV = dropout(P)^T dO;  dP = dropout'(dO V^T);  dS = P * (dP - Delta)
+    dK = scale * dS^T Q          (_attn_bwd_dkdv: one program per key block, looping over the query heads of its
+                                  GQA group and over query blocks)
+    dQ = scale * dS K            (_attn_bwd_dq: one program per query block, looping over key blocks)
+
+Dropout keeps element (b, h, i, j) of P by the shared Philox stream (kernels/triton/dropout.py) at offset
+``((b * Hq + h) * Nq + i) * Nk + j``; the backward regenerates the same decisions, so no mask is stored, and
+``ops.reference.dropout_keep_mask`` rebuilds it exactly for tests.
+
+Masking: causal (query ``i`` sees keys ``j <= i``, torch's top-left alignment when ``Nq != Nk``) only costs work in
+the blocks that straddle the diagonal; fully-masked blocks are skipped. ``attn_mask`` (bool or additive) is read
+through its broadcast strides; a mask that is constant along queries (key padding, ``(B, 1, 1, Nk)``) is read as one
+row vector per key block. Batch and head offsets are int64. fp32 matmuls use ``input_precision="ieee"`` (no TF32).
+"""
+
+import functools
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from metagpt_fast.kernels.triton.aot import AotCase
+from metagpt_fast.kernels.triton.dropout import dropout_keep
+from metagpt_fast.ops.reference.random import dropout_threshold
+
+LOG2E = tl.constexpr(1.4426950408889634)
+FLT_MAX = tl.constexpr(3.4028234663852886e38)
+MAX_HEAD_DIM = 256
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+MASK_NONE, MASK_BOOL, MASK_ADDITIVE = 0, 1, 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+@triton.jit
+def _load_tile(ptrs, idx, n, offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_ROWS: tl.constexpr):
+    """Loads a (rows, BLOCK_D) tile; rows ``idx >= n`` and columns ``>= D`` (padding of a non-power-of-2 D) read 0."""
+    if CHECK_ROWS:
+        if BLOCK_D == D:
+            tile = tl.load(ptrs, mask=idx[:, None] < n, other=0.0)
+        else:
+            tile = tl.load(ptrs, mask=(idx[:, None] < n) & (offs_d[None, :] < D), other=0.0)
+    else:
+        if BLOCK_D == D:
+            tile = tl.load(ptrs)
+        else:
+            tile = tl.load(ptrs, mask=offs_d[None, :] < D, other=0.0)
+    return tile
+
+
+@triton.jit
+def _store_tile(ptrs, tile, idx, n, offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    if BLOCK_D == D:
+        tl.store(ptrs, tile, mask=idx[:, None] < n)
+    else:
+        tl.store(ptrs, tile, mask=(idx[:, None] < n) & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _mask_scores(
+    s,
+    rows,
+    cols,
+    mask_base,
+    stride_mm,
+    stride_mn,
+    Nq,
+    Nk,
+    CAUSAL: tl.constexpr,
+    KEY_BOUND: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    MASK_ROW_BCAST: tl.constexpr,
+    TRANSPOSED: tl.constexpr,
+):
+    """Applies causal / key-bound / attn_mask masking to a score tile in base-2 units.
+
+    ``s`` is (len(rows), len(cols)) — queries by keys — or its transpose when ``TRANSPOSED``.
+    """
+    if TRANSPOSED:
+        r = rows[None, :]
+        c = cols[:, None]
+    else:
+        r = rows[:, None]
+        c = cols[None, :]
+    if CAUSAL:
+        s = tl.where(r >= c, s, float("-inf"))
+    if KEY_BOUND:
+        s = tl.where(c < Nk, s, float("-inf"))
+    if MASK_KIND != 0:
+        if MASK_ROW_BCAST:  # the same mask row for every query (key padding): one vector per key block
+            val = tl.load(mask_base + cols.to(tl.int64) * stride_mn, mask=cols < Nk, other=0)
+            if TRANSPOSED:
+                val = val[:, None]
+            else:
+                val = val[None, :]
+        else:
+            val = tl.load(
+                mask_base + r.to(tl.int64) * stride_mm + c.to(tl.int64) * stride_mn, mask=(r < Nq) & (c < Nk), other=0
+            )
+        if MASK_KIND == 1:
+            s = tl.where(val != 0, s, float("-inf"))
+        else:
+            # Converted to base 2 like the scores. A finite mask as large as float32's minimum (the additive masks
+            # built with torch.finfo(float32).min) would overflow to -inf when scaled by log2(e) and turn a row
+            # of them into a "fully masked" row; clamping keeps it finite, as it is in the reference.
+            bias = tl.maximum(val.to(tl.float32) * LOG2E, -FLT_MAX)
+            s = s + tl.where(val == float("-inf"), float("-inf"), bias)
+    return s
+
+
+@triton.jit
+def _load_lse(lse_ptr, rows, Nq, lse_split, SPLIT_LSE: tl.constexpr):
+    """(max, log2 sum) of each row (see _attn_fwd); rows past Nq read (+inf, 0) so their weights are 0."""
+    m = tl.load(lse_ptr + rows, mask=rows < Nq, other=float("inf"))
+    if SPLIT_LSE:
+        log_l = tl.load(lse_ptr + lse_split + rows, mask=rows < Nq, other=0.0)
+    else:
+        log_l = 0.0
+    return m, log_l
+
+
+@triton.jit
+def _probabilities(s, m, log_l, SPLIT_LSE: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """P = exp2(S - LSE) from the row statistics of _load_lse; ``s`` is queries by keys, or keys by queries."""
+    if TRANSPOSED:
+        if SPLIT_LSE:
+            p = tl.exp2((s - m[None, :]) - log_l[None, :])
+        else:
+            p = tl.exp2(s - m[None, :])
+    else:
+        if SPLIT_LSE:
+            p = tl.exp2((s - m[:, None]) - log_l[:, None])
+        else:
+            p = tl.exp2(s - m[:, None])
+    return p
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# forward
+
+
+@triton.jit
+def _attn_fwd_inner(
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_ptrs,
+    v_ptrs,
+    mask_base,
+    seed,
+    drop_base,
+    rows,
+    lo,
+    hi,
+    stride_kn,
+    stride_vn,
+    stride_mm,
+    stride_mn,
+    Nq,
+    Nk,
+    qk_scale,
+    dropout_threshold,
+    dropout_scale,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BOUNDARY: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    MASK_ROW_BCAST: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+):
+    """Online softmax over key blocks ``[lo, hi)``. ``BOUNDARY`` blocks straddle the causal diagonal or the end of
+    the keys and are masked; the others are known to be fully visible and in bounds (no per-element work)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n
+        k = _load_tile(k_ptrs + start_n * stride_kn, cols, Nk, offs_d, HEAD_DIM, BLOCK_D, BOUNDARY)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # (BLOCK_M, BLOCK_N), base 2
+        if BOUNDARY:
+            s = _mask_scores(
+                s, rows, cols, mask_base, stride_mm, stride_mn, Nq, Nk,
+                IS_CAUSAL, True, MASK_KIND, MASK_ROW_BCAST, False,
+            )  # fmt: skip
+        elif MASK_KIND != 0:
+            s = _mask_scores(
+                s, rows, cols, mask_base, stride_mm, stride_mn, Nq, Nk,
+                False, False, MASK_KIND, MASK_ROW_BCAST, False,
+            )  # fmt: skip
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with no visible key so far has m = -inf: subtract 0 instead so exp2 gives 0, not NaN.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser counts every weight, dropped or not
+        acc = acc * alpha[:, None]
+        if HAS_DROPOUT:
+            offsets = drop_base + rows.to(tl.int64)[:, None] * Nk + cols[None, :]
+            p = tl.where(dropout_keep(seed, offsets, dropout_threshold), p * dropout_scale, 0.0)
+        v = _load_tile(v_ptrs + start_n * stride_vn, cols, Nk, offs_dv, HEAD_DIM_V, BLOCK_DV, BOUNDARY)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd(
+    Q, K, V, Mask, Out, Lse, Seed,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_ob, stride_oh, stride_om, stride_od,
+    Hq, Nq, Nk, GROUP, lse_split,
+    qk_scale, dropout_threshold, dropout_scale,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    MASK_ROW_BCAST: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Grid (cdiv(Nq, BLOCK_M), Hq, B). Q (B, Hq, Nq, D), K (B, Hk, Nk, D), V (B, Hk, Nk, Dv), Mask broadcast to
+    (B, Hq, Nq, Nk) (stride 0 on broadcast dims), Out (B, Hq, Nq, Dv), Lse (1 or 2, B, Hq, Nq) float32 with
+    ``lse_split = B * Hq * Nq``, Seed (1,) int64.
+
+    Lse holds m + log2(l) per row. With an additive mask it holds m and log2(l) apart (2, ...): a row whose every
+    key carries a huge finite bias (torch.finfo(float32).min) has |m| ~ 1e38, where m + log2(l) rounds to m and the
+    backward would lose the 1/l of its weights."""
+    tl.static_assert(BLOCK_D >= HEAD_DIM)
+    tl.static_assert(BLOCK_DV >= HEAD_DIM_V)
+    start_m = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    hk = h // GROUP
+
+    rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q_ptrs = Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    k_ptrs = K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+    mask_base = Mask + b * stride_mb + h * stride_mh
+    row_base = (b * Hq + h) * Nq  # first row of this (b, h) in Lse and in the dropout offsets
+    drop_base = row_base * Nk
+    if HAS_DROPOUT:
+        seed = tl.load(Seed)
+    else:
+        seed = 0
+
+    q = _load_tile(q_ptrs, rows, Nq, offs_d, HEAD_DIM, BLOCK_D, True)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+
+    # Key blocks [0, full_end) need no per-element masking; [full_end, hi) straddle the diagonal or the end.
+    if IS_CAUSAL:
+        hi = tl.minimum(Nk, (start_m + 1) * BLOCK_M)
+        full_end = tl.minimum((start_m * BLOCK_M + 1) // BLOCK_N * BLOCK_N, Nk // BLOCK_N * BLOCK_N)
+    else:
+        hi = Nk
+        full_end = Nk // BLOCK_N * BLOCK_N
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_base, seed, drop_base, rows, 0, full_end,
+        stride_kn, stride_vn, stride_mm, stride_mn, Nq, Nk, qk_scale, dropout_threshold, dropout_scale,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, False, IS_CAUSAL, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
+    )  # fmt: skip
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_base, seed, drop_base, rows, full_end, hi,
+        stride_kn, stride_vn, stride_mm, stride_mn, Nq, Nk, qk_scale, dropout_threshold, dropout_scale,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True, IS_CAUSAL, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
+    )  # fmt: skip
+
+    # A row whose every key is masked has l = 0 and acc = 0: output 0, LSE = +inf (so the backward's P is 0).
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    if MASK_KIND == 2:
+        tl.store(Lse + row_base + rows, tl.where(empty, float("inf"), m_i), mask=rows < Nq)
+        tl.store(Lse + lse_split + row_base + rows, tl.log2(l_safe), mask=rows < Nq)
+    else:
+        tl.store(Lse + row_base + rows, tl.where(empty, float("inf"), m_i + tl.log2(l_safe)), mask=rows < Nq)
+    o_ptrs = Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_dv[None, :] * stride_od
+    _store_tile(o_ptrs, out.to(Out.dtype.element_ty), rows, Nq, offs_dv, HEAD_DIM_V, BLOCK_DV)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# backward
+
+
+@triton.jit
+def _attn_bwd_preprocess(
+    Out, DOut, Delta,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    Hq, Nq,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """Grid (cdiv(Nq, BLOCK_M), Hq, B): Delta (B, Hq, Nq) float32 = rowsum(dO * O)."""
+    start_m = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    o_ptrs = Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_dv[None, :] * stride_od
+    do_ptrs = DOut + b * stride_dob + h * stride_doh + rows[:, None] * stride_dom + offs_dv[None, :] * stride_dod
+    o = _load_tile(o_ptrs, rows, Nq, offs_dv, HEAD_DIM_V, BLOCK_DV, True).to(tl.float32)
+    do = _load_tile(do_ptrs, rows, Nq, offs_dv, HEAD_DIM_V, BLOCK_DV, True).to(tl.float32)
+    tl.store(Delta + (b * Hq + h) * Nq + rows, tl.sum(o * do, 1), mask=rows < Nq)
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(
+    dk,
+    dv,
+    k,
+    v,
+    q_ptrs,
+    do_ptrs,
+    lse_ptr,
+    lse_split,
+    delta_ptr,
+    mask_base,
+    seed,
+    drop_base,
+    cols,
+    lo,
+    hi,
+    stride_qm,
+    stride_dom,
+    stride_mm,
+    stride_mn,
+    Nq,
+    Nk,
+    qk_scale,
+    dropout_threshold,
+    dropout_scale,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    MASK_ROW_BCAST: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+):
+    """Accumulates dK, dV of one key block over the query blocks ``[lo, hi)`` of one query head, in the transposed
+    (keys by queries) layout so both products accumulate without transposing the accumulators."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_m in range(lo, hi, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        rows = start_m + offs_m
+        q = _load_tile(q_ptrs + start_m * stride_qm, rows, Nq, offs_d, HEAD_DIM, BLOCK_D, True)
+        # Rows past Nq read LSE = +inf, so their P is 0 and they contribute nothing.
+        m, log_l = _load_lse(lse_ptr, rows, Nq, lse_split, MASK_KIND == 2)
+        s_t = tl.dot(k, tl.trans(q), input_precision="ieee") * qk_scale  # (BLOCK_N, BLOCK_M)
+        if CAUSAL:
+            s_t = _mask_scores(
+                s_t, rows, cols, mask_base, stride_mm, stride_mn, Nq, Nk,
+                True, False, MASK_KIND, MASK_ROW_BCAST, True,
+            )  # fmt: skip
+        elif MASK_KIND != 0:
+            s_t = _mask_scores(
+                s_t, rows, cols, mask_base, stride_mm, stride_mn, Nq, Nk,
+                False, False, MASK_KIND, MASK_ROW_BCAST, True,
+            )  # fmt: skip
+        p_t = _probabilities(s_t, m, log_l, MASK_KIND == 2, True)
+        do = _load_tile(do_ptrs + start_m * stride_dom, rows, Nq, offs_dv, HEAD_DIM_V, BLOCK_DV, True)
+        dp_t = tl.dot(v, tl.trans(do), input_precision="ieee")  # (BLOCK_N, BLOCK_M)
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, drop_base + rows.to(tl.int64)[None, :] * Nk + cols[:, None], dropout_threshold)
+            dv = tl.dot(tl.where(keep, p_t * dropout_scale, 0.0).to(do.dtype), do, dv, input_precision="ieee")
+            dp_t = tl.where(keep, dp_t * dropout_scale, 0.0)
+        else:
+            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision="ieee")
+        delta = tl.load(delta_ptr + rows, mask=rows < Nq, other=0.0)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision="ieee")
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, Mask, DOut, Lse, Delta, DK, DV, Seed,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    Hq, Nq, Nk, GROUP, lse_split,
+    sm_scale, qk_scale, dropout_threshold, dropout_scale,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    MASK_ROW_BCAST: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Grid (cdiv(Nk, BLOCK_N), Hk, B). dK (B, Hk, Nk, D), dV (B, Hk, Nk, Dv): each sums over the GROUP query heads
+    that share its key/value head inside this program, so no two programs write the same element."""
+    pid_n = tl.program_id(0)
+    hk = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    start_n = pid_n * BLOCK_N
+    cols = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    k_ptrs = K + b * stride_kb + hk * stride_kh + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = V + b * stride_vb + hk * stride_vh + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+    k = _load_tile(k_ptrs, cols, Nk, offs_d, HEAD_DIM, BLOCK_D, True)
+    v = _load_tile(v_ptrs, cols, Nk, offs_dv, HEAD_DIM_V, BLOCK_DV, True)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    if HAS_DROPOUT:
+        seed = tl.load(Seed)
+    else:
+        seed = 0
+
+    # Query blocks [lo, full_start) straddle the diagonal (masked); [full_start, Nq) see the whole key block.
+    if IS_CAUSAL:
+        lo = start_n // BLOCK_M * BLOCK_M
+        full_start = tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M
+    else:
+        lo = 0
+        full_start = 0
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+        do_ptrs = DOut + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod
+        row_base = (b * Hq + h) * Nq
+        mask_base = Mask + b * stride_mb + h * stride_mh
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk, dv, k, v, q_ptrs, do_ptrs, Lse + row_base, lse_split, Delta + row_base, mask_base, seed, row_base * Nk, cols,
+            lo, tl.minimum(full_start, Nq), stride_qm, stride_dom, stride_mm, stride_mn, Nq, Nk,
+            qk_scale, dropout_threshold, dropout_scale,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, IS_CAUSAL, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
+        )  # fmt: skip
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk, dv, k, v, q_ptrs, do_ptrs, Lse + row_base, lse_split, Delta + row_base, mask_base, seed, row_base * Nk, cols,
+            full_start, Nq, stride_qm, stride_dom, stride_mm, stride_mn, Nq, Nk,
+            qk_scale, dropout_threshold, dropout_scale,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, False, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
+        )  # fmt: skip
+
+    dk_ptrs = DK + b * stride_dkb + hk * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
+    dv_ptrs = DV + b * stride_dvb + hk * stride_dvh + cols[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd
+    _store_tile(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), cols, Nk, offs_d, HEAD_DIM, BLOCK_D)
+    _store_tile(dv_ptrs, dv.to(DV.dtype.element_ty), cols, Nk, offs_dv, HEAD_DIM_V, BLOCK_DV)
+
+
+@triton.jit
+def _attn_bwd_dq_inner(
+    dq,
+    q,
+    do,
+    m,
+    log_l,
+    delta,
+    k_ptrs,
+    v_ptrs,
+    mask_base,
+    seed,
+    drop_base,
+    rows,
+    lo,
+    hi,
+    stride_kn,
+    stride_vn,
+    stride_mm,
+    stride_mn,
+    Nq,
+    Nk,
+    qk_scale,
+    dropout_threshold,
+    dropout_scale,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BOUNDARY: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    MASK_ROW_BCAST: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+):
+    """Accumulates dQ of one query block over the key blocks ``[lo, hi)`` (``BOUNDARY`` as in the forward)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n
+        k = _load_tile(k_ptrs + start_n * stride_kn, cols, Nk, offs_d, HEAD_DIM, BLOCK_D, BOUNDARY)
+        v = _load_tile(v_ptrs + start_n * stride_vn, cols, Nk, offs_dv, HEAD_DIM_V, BLOCK_DV, BOUNDARY)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # (BLOCK_M, BLOCK_N)
+        if BOUNDARY:
+            s = _mask_scores(
+                s, rows, cols, mask_base, stride_mm, stride_mn, Nq, Nk,
+                IS_CAUSAL, True, MASK_KIND, MASK_ROW_BCAST, False,
+            )  # fmt: skip
+        elif MASK_KIND != 0:
+            s = _mask_scores(
+                s, rows, cols, mask_base, stride_mm, stride_mn, Nq, Nk,
+                False, False, MASK_KIND, MASK_ROW_BCAST, False,
+            )  # fmt: skip
+        p = _probabilities(s, m, log_l, MASK_KIND == 2, False)
+        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, drop_base + rows.to(tl.int64)[:, None] * Nk + cols[None, :], dropout_threshold)
+            dp = tl.where(keep, dp * dropout_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision="ieee")
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, Mask, DOut, Lse, Delta, DQ, Seed,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    Hq, Nq, Nk, GROUP, lse_split,
+    sm_scale, qk_scale, dropout_threshold, dropout_scale,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    MASK_ROW_BCAST: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Grid (cdiv(Nq, BLOCK_M), Hq, B). dQ (B, Hq, Nq, D)."""
+    start_m = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    hk = h // GROUP
+    rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    q_ptrs = Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    do_ptrs = DOut + b * stride_dob + h * stride_doh + rows[:, None] * stride_dom + offs_dv[None, :] * stride_dod
+    k_ptrs = K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+    mask_base = Mask + b * stride_mb + h * stride_mh
+    row_base = (b * Hq + h) * Nq
+    q = _load_tile(q_ptrs, rows, Nq, offs_d, HEAD_DIM, BLOCK_D, True)
+    do = _load_tile(do_ptrs, rows, Nq, offs_dv, HEAD_DIM_V, BLOCK_DV, True)
+    m, log_l = _load_lse(Lse + row_base, rows, Nq, lse_split, MASK_KIND == 2)
+    delta = tl.load(Delta + row_base + rows, mask=rows < Nq, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if HAS_DROPOUT:
+        seed = tl.load(Seed)
+    else:
+        seed = 0
+
+    if IS_CAUSAL:
+        hi = tl.minimum(Nk, (start_m + 1) * BLOCK_M)
+        full_end = tl.minimum((start_m * BLOCK_M + 1) // BLOCK_N * BLOCK_N, Nk // BLOCK_N * BLOCK_N)
+    else:
+        hi = Nk
+        full_end = Nk // BLOCK_N * BLOCK_N
+    dq = _attn_bwd_dq_inner(
+        dq, q, do, m, log_l, delta, k_ptrs, v_ptrs, mask_base, seed, row_base * Nk, rows, 0, full_end,
+        stride_kn, stride_vn, stride_mm, stride_mn, Nq, Nk, qk_scale, dropout_threshold, dropout_scale,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, False, IS_CAUSAL, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
+    )  # fmt: skip
+    dq = _attn_bwd_dq_inner(
+        dq, q, do, m, log_l, delta, k_ptrs, v_ptrs, mask_base, seed, row_base * Nk, rows, full_end, hi,
+        stride_kn, stride_vn, stride_mm, stride_mn, Nq, Nk, qk_scale, dropout_threshold, dropout_scale,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True, IS_CAUSAL, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
+    )  # fmt: skip
+    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
+    _store_tile(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), rows, Nq, offs_d, HEAD_DIM, BLOCK_D)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# configurations
+#
+# Tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) per (operand bits, head-dim bucket). Hopper's wgmma needs 64 rows
+# per warpgroup in the left operand of every product, so the row block of each kernel (BLOCK_M for the forward and
+# dQ, BLOCK_N for dK/dV, whose products are keys-by-queries) is 64 with 4 warps or 128 with 8. float32 runs on FMA
+# units (input_precision="ieee"): its tiles are small enough for the accumulators to stay in registers.
+
+FWD_TILES = {
+    (16, 64): [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
+    (16, 128): [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
+    (16, 256): [(128, 64, 8, 2), (64, 32, 4, 2)],
+    (32, 64): [(64, 32, 4, 2), (32, 32, 4, 2)],
+    (32, 128): [(32, 32, 4, 2), (32, 16, 4, 2)],
+    (32, 256): [(16, 16, 4, 2)],
+}
+DKDV_TILES = {  # BLOCK_M is the streamed query block, BLOCK_N the resident key block
+    (16, 64): [(32, 128, 8, 3), (64, 64, 4, 3), (64, 128, 8, 2)],
+    (16, 128): [(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3)],
+    (16, 256): [(32, 64, 4, 2), (16, 128, 8, 2)],
+    (32, 64): [(32, 32, 4, 2)],
+    (32, 128): [(16, 32, 4, 2)],
+    (32, 256): [(16, 16, 4, 2)],
+}
+DQ_TILES = {  # BLOCK_M is the resident query block, BLOCK_N the streamed key block
+    (16, 64): [(128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2)],
+    (16, 128): [(128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3)],
+    (16, 256): [(64, 32, 4, 2), (128, 16, 8, 2)],
+    (32, 64): [(32, 32, 4, 2)],
+    (32, 128): [(32, 16, 4, 2)],
+    (32, 256): [(16, 16, 4, 2)],
+}
+TILES = {"fwd": FWD_TILES, "dkdv": DKDV_TILES, "dq": DQ_TILES}
+
+# Under TRITON_INTERPRET=1 (CPU tests) one small configuration; BLOCK_M != BLOCK_N so both orders of the causal
+# diagonal bookkeeping are exercised.
+INTERPRETER_TILES = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
+
+_KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
+_TUNING_KEY = ["Nq", "Nk", "GROUP", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "MASK_KIND", "MASK_ROW_BCAST", "HAS_DROPOUT"]
+
+
+def block_dim(d: int) -> int:
+    """Padded head dim of a tile: a power of 2, at least 16 (the K dimension of a tensor-core product)."""
+    return max(16, triton.next_power_of_2(d))
+
+
+def tile_family(itemsize: int, head_dim: int, head_dim_v: int) -> tuple[int, int]:
+    """The (bits, head-dim bucket) key of the tile tables: prunes the configurations to those that fit."""
+    width = max(block_dim(head_dim), block_dim(head_dim_v))
+    return (32 if itemsize == 4 else 16, 64 if width <= 64 else width)
+
+
+@functools.cache
+def _autotuned(kind: str, family: tuple[int, int]):
+    configs = [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in TILES[kind][family]
+    ]
+    return triton.autotune(configs=configs, key=_TUNING_KEY)(_KERNELS[kind])
+
+
+def _kernel(kind: str, family: tuple[int, int], launch):
+    """The kernel to launch and its fixed meta-parameters (none when the autotuner chooses them)."""
+    if INTERPRETED:
+        m, n, w, s = INTERPRETER_TILES[kind]
+        return launch(_KERNELS[kind]), {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
+    return launch(_autotuned(kind, family)), {}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# launchers
+
+
+def _identity(kernel):
+    return kernel
+
+
+def _mask_arguments(attn_mask, shape, placeholder):
+    """(tensor, strides, MASK_KIND, MASK_ROW_BCAST) for a mask broadcastable to ``shape`` (B, Hq, Nq, Nk).
+
+    The mask is expanded as a view (stride 0 on broadcast dims): nothing dense is materialised.
+    """
+    if attn_mask is None:
+        return placeholder, (0, 0, 0, 0), MASK_NONE, False
+    mask = attn_mask.expand(shape)
+    kind = MASK_ADDITIVE
+    if mask.dtype == torch.bool:  # read its bytes
+        mask, kind = mask.view(torch.uint8), MASK_BOOL
+    return mask, mask.stride(), kind, mask.stride(2) == 0 or shape[2] == 1
+
+
+def _dropout_arguments(dropout_p, seed, placeholder):
+    if dropout_p == 0.0:
+        return placeholder, 0, 1.0, False
+    return seed, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), True
+
+
+def attention_forward(q, k, v, attn_mask, out, lse, seed, dropout_p, is_causal, scale, launch=_identity):
+    """Fills ``out`` (B, Hq, Nq, Dv) and ``lse`` (:func:`lse_rows`, B, Hq, Nq) float32: the base-2 log-sum-exp
+    (+inf on empty rows), split in (max, log2 sum) with an additive mask.
+
+    ``launch`` wraps each kernel before its launch (``torch.library.wrap_triton`` inside a custom op).
+    """
+    B, Hq, Nq, D = q.shape
+    Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    if B * Hq * Nq == 0:
+        return
+    mask, mask_strides, mask_kind, row_bcast = _mask_arguments(attn_mask, (B, Hq, Nq, Nk), lse)
+    seed, threshold, dropout_scale, has_dropout = _dropout_arguments(dropout_p, seed, lse)
+    kernel, meta = _kernel("fwd", tile_family(q.element_size(), D, Dv), launch)
+    kernel[lambda META: (triton.cdiv(Nq, META["BLOCK_M"]), Hq, B)](
+        q, k, v, mask, out, lse, seed,
+        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
+        Hq, Nq, Nk, Hq // Hk, B * Hq * Nq, scale * math.log2(math.e), threshold, dropout_scale,
+        HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=block_dim(D), BLOCK_DV=block_dim(Dv), IS_CAUSAL=is_causal,
+        MASK_KIND=mask_kind, MASK_ROW_BCAST=row_bcast, HAS_DROPOUT=has_dropout, **meta,
+    )  # fmt: skip
+
+
+def attention_backward(
+    grad_out, q, k, v, out, lse, attn_mask, seed, dropout_p, is_causal, scale, dq, dk, dv, delta, launch=_identity
+):
+    """Fills ``dq`` (B, Hq, Nq, D), ``dk`` (B, Hk, Nk, D), ``dv`` (B, Hk, Nk, Dv); ``delta`` (B, Hq, Nq) float32
+    is scratch. Each output element is written by exactly one program: no atomics, deterministic."""
+    B, Hq, Nq, D = q.shape
+    Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    if B * Hq == 0:
+        return
+    mask, mask_strides, mask_kind, row_bcast = _mask_arguments(attn_mask, (B, Hq, Nq, Nk), lse)
+    seed, threshold, dropout_scale, has_dropout = _dropout_arguments(dropout_p, seed, lse)
+    family = tile_family(q.element_size(), D, Dv)
+    flags = dict(
+        HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=block_dim(D), BLOCK_DV=block_dim(Dv), IS_CAUSAL=is_causal,
+        MASK_KIND=mask_kind, MASK_ROW_BCAST=row_bcast, HAS_DROPOUT=has_dropout,
+    )  # fmt: skip
+    scalars = (Hq, Nq, Nk, Hq // Hk, B * Hq * Nq, scale, scale * math.log2(math.e), threshold, dropout_scale)
+
+    if Nq > 0:
+        block_m = preprocess_block_m(Dv)
+        launch(_attn_bwd_preprocess)[(triton.cdiv(Nq, block_m), Hq, B)](
+            out, grad_out, delta, *out.stride(), *grad_out.stride(), Hq, Nq,
+            HEAD_DIM_V=Dv, BLOCK_DV=block_dim(Dv), BLOCK_M=block_m, num_warps=4,
+        )  # fmt: skip
+    if Nk > 0:
+        kernel, meta = _kernel("dkdv", family, launch)
+        kernel[lambda META: (triton.cdiv(Nk, META["BLOCK_N"]), Hk, B)](
+            q, k, v, mask, grad_out, lse, delta, dk, dv, seed,
+            *q.stride(), *k.stride(), *v.stride(), *mask_strides, *grad_out.stride(), *dk.stride(), *dv.stride(),
+            *scalars, **flags, **meta,
+        )  # fmt: skip
+    if Nq > 0:
+        kernel, meta = _kernel("dq", family, launch)
+        kernel[lambda META: (triton.cdiv(Nq, META["BLOCK_M"]), Hq, B)](
+            q, k, v, mask, grad_out, lse, delta, dq, seed,
+            *q.stride(), *k.stride(), *v.stride(), *mask_strides, *grad_out.stride(), *dq.stride(),
+            *scalars, **flags, **meta,
+        )  # fmt: skip
+
+
+def lse_rows(attn_mask) -> int:
+    """Leading size of the saved row statistics: 2 (max and log2 sum apart) with an additive mask, else 1."""
+    return 2 if attn_mask is not None and attn_mask.dtype != torch.bool else 1
+
+
+def preprocess_block_m(head_dim_v: int) -> int:
+    # O and dO tiles in fp32 registers: 64 x 128 x 2 over 128 threads is 128 registers per thread.
+    return 64 if block_dim(head_dim_v) <= 128 else 32
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ahead-of-time compile cases (tests/test_aot.py): every tile of every family, for the family's widest head dim
+
+_TRITON_DTYPE = {16: "bf16", 32: "fp32"}
+_FLOAT_ARGS = ("qk_scale", "sm_scale", "dropout_scale")
+_POINTER_ARGS = ("Q", "K", "V", "Mask", "Out", "Lse", "Seed", "DOut", "Delta", "DQ", "DK", "DV")
+_UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_dod", "stride_dkd", "stride_dvd",
+                 "stride_dqd", "stride_mn")  # fmt: skip
+
+
+def aot_case(kind, family, tile, *, is_causal, mask_kind, has_dropout) -> AotCase:
+    """One compile of kernel ``kind`` for ``family`` (bits, head-dim bucket) with ``tile`` (M, N, warps, stages).
+
+    Contiguous last dims are passed as the constant 1, as Triton's launcher specialises them at run time.
+    """
+    bits, width = family
+    block_m, block_n, num_warps, num_stages = tile
+    kernel = _KERNELS[kind]
+    constexprs = dict(
+        HEAD_DIM=width, HEAD_DIM_V=width, BLOCK_D=width, BLOCK_DV=width, IS_CAUSAL=is_causal, MASK_KIND=mask_kind,
+        MASK_ROW_BCAST=False, HAS_DROPOUT=has_dropout, BLOCK_M=block_m, BLOCK_N=block_n,
+    )  # fmt: skip
+    constexprs.update({name: 1 for name in _UNIT_STRIDES if name in kernel.arg_names})
+    return AotCase(
+        kernel, _aot_signature(kernel, bits, mask_kind, constexprs), constexprs, num_warps, num_stages,
+        expect_wgmma=bits == 16,
+        divisible_by_16=_aot_aligned(kernel, constexprs),
+    )  # fmt: skip
+
+
+def _aot_signature(kernel, bits, mask_kind, constexprs):
+    data = "*" + _TRITON_DTYPE[bits]
+    pointers = {"Lse": "*fp32", "Delta": "*fp32", "Seed": "*i64", "Mask": "*u8" if mask_kind == MASK_BOOL else data}
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in _POINTER_ARGS:
+            signature[name] = pointers.get(name, data)
+        else:
+            signature[name] = "fp32" if name in _FLOAT_ARGS else "i32"
+    return signature
+
+
+def _aot_aligned(kernel, constexprs):
+    """Arguments Triton sees as multiples of 16 for contiguous inputs with D = 64/128/256 (pointers, strides)."""
+    aligned = []
+    for name in kernel.arg_names:
+        if name in constexprs or name in _FLOAT_ARGS or name in ("Seed", "GROUP", "dropout_threshold"):
+            continue
+        if name in _POINTER_ARGS or name.startswith("stride_") and not name.startswith("stride_m"):
+            aligned.append(name)
+    return tuple(aligned)
+
+
+def _aot_cases() -> list[AotCase]:
+    cases = []
+    for kind, table in TILES.items():
+        for family, tiles in table.items():
+            for tile in tiles:
+                # The heaviest variant (dense additive mask + Philox dropout) bounds the registers of all others.
+                cases.append(aot_case(kind, family, tile, is_causal=False, mask_kind=MASK_ADDITIVE, has_dropout=True))
+                if family[0] == 16:  # and the training default: causal, nothing else
+                    cases.append(aot_case(kind, family, tile, is_causal=True, mask_kind=MASK_NONE, has_dropout=False))
+    for width in (64, 128, 256):
+        for bits in (16, 32):
+            constexprs = dict(HEAD_DIM_V=width, BLOCK_DV=width, BLOCK_M=preprocess_block_m(width), stride_od=1,
+                              stride_dod=1)  # fmt: skip
+            cases.append(AotCase(
+                _attn_bwd_preprocess, _aot_signature(_attn_bwd_preprocess, bits, MASK_NONE, constexprs), constexprs,
+                num_warps=4, num_stages=1, divisible_by_16=_aot_aligned(_attn_bwd_preprocess, constexprs),
+            ))  # fmt: skip
+    return cases
+
+
+AOT_CASES = _aot_cases()
