@@ -1,8 +1,9 @@
 // CUDA kernels of metagpt_fast::attention_fwd / attention_bwd (schemas in csrc/ops.cpp): input checks, strides,
 // and the launch on the current stream. The kernels themselves (attention_*.cu) include no torch header.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
 #include <torch/library.h>
 
 #include <limits>
@@ -79,6 +80,10 @@ void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::
   }
 }
 
+void check_cuda(cudaError_t error, const char* op) {
+  TORCH_CHECK(error == cudaSuccess, op, " (CUDA): ", cudaGetErrorString(error));
+}
+
 // Everything but the tensor pointers of the two directions.
 AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const c10::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal,
@@ -113,16 +118,17 @@ AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::
     p.dropout_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
     p.seed = seed->data_ptr<int64_t>();
   }
-  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
-  TORCH_CHECK(props->major >= 8, "attention (CUDA): needs compute capability >= 8.0 (mma.sync bf16/fp16), got ",
-              props->major, ".", props->minor);
-  p.shared_memory_per_sm = static_cast<int>(props->sharedMemPerMultiprocessor);
+  const int device = q.get_device();
+  int major = 0, minor = 0, shared_per_sm = 0;
+  check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "attention");
+  check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device), "attention");
+  check_cuda(cudaDeviceGetAttribute(&shared_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device), "attention");
+  TORCH_CHECK(major >= 8, "attention (CUDA): needs compute capability >= 8.0 (mma.sync fp16/bf16), got ", major, ".",
+              minor);
+  p.shared_memory_per_sm = shared_per_sm;
   return p;
 }
 
-void check_launch(cudaError_t error, const char* op) {
-  TORCH_CHECK(error == cudaSuccess, op, " (CUDA): kernel launch failed: ", cudaGetErrorString(error));
-}
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
                                                       const at::Tensor& v_in,
@@ -145,8 +151,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, co
   p.out = out.data_ptr();
   p.out_strides = strides_of(out);
   p.lse = lse.data_ptr<float>();
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  check_launch(q.scalar_type() == at::kHalf ? metagpt_fast::attention::attention_forward_fp16(p, stream)
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  check_cuda(q.scalar_type() == at::kHalf ? metagpt_fast::attention::attention_forward_fp16(p, stream)
                                             : metagpt_fast::attention::attention_forward_bf16(p, stream),
                "attention_fwd");
   return {out, lse};
@@ -196,8 +202,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   p.grad_k_strides = strides_of(grad_k);
   p.grad_v_strides = strides_of(grad_v);
   p.delta = delta.data_ptr<float>();
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  check_launch(q.scalar_type() == at::kHalf ? metagpt_fast::attention::attention_backward_fp16(p, stream)
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  check_cuda(q.scalar_type() == at::kHalf ? metagpt_fast::attention::attention_backward_fp16(p, stream)
                                             : metagpt_fast::attention::attention_backward_bf16(p, stream),
                "attention_bwd");
   return {grad_q, grad_k, grad_v};

@@ -46,10 +46,8 @@ def not_supported_reasons(query, key, value, attn_mask, dropout_p, is_causal, sc
         reasons.append(f"needs CUDA tensors, got {query.device}")
     elif _KERNELS_MISSING is not None:
         reasons.append(_KERNELS_MISSING)
-    elif torch.cuda.get_device_capability(query.device) < MIN_CAPABILITY:
-        reasons.append(
-            f"needs compute capability >= 8.0 (mma.sync fp16/bf16), got {torch.cuda.get_device_capability(query.device)}"
-        )
+    elif (capability := torch.cuda.get_device_capability(query.device)) < MIN_CAPABILITY:
+        reasons.append(f"needs compute capability >= 8.0 (mma.sync fp16/bf16), got {capability}")
     if query.dtype not in DTYPES:
         reasons.append(f"supports float16 and bfloat16, got {query.dtype}")
     d, dv = query.shape[-1], value.shape[-1]
