@@ -1,0 +1,653 @@
+"""Property tests: every public op on every available backend matches the reference on random inputs.
+
+For each op and backend, hypothesis draws shapes (0 and 1 lengths where torch accepts them), strides (transposed,
+sliced, broadcast), masks (random boolean with all-false rows, key padding, additive with -inf and finfo.min),
+dtypes (float32 and float16; bfloat16 on the reference and on CUDA only: the Triton interpreter's bf16 dot is wrong),
+dropout 0 or p (a fast kernel's Philox mask is replayed in the reference with ``dropout_keep_mask``) and GQA ratios.
+Outputs and every gradient must satisfy the parity rule (``metagpt_fast.testing.assert_parity``) and inputs must be
+left untouched. An input a backend declares unsupported must raise a ValueError listing the reasons when that backend
+is requested explicitly and be served by ``auto``; nothing may raise anything else.
+
+Profiles (``HYPOTHESIS_PROFILE``): tests/hypothesis_profiles.py.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, note, reject, settings
+from hypothesis import strategies as st
+from hypothesis_profiles import limits
+
+import metagpt_fast
+from metagpt_fast import backends
+from metagpt_fast.ops import reference
+from metagpt_fast.ops.reference.random import new_seed
+from metagpt_fast.testing import ATOL, assert_parity
+
+AVAILABLE = [name for name, reason in metagpt_fast.available_backends().items() if reason is None]
+LAYOUTS = ("contiguous", "transposed", "sliced", "broadcast")
+# Float32 kernels compute sinusoid / rotary angles in float32: the angle pos * inv_freq carries a rounding error of
+# about pos * 2**-24 (the reference tables are exact, from float64). 2**-20 per unit of position is 16 such ulps:
+# room for the float32 power and sin/cos on top, and still 1e-4 at position 100.
+POSITION_SLACK = 2.0**-20
+
+
+def device_for(backend: str) -> str:
+    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
+        return "cuda"
+    return "cpu"
+
+
+def dtypes_for(backend: str) -> list[torch.dtype]:
+    dtypes = [torch.float32, torch.float16]
+    if backend == "reference" or device_for(backend) == "cuda":
+        dtypes.append(torch.bfloat16)
+    return dtypes
+
+
+def implements(op: str, backend: str) -> bool:
+    return (op, backend) in backends._registry
+
+
+def backend_params(op: str) -> list:
+    return [
+        pytest.param(b, marks=pytest.mark.skipif(not implements(op, b), reason=f"{b} has no {op} implementation"))
+        for b in AVAILABLE
+    ]
+
+
+def parity(fast, lo, hi, name: str, extra: float = 0.0) -> None:
+    """The parity rule; float32's absolute tolerance is taken relative to the largest reference value, because
+    reordered float32 sums (online softmax, blocked reductions) err by ulps of the largest intermediate, not of each
+    element (seen: dq of magnitude 15 off by 1.5e-5 where the float32 reference is off by 4e-6). ``extra``: a
+    further, separately justified allowance."""
+    atol = ATOL[fast.dtype]
+    if fast.dtype == torch.float32 and hi.numel():
+        atol *= max(1.0, float(hi.detach().abs().max()))
+    assert_parity(fast, lo, hi, name=name, atol=atol + extra)
+
+
+def oracle_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the 'exact' reference run: float64 for float32 inputs, float32 for half precision."""
+    return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------------------- inputs
+
+
+def make(shape, layout: str, gen: torch.Generator, dtype: torch.dtype, device: str, low=None, high=None):
+    """A tensor of ``shape`` whose memory layout is ``layout``: contiguous, transposed (dims 0/1 for 3-D and 2-D
+    tensors, 1/2 for 4-D ones: the (B, N, H, D) storage of a fused projection), sliced (every other row of a wider
+    buffer) or broadcast (stride 0 on dim 0)."""
+    shape = tuple(shape)
+
+    def values(s):
+        if low is not None:
+            return torch.randint(low, high, s, generator=gen)
+        return torch.randn(s, generator=gen).to(dtype)
+
+    if layout == "transposed" and len(shape) >= 2:
+        i, j = (1, 2) if len(shape) == 4 else (0, 1)
+        alloc = list(shape)
+        alloc[i], alloc[j] = alloc[j], alloc[i]
+        t = values(tuple(alloc)).transpose(i, j)
+    elif layout == "sliced" and len(shape) >= 2:
+        wide = values(shape[:-2] + (2 * shape[-2], shape[-1] + 3))
+        t = wide[..., ::2, : shape[-1]]
+    elif layout == "broadcast" and len(shape) >= 2:
+        t = values((1,) + shape[1:]).expand(shape)
+    else:
+        t = values(shape)
+    assert t.shape == shape
+    return t.to(device)
+
+
+def leaf(t: torch.Tensor) -> torch.Tensor:
+    """A leaf that requires grad and keeps ``t``'s strides."""
+    return t.detach().requires_grad_()
+
+
+def upcast(t: torch.Tensor | None, dtype: torch.dtype):
+    if t is None or not t.dtype.is_floating_point:
+        return t
+    return t.detach().to(dtype).requires_grad_(t.requires_grad)
+
+
+def grads(outputs, inputs, grad_outputs):
+    """Gradients of ``outputs`` (a tensor or a tuple) w.r.t. ``inputs``; unused inputs get zeros."""
+    gs = torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(gs, inputs)]
+
+
+def seeded_call(fn, seed: int, device: str):
+    """Runs ``fn`` with torch's generators at ``seed``; returns its result and the dropout seed the op drew."""
+    torch.manual_seed(seed)
+    dropout_seed = int(new_seed(device).item())
+    torch.manual_seed(seed)
+    return fn(), dropout_seed
+
+
+def serve(fn, backend: str, **kwargs):
+    """``fn(**kwargs, backend=backend)``, or None when the backend declares these inputs unsupported (then the
+    explicit request must have raised a ValueError listing the reasons, and ``auto`` must serve them)."""
+    try:
+        return fn(**kwargs, backend=backend)
+    except ValueError as exc:
+        if f"backend {backend!r} cannot run" not in str(exc):
+            raise
+        note(f"unsupported: {exc}")
+        fn(**kwargs)  # auto falls back
+        return None
+
+
+def run_property(op: str, backend: str, strategy, check) -> None:
+    """Runs ``check(backend, case)`` on examples of ``strategy``; asserts that most were served, reports counts."""
+    stats = collections.Counter()
+
+    @given(case=strategy)
+    def run(case):
+        note(repr(case))
+        served = check(backend, case)
+        stats["served" if served else "unsupported"] += 1
+        if not served:
+            reject()
+
+    run()
+    print(f"\n{op}/{backend}: {stats['served']} inputs served and matched, {stats['unsupported']} unsupported")
+    total = stats["served"] + stats["unsupported"]
+    assert stats["served"] >= max(1, total // 2), f"{backend} refused most {op} inputs: {dict(stats)}"
+
+
+def lengths(lo: int, hi: int):
+    """Sizes in [lo, hi] with the odd and edge values the kernels' tiling cares about."""
+    special = [v for v in (1, 16, 17) if lo <= v <= hi]
+    return st.one_of(st.integers(lo, hi), st.sampled_from(special)) if special else st.integers(lo, hi)
+
+
+ZERO_NAMES = ("batch", "heads", "rows", "keys", "features")
+ZERO = st.sampled_from([None] * 12 + list(ZERO_NAMES))  # which dim is 0 (rarely any)
+DROPOUT = st.sampled_from([0.0, 0.0, 0.0, 0.1, 0.5, 0.9])
+
+
+def dropout_for(backend: str):
+    # The reference draws dropout from torch's generator: there is no kernel mask to replay, nothing to compare.
+    return st.just(0.0) if backend == "reference" else DROPOUT
+
+
+# ------------------------------------------------------------------------------------------------------- attention
+
+
+@dataclasses.dataclass
+class AttentionCase:
+    dtype: torch.dtype
+    b: int
+    hk: int
+    group: int
+    enable_gqa: bool
+    nq: int
+    nk: int
+    d: int
+    dv: int
+    layouts: tuple[str, str, str]
+    rank3: bool
+    mask: str
+    mask_shape: tuple[int, ...]
+    mask_layout: str
+    density: float
+    dead_rows: int
+    scale: float | None
+    dropout_p: float
+    seed: int
+
+
+@st.composite
+def attention_cases(draw, backend: str):
+    lim = limits()
+    b, hk, nq, nk = (draw(lengths(1, n)) for n in (lim.batch, lim.heads, lim.seq, lim.seq))
+    d = draw(lengths(1, lim.head_dim))
+    dv = d if draw(st.booleans()) or draw(st.booleans()) else draw(lengths(1, lim.head_dim))
+    group = draw(st.sampled_from([1, 1, 2, 3]))
+    enable_gqa = group > 1 or draw(st.booleans())
+    zero = draw(ZERO)
+    b, hk, nq, nk, dv = (0 if zero == z else v for z, v in zip(ZERO_NAMES, (b, hk, nq, nk, dv)))
+    if hk == 0:
+        enable_gqa, group = False, 1  # 0 key heads "dividing" 0 query heads is refused like torch refuses it
+    mask = draw(st.sampled_from(["none", "none", "causal", "bool", "key_padding", "additive"]))
+    # The mask's shape: each of (B, H, Nq, Nk) full or broadcast (1), with 0-2 leading dims left out.
+    full = (b, hk * group, nq, nk)
+    mask_shape = tuple(n if draw(st.booleans()) else 1 for n in full)
+    mask_shape = mask_shape[draw(st.integers(0, 2)) :]
+    rank3 = hk * group == 1 and mask in ("none", "causal") and draw(st.integers(0, 3)) == 0
+    return AttentionCase(
+        dtype=draw(st.sampled_from(dtypes_for(backend))),
+        b=b,
+        hk=hk,
+        group=group,
+        enable_gqa=enable_gqa,
+        nq=nq,
+        nk=nk,
+        d=d,
+        dv=dv,
+        layouts=tuple(draw(st.sampled_from(LAYOUTS)) for _ in range(3)),
+        rank3=rank3,
+        mask=mask,
+        mask_shape=mask_shape,
+        mask_layout=draw(st.sampled_from(["contiguous", "expanded", "transposed"])),
+        density=draw(st.sampled_from([0.2, 0.5, 0.9])),
+        dead_rows=draw(st.integers(0, 2)),
+        scale=draw(st.one_of(st.none(), st.sampled_from([0.1, 0.5, 2.0, -1.0]), st.floats(-3, 3))),
+        dropout_p=draw(dropout_for(backend)),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def attention_mask(case: AttentionCase, gen: torch.Generator, device: str):
+    """The case's mask (or None), with ``dead_rows`` query rows fully masked."""
+    if case.mask in ("none", "causal"):
+        return None
+    b, hq = case.b, case.hk * case.group
+    if case.mask == "key_padding":  # (B, 1, 1, Nk): the first len_b keys of batch b are real
+        lens = torch.randint(0, case.nk + 1, (b,), generator=gen)
+        if case.dead_rows == 0:
+            lens = lens.clamp(min=min(1, case.nk))
+        return (torch.arange(case.nk)[None, :] < lens[:, None]).view(b, 1, 1, case.nk).to(device)
+    shape = case.mask_shape
+    alloc = shape[:-2] + shape[-2:][::-1] if case.mask_layout == "transposed" and len(shape) >= 2 else shape
+    if case.mask == "bool":
+        m = torch.rand(alloc, generator=gen) < case.density
+    else:  # additive: finite values, some -inf, and torch.finfo.min "soft" masking
+        m = torch.randn(alloc, generator=gen).to(case.dtype) * 3
+        m = m.masked_fill(torch.rand(alloc, generator=gen) > case.density, float("-inf"))
+        m = m.masked_fill(torch.rand(alloc, generator=gen) < 0.1, torch.finfo(case.dtype).min)
+    if case.mask_layout == "transposed" and len(shape) >= 2:
+        m = m.transpose(-2, -1)
+    if len(shape) >= 2 and shape[-2] > 0:  # whole rows masked
+        rows = torch.randperm(shape[-2], generator=gen)[: case.dead_rows]
+        m[..., rows, :] = False if m.dtype == torch.bool else float("-inf")
+    if case.mask_layout == "expanded":
+        m = m.expand((b, hq, case.nq, case.nk)[4 - len(shape) :])
+    return m.to(device)
+
+
+def attention_oracle(q, k, v, mask, case, scale, keep, dtype, grad_out):
+    q, k, v = (upcast(t, dtype) for t in (q, k, v))
+    mask = upcast(mask, dtype)
+    if case.nk == 0:  # no keys: torch's math path gives 0 (the reference's softmax needs at least one key)
+        out = F.scaled_dot_product_attention(
+            q, k, v, mask, is_causal=case.mask == "causal", scale=scale, enable_gqa=case.enable_gqa
+        )
+    else:
+        out = reference.attention(
+            q, k, v, mask, case.dropout_p, case.mask == "causal", scale, case.enable_gqa, dropout_mask=keep
+        )
+    return out, grads(out, (q, k, v), grad_out.to(dtype))
+
+
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+
+
+def ds_rounding_slack(q, k, v, mask, case: AttentionCase, out, grad_out, keep) -> tuple[float, float]:
+    """First-order bounds on the dq / dk error of a flash-style backward pass from its ``dS`` computation.
+
+    ``dS_ij = P_ij (dP_ij - D_i)`` with ``dP_ij = dO_i . v_j`` (float32 sum over Dv terms) and ``D_i = dO_i . O_i``
+    from the *stored* output (rounded to the output dtype), where the reference's autograd uses the exact
+    ``sum_j P_ij dP_ij``. When the true ``dS`` is ~0 (one key, uniform rows), these roundings are all that is left
+    and the parity rule alone misses them (the reference's own low-precision gradients can be exact). They reach
+    ``dq = scale dS k`` and ``dk = scale dS^T q``.
+    """
+    if out.numel() == 0 or case.nk == 0:
+        return 0.0, 0.0
+    q, k, v, out, grad_out = (t.detach().double() for t in (q, k, v, out, grad_out))
+    if case.rank3:
+        q, k, v, out, grad_out = (t.unsqueeze(1) for t in (q, k, v, out, grad_out))
+    k, v = (t.repeat_interleave(case.group, dim=1) for t in (k, v))
+    scale = 1.0 / math.sqrt(case.d) if case.scale is None else case.scale
+    scores = (q @ k.transpose(-2, -1)) * scale
+    if case.mask == "causal":
+        scores = scores.masked_fill(~torch.ones(case.nq, case.nk, dtype=torch.bool, device=q.device).tril(), -math.inf)
+    elif mask is not None:
+        scores = scores.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else scores + mask.double()
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # fully-masked rows: 0
+    u_acc = (case.dv + 1) * UNIT_ROUNDOFF[torch.float32]  # a float32 dot product of Dv terms
+    dp = grad_out.abs() @ v.abs().transpose(-2, -1)  # (B, H, Nq, Nk)
+    if keep is not None:
+        dp = dp * (keep if keep.dim() == 4 else keep.unsqueeze(1)) / (1.0 - case.dropout_p)
+    row = (UNIT_ROUNDOFF[case.dtype] + u_acc) * (grad_out.abs() * out.abs()).sum(-1, keepdim=True)
+    err = probs * (u_acc * dp + row) * abs(scale)
+    dq = err @ k.abs()
+    dk = (err.transpose(-2, -1) @ q.abs()).unflatten(1, (case.hk, case.group)).sum(2)
+    return float(dq.max()), float(dk.max()) if dk.numel() else 0.0
+
+
+def check_attention(backend: str, case: AttentionCase) -> bool:
+    device = device_for(backend)
+    gen = torch.Generator().manual_seed(case.seed)
+    b, hq, hk = case.b, case.hk * case.group, case.hk
+    shapes = ((b, hq, case.nq, case.d), (b, hk, case.nk, case.d), (b, hk, case.nk, case.dv))
+    q, k, v = (make(s, lay, gen, case.dtype, device) for s, lay in zip(shapes, case.layouts))
+    mask = attention_mask(case, gen, device)
+    if case.rank3:
+        q, k, v = (t.squeeze(1) for t in (q, k, v))
+    q, k, v = leaf(q), leaf(k), leaf(v)
+    saved = [t.detach().clone() for t in (q, k, v, mask) if t is not None]
+    kwargs = dict(
+        query=q,
+        key=k,
+        value=v,
+        attn_mask=mask,
+        dropout_p=case.dropout_p,
+        is_causal=case.mask == "causal",
+        scale=case.scale,
+        enable_gqa=case.enable_gqa,
+    )
+    out, dropout_seed = seeded_call(
+        lambda: serve(metagpt_fast.scaled_dot_product_attention, backend, **kwargs), case.seed, device
+    )
+    if out is None:
+        return False
+    for before, after in zip(saved, (q, k, v, mask)):
+        assert torch.equal(before, after), "attention modified its inputs"
+    assert out.dtype == case.dtype and out.device == q.device
+    keep = None
+    if case.dropout_p > 0:
+        keep = reference.dropout_keep_mask(dropout_seed, (b, hq, case.nq, case.nk), case.dropout_p, device)
+        keep = keep.squeeze(1) if case.rank3 else keep
+    grad_out = torch.randn(out.shape, generator=gen).to(case.dtype).to(device)
+    fast_grads = grads(out, (q, k, v), grad_out)
+    lo = attention_oracle(q, k, v, mask, case, case.scale, keep, case.dtype, grad_out)
+    hi = attention_oracle(q, k, v, mask, case, case.scale, keep, oracle_dtype(case.dtype), grad_out)
+    parity(out, lo[0], hi[0], name="attention output")
+    slack = (*ds_rounding_slack(q, k, v, mask, case, hi[0], grad_out, keep), 0.0)
+    for name, g, g_lo, g_hi, extra in zip(("dq", "dk", "dv"), fast_grads, lo[1], hi[1], slack):
+        parity(g, g_lo, g_hi, name=f"attention {name}", extra=extra)
+    return True
+
+
+@pytest.mark.parametrize("backend", backend_params("attention"))
+def test_attention_matches_reference(backend):
+    run_property("attention", backend, attention_cases(backend), check_attention)
+
+
+# ------------------------------------------------------------------------------------------------ positional ops
+
+
+@dataclasses.dataclass
+class PositionalCase:
+    dtype: torch.dtype
+    b: int
+    t: int
+    d: int
+    layout: str
+    offset: int
+    dropout_p: float
+    seed: int
+    # embed_positions only
+    vocab: int = 1
+    token_layout: str = "contiguous"
+    token_dtype: torch.dtype = torch.int64
+    scale: float = 1.0
+    sinusoidal: bool = True
+
+
+@st.composite
+def positional_cases(draw, backend: str, embedding: bool):
+    lim = limits()
+    b, t, d = draw(lengths(1, lim.batch + 1)), draw(lengths(1, lim.seq)), draw(lengths(1, lim.head_dim))
+    zero = draw(ZERO)
+    b, t, d = (0 if zero == z else v for z, v in zip(("batch", "rows", "features"), (b, t, d)))
+    case = PositionalCase(
+        dtype=draw(st.sampled_from(dtypes_for(backend))),
+        b=b,
+        t=t,
+        d=d,
+        layout=draw(st.sampled_from(LAYOUTS)),
+        offset=draw(st.one_of(st.sampled_from([0, 0, 1, 7]), st.integers(0, lim.position - t))),
+        dropout_p=draw(dropout_for(backend)),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+    if embedding:
+        # Small vocabularies make many tokens share a row: the weight gradient is a scatter-add with collisions.
+        case.vocab = draw(st.one_of(st.integers(1, 4), st.integers(1, lim.vocab)))
+        case.token_layout = draw(st.sampled_from(["contiguous", "transposed", "sliced"]))
+        case.token_dtype = draw(st.sampled_from([torch.int64, torch.int32]))
+        case.scale = draw(st.one_of(st.sampled_from([1.0, math.sqrt(max(d, 1))]), st.floats(-4, 4)))
+        case.sinusoidal = draw(st.booleans())
+        if case.layout == "broadcast":
+            case.layout = "contiguous"  # a (vocab, d) table is not broadcast
+    return case
+
+
+def positional_slack(case: PositionalCase) -> float:
+    return (case.offset + case.t) * POSITION_SLACK
+
+
+def check_add_positional_encoding(backend: str, case: PositionalCase) -> bool:
+    device = device_for(backend)
+    gen = torch.Generator().manual_seed(case.seed)
+    x = leaf(make((case.b, case.t, case.d), case.layout, gen, case.dtype, device))
+    saved = x.detach().clone()
+    kwargs = dict(x=x, offset=case.offset, dropout_p=case.dropout_p)
+    out, dropout_seed = seeded_call(
+        lambda: serve(metagpt_fast.add_positional_encoding, backend, **kwargs), case.seed, device
+    )
+    if out is None:
+        return False
+    assert torch.equal(x, saved), "add_positional_encoding modified its input"
+    assert out.dtype == case.dtype
+    keep = None
+    if case.dropout_p > 0:
+        keep = reference.dropout_keep_mask(dropout_seed, (case.b, case.t, case.d), case.dropout_p, device)
+    grad_out = torch.randn(out.shape, generator=gen).to(case.dtype).to(device)
+    (dx,) = grads(out, (x,), grad_out)
+    results = []
+    for dtype in (case.dtype, oracle_dtype(case.dtype)):
+        xr = upcast(x, dtype)
+        ref = reference.add_positional_encoding(xr, case.offset, case.dropout_p, dropout_mask=keep)
+        results.append((ref, grads(ref, (xr,), grad_out.to(dtype))[0]))
+    (lo, dlo), (hi, dhi) = results
+    parity(out, lo, hi, name="add_positional_encoding output", extra=positional_slack(case))
+    parity(dx, dlo, dhi, name="add_positional_encoding dx")
+    return True
+
+
+def check_embed_positions(backend: str, case: PositionalCase) -> bool:
+    device = device_for(backend)
+    gen = torch.Generator().manual_seed(case.seed)
+    weight = leaf(make((case.vocab, case.d), case.layout, gen, case.dtype, device))
+    shape = (case.b, case.t)
+    tokens = make(shape, case.token_layout, gen, case.token_dtype, device, low=0, high=case.vocab).to(case.token_dtype)
+    saved = weight.detach().clone(), tokens.clone()
+    kwargs = dict(
+        tokens=tokens,
+        weight=weight,
+        scale=case.scale,
+        offset=case.offset,
+        dropout_p=case.dropout_p,
+        sinusoidal=case.sinusoidal,
+    )
+    out, dropout_seed = seeded_call(lambda: serve(metagpt_fast.embed_positions, backend, **kwargs), case.seed, device)
+    if out is None:
+        return False
+    assert torch.equal(weight, saved[0]) and torch.equal(tokens, saved[1]), "embed_positions modified its inputs"
+    assert out.dtype == case.dtype and out.shape == (case.b, case.t, case.d)
+    keep = None
+    if case.dropout_p > 0:
+        keep = reference.dropout_keep_mask(dropout_seed, (case.b, case.t, case.d), case.dropout_p, device)
+    grad_out = torch.randn(out.shape, generator=gen).to(case.dtype).to(device)
+    (dw,) = grads(out, (weight,), grad_out)
+    results = []
+    for dtype in (case.dtype, oracle_dtype(case.dtype)):
+        w = upcast(weight, dtype)
+        ref = reference.embed_positions(
+            tokens, w, case.scale, case.offset, case.dropout_p, case.sinusoidal, dropout_mask=keep
+        )
+        results.append((ref, grads(ref, (w,), grad_out.to(dtype))[0]))
+    (lo, dlo), (hi, dhi) = results
+    parity(out, lo, hi, name="embed_positions output", extra=positional_slack(case) if case.sinusoidal else 0.0)
+    parity(dw, dlo, dhi, name="embed_positions dweight")
+    return True
+
+
+@pytest.mark.parametrize("backend", backend_params("add_positional_encoding"))
+def test_add_positional_encoding_matches_reference(backend):
+    strategy = positional_cases(backend, embedding=False)
+    run_property("add_positional_encoding", backend, strategy, check_add_positional_encoding)
+
+
+@pytest.mark.parametrize("backend", backend_params("embed_positions"))
+def test_embed_positions_matches_reference(backend):
+    run_property("embed_positions", backend, positional_cases(backend, embedding=True), check_embed_positions)
+
+
+# ---------------------------------------------------------------------------------------------------------- rotary
+
+
+@dataclasses.dataclass
+class RotaryCase:
+    dtype: torch.dtype
+    b: int
+    hq: int
+    hk: int
+    t: int
+    d: int
+    rotary_dim: int | None
+    layouts: tuple[str, str]
+    positions: str
+    position_dtype: torch.dtype
+    offset: int
+    base: float
+    interleaved: bool
+    inplace: bool
+    seed: int
+
+
+@st.composite
+def rotary_cases(draw, backend: str):
+    lim = limits()
+    b, hq, hk, t = (draw(lengths(1, n)) for n in (lim.batch, lim.heads + 1, lim.heads, lim.seq))
+    d = draw(lengths(2, lim.head_dim))
+    zero = draw(ZERO)
+    b, hq, t = (0 if zero == z else v for z, v in zip(("batch", "heads", "rows"), (b, hq, t)))
+    hk = 0 if zero == "keys" else hk
+    rotary_dim = draw(st.one_of(st.none(), st.integers(1, d // 2).map(lambda r: 2 * r)))
+    if rotary_dim is None and d % 2:
+        rotary_dim = d - 1
+    inplace = draw(st.booleans())
+    layouts = tuple(draw(st.sampled_from(LAYOUTS[:3] if inplace else LAYOUTS)) for _ in range(2))
+    return RotaryCase(
+        dtype=draw(st.sampled_from(dtypes_for(backend))),
+        b=b,
+        hq=hq,
+        hk=hk,
+        t=t,
+        d=d,
+        rotary_dim=rotary_dim,
+        layouts=layouts,
+        positions=draw(st.sampled_from(["offset", "offset", "(T,)", "(1, T)", "(B, T)"])),
+        position_dtype=draw(st.sampled_from([torch.int64, torch.int32])),
+        offset=draw(st.one_of(st.sampled_from([0, 0, 5]), st.integers(0, lim.position - t))),
+        base=draw(st.sampled_from([10000.0, 10000.0, 500000.0, 100.0])),
+        interleaved=draw(st.booleans()),
+        inplace=inplace,
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def check_rotary(backend: str, case: RotaryCase) -> bool:
+    device = device_for(backend)
+    gen = torch.Generator().manual_seed(case.seed)
+    q = make((case.b, case.hq, case.t, case.d), case.layouts[0], gen, case.dtype, device)
+    k = make((case.b, case.hk, case.t, case.d), case.layouts[1], gen, case.dtype, device)
+    position_ids, max_pos = None, case.offset + case.t
+    if case.positions != "offset":
+        rows = case.b if case.positions == "(B, T)" else 1
+        position_ids = torch.randint(0, max(limits().position, 1), (rows, case.t), generator=gen)
+        position_ids = (position_ids[0] if case.positions == "(T,)" else position_ids).to(case.position_dtype)
+        position_ids = position_ids.to(device)
+        max_pos = limits().position
+    if not case.inplace:
+        q, k = leaf(q), leaf(k)
+    saved = q.detach().clone(), k.detach().clone()
+    kwargs = dict(
+        q=q,
+        k=k,
+        position_ids=position_ids,
+        offset=case.offset,
+        rotary_dim=case.rotary_dim,
+        base=case.base,
+        interleaved=case.interleaved,
+        inplace=case.inplace,
+    )
+    if case.inplace:
+        with torch.no_grad():
+            result = serve(metagpt_fast.apply_rotary, backend, **kwargs)
+        if result is None:
+            return False
+        # The op wrote into q and k; the reference runs on the saved inputs.
+        assert torch.equal(result[0], q) and torch.equal(result[1], k), "inplace rotary did not write into q and k"
+        q, k = saved
+    else:
+        result = serve(metagpt_fast.apply_rotary, backend, **kwargs)
+        if result is None:
+            return False
+        assert torch.equal(q, saved[0]) and torch.equal(k, saved[1]), "rotary modified its inputs"
+    assert all(r.dtype == case.dtype for r in result)
+    grad_outs = [torch.randn(r.shape, generator=gen).to(case.dtype).to(device) for r in result]
+    fast_grads = None if case.inplace else grads(result, (q, k), grad_outs)
+    magnitude = max([float(t.abs().max()) for t in (*saved, *grad_outs) if t.numel()] + [1.0])
+    slack = max_pos * POSITION_SLACK * magnitude
+    runs = []
+    for dtype in (case.dtype, oracle_dtype(case.dtype)):
+        qr, kr = upcast(q, dtype), upcast(k, dtype)
+        ref = reference.apply_rotary(
+            qr, kr, position_ids, case.offset, case.rotary_dim, case.base, case.interleaved
+        )
+        ref_grads = None
+        if not case.inplace:
+            ref_grads = grads(ref, (qr, kr), [g.to(dtype) for g in grad_outs])
+        runs.append((ref, ref_grads))
+    for i, name in enumerate(("q", "k")):
+        parity(result[i], runs[0][0][i], runs[1][0][i], name=f"rotary {name} output", extra=slack)
+        if fast_grads is not None:
+            parity(fast_grads[i], runs[0][1][i], runs[1][1][i], name=f"rotary d{name}", extra=slack)
+    return True
+
+
+@pytest.mark.parametrize("backend", backend_params("rotary"))
+def test_rotary_matches_reference(backend):
+    run_property("rotary", backend, rotary_cases(backend), check_rotary)
+
+
+# ------------------------------------------------------------------------------------------ unsupported inputs
+
+
+FAST = [b for b in AVAILABLE if b != "reference"]
+
+
+@pytest.mark.parametrize("backend", FAST or [pytest.param("none", marks=pytest.mark.skip("no fast backend here"))])
+def test_inputs_beyond_a_backend_fall_back_or_raise_with_reasons(backend):
+    """float64 and head dims past every kernel's tile: served with parity, or refused cleanly (auto falls back)."""
+    seen = collections.Counter()
+
+    @settings(max_examples=12)
+    @given(st.sampled_from([torch.float64, torch.float32]), st.sampled_from([257, 300, 512]), st.integers(0, 99))
+    def run(dtype, d, seed):
+        device = device_for(backend)
+        gen = torch.Generator().manual_seed(seed)
+        q, k, v = (leaf(make((1, 2, 5, d), "contiguous", gen, dtype, device)) for _ in range(3))
+        out = serve(metagpt_fast.scaled_dot_product_attention, backend, query=q, key=k, value=v, is_causal=True)
+        seen["served" if out is not None else "refused"] += 1
+        if out is not None:
+            ref = reference.attention(*(upcast(t, torch.float64) for t in (q, k, v)), is_causal=True)
+            parity(out, ref, ref, name=f"attention {dtype} D={d}")
+
+    if not implements("attention", backend):
+        pytest.skip(f"{backend} has no attention")
+    run()
+    print(f"\nattention/{backend} beyond limits: {dict(seen)}")
