@@ -8,6 +8,7 @@ import torch
 
 from metagpt_fast import backends
 from metagpt_fast.ops import validation as check
+from metagpt_fast.ops.ranges import op_range
 from metagpt_fast.ops.reference.random import new_seed
 
 
@@ -86,7 +87,8 @@ def scaled_dot_product_attention(
         out = _zero_attention(query, key, value)
     else:
         seed = new_seed(query.device) if dropout_p > 0.0 else None
-        out = impl.fn(**inputs, seed=seed)
+        with op_range("attention", impl.backend):
+            out = impl.fn(**inputs, seed=seed)
     return out.squeeze(1) if squeeze else out
 
 

@@ -6,6 +6,7 @@ import torch
 
 from metagpt_fast import backends
 from metagpt_fast.ops import validation as check
+from metagpt_fast.ops.ranges import op_range
 from metagpt_fast.ops.reference.random import new_seed
 
 
@@ -49,7 +50,8 @@ def embed_positions(
     if tokens.numel() == 0 or weight.shape[1] == 0:  # nothing to compute: no kernel launch
         impl = backends.select("embed_positions", "reference", **inputs)
     seed = new_seed(weight.device) if inputs["dropout_p"] > 0.0 else None
-    return impl.fn(**inputs, seed=seed)
+    with op_range("embed_positions", impl.backend):
+        return impl.fn(**inputs, seed=seed)
 
 
 def add_positional_encoding(
@@ -80,4 +82,5 @@ def add_positional_encoding(
     if x.numel() == 0:  # nothing to compute: no kernel launch
         impl = backends.select("add_positional_encoding", "reference", **inputs)
     seed = new_seed(x.device) if inputs["dropout_p"] > 0.0 else None
-    return impl.fn(**inputs, seed=seed)
+    with op_range("add_positional_encoding", impl.backend):
+        return impl.fn(**inputs, seed=seed)

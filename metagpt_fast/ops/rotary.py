@@ -6,6 +6,7 @@ import torch
 
 from metagpt_fast import backends
 from metagpt_fast.ops import validation as check
+from metagpt_fast.ops.ranges import op_range
 from metagpt_fast.ops.reference.positional import DEFAULT_BASE
 
 
@@ -73,4 +74,5 @@ def apply_rotary(
     impl = backends.select("rotary", backend, **inputs)
     if q.numel() == 0 or k.numel() == 0:  # nothing to compute (for one of them): no kernel launch
         impl = backends.select("rotary", "reference", **inputs)
-    return impl.fn(**inputs)
+    with op_range("rotary", impl.backend):
+        return impl.fn(**inputs)
