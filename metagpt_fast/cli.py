@@ -14,6 +14,8 @@ COMMANDS = {
     "info": "versions, device and which backends run here (and why not)",
     "train": "train MetaGPT (default corpus: the Python standard library's sources, byte-level)",
     "generate": "sample text from a checkpoint",
+    "bench": "benchmark every backend against the reference and torch SDPA: tables, results file, plots",
+    "profile": "profile MetaGPT training steps: Chrome trace, top kernels by self time, peak memory",
 }
 
 

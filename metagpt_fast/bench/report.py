@@ -1,0 +1,108 @@
+"""Tables printed by ``metagpt-fast bench``: one per op, one section per case, one row per provider."""
+
+from __future__ import annotations
+
+from rich.markup import escape
+from rich.table import Table
+
+from metagpt_fast.bench.core import Measurement, oracle_dtype
+from metagpt_fast.bench.results import device_name, dtype_name
+from metagpt_fast.bench.runner import OpResult, speedups
+from metagpt_fast.bench.suite import UNITS, throughput
+
+_STATUS_STYLE = {"parity only": "yellow", "unsupported": "dim", "skipped": "dim", "failed": "bold red"}
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def _fmt_throughput(x: float, unit: str) -> str:
+    return f"{x:,.0f}" if unit == "tokens" else f"{x:,.3g}" if x < 100 else f"{x:,.0f}"
+
+
+def _short(text: str, width: int = 70) -> str:
+    """One line of at most ``width`` characters, escaped for rich markup (notes quote shapes like [1, 2])."""
+    text = " ".join(text.split())
+    return escape(text if len(text) <= width else text[: width - 1] + "…")
+
+
+def op_table(result: OpResult) -> Table:
+    bench, plan = result.plan.bench, result.plan
+    cases = plan.cases
+    dtypes = sorted({dtype_name(c.dtype) for c in cases})
+    oracles = sorted({dtype_name(oracle_dtype(c.dtype)) for c in cases})
+    device = device_name(cases[0].device) if cases else "?"
+    table = Table(
+        title=f"{bench.op} — {device}, {', '.join(dtypes)}",
+        caption=_caption(result, oracles),
+        caption_justify="left",
+    )
+    table.add_column("case")
+    table.add_column("backend")
+    table.add_column("time ms: median [p20–p80]")
+    table.add_column(UNITS[bench.unit][2], justify="right")
+    table.add_column("vs ref", justify="right")
+    if bench.sdpa_baseline:
+        table.add_column("vs SDPA", justify="right")
+    if bench.op == "train_step":
+        table.add_column("TFLOP/s", justify="right")
+        table.add_column("MFU", justify="right")
+    table.add_column("max err", justify="right")
+    table.add_column("peak MiB", justify="right")
+
+    by_case: dict = {}
+    for m in result.measurements:
+        by_case.setdefault(m.case, []).append(m)
+    for case, measurements in by_case.items():
+        ratios = speedups(bench, measurements)
+        label = f"{case.mode} {case.label}" + (f" {dtype_name(case.dtype)}" if len(dtypes) > 1 else "")
+        for i, m in enumerate(measurements):
+            table.add_row(label if i == 0 else "", *_cells(result, m, ratios.get(m.provider, {})))
+        table.add_section()
+    return table
+
+
+def _cells(result: OpResult, m: Measurement, ratios: dict) -> list[str]:
+    bench = result.plan.bench
+    if m.timing is None:
+        style = _STATUS_STYLE.get(m.status, "")
+        text = m.status if m.status == "parity only" else f"{m.status}: {_short(m.note)}"
+        time_cell = f"[{style}]{text}[/]" if style else text
+        cells = [m.provider, time_cell, "", ""]
+    else:
+        t = m.timing
+        cells = [
+            m.provider,
+            f"{t.median_ms:.4g} [{t.p20_ms:.3g}–{t.p80_ms:.3g}]",
+            _fmt_throughput(throughput(bench, m.case, t.median_ms), bench.unit),
+            _fmt(ratios.get("speedup_vs_reference"), ".2f") + ("x" if "speedup_vs_reference" in ratios else ""),
+        ]
+    if bench.sdpa_baseline:
+        key = "speedup_vs_torch_sdpa"
+        cells.append(_fmt(ratios.get(key), ".2f") + "x" if key in ratios else "—" if m.timing else "")
+    if bench.op == "train_step":
+        cells.append(_fmt(m.extra.get("tflops"), ".3g") if m.timing else "")
+        mfu = m.extra.get("mfu")
+        cells.append(f"{100 * mfu:.1f}%" if mfu is not None else ("—" if m.timing else ""))
+    err = _fmt(m.max_err, ".1e")
+    cells.append(f"[bold red]{err} ![/]" if m.parity_violation else err)
+    cells.append(_fmt(m.peak_bytes / 2**20, ".1f") if m.peak_bytes is not None else ("—" if m.timing else ""))
+    return cells
+
+
+def _caption(result: OpResult, oracles: list[str]) -> str:
+    lines = [
+        (
+            f"max err: max |output − reference in {'/'.join(oracles)}| over the outputs and every input gradient, "
+            "same inputs (! = above the parity rule: 2 x the reference's own error + atol); "
+            "vs ref / vs SDPA: median-time speedups."
+        )
+    ]
+    if result.plan.bench.op == "train_step":
+        lines.append("MFU: PaLM model FLOPs (6N + 12·L·T·d per token) over the GPU's dense peak; none on CPUs.")
+    for name, reason in result.plan.unavailable.items():
+        lines.append(f"{name}: unavailable — {_short(reason, 110)}")
+    if result.cases_not_run:
+        lines.append(f"{result.cases_not_run} case(s) not run: --max-seconds reached")
+    return "\n".join(lines)

@@ -1,0 +1,270 @@
+"""Runs a benchmark suite: for every case, every provider's parity against the reference, then its timing.
+
+Per case and provider, in order: set up (may be *unsupported*, or *skipped* at a size it should not run), compute
+the outputs and gradients once and compare them with the higher-precision reference (``max_abs_err``), then time
+the call and measure its peak memory. Interpreted Triton stops after the parity step (*parity only*). A provider
+that fails is reported with its error; it never stops the suite. Rows go to the results file after each case, so
+a run cut short keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from metagpt_fast.bench.attention import AttentionBench
+from metagpt_fast.bench.core import BASELINE_SDPA, Case, Measurement, Provider, Skipped, Unsupported
+from metagpt_fast.bench.memory import peak_memory
+from metagpt_fast.bench.positional import AddPositionalEncodingBench, EmbedPositionsBench
+from metagpt_fast.bench.results import ResultsFile, device_name, make_row
+from metagpt_fast.bench.rotary import RotaryBench
+from metagpt_fast.bench.suite import UNITS, OpBench, throughput
+from metagpt_fast.bench.timing import TimingBudget, time_fn
+from metagpt_fast.bench.train_step import TrainStepBench
+from metagpt_fast.testing import ATOL, max_error
+
+BENCHES: dict[str, type[OpBench]] = {
+    "attention": AttentionBench,
+    "embed_positions": EmbedPositionsBench,
+    "add_positional_encoding": AddPositionalEncodingBench,
+    "rotary": RotaryBench,
+    "train_step": TrainStepBench,
+}
+INTERPRETED_NOTE = "interpreted Triton (TRITON_INTERPRET=1): checked for parity, never timed"
+
+
+@dataclasses.dataclass
+class OpPlan:
+    bench: OpBench
+    cases: list[Case]
+    providers: list[Provider]  # runnable ones, after the --backends filter
+
+    @property
+    def unavailable(self) -> dict[str, str]:
+        return {p.name: p.unavailable for p in self.providers if p.unavailable is not None}
+
+    @property
+    def runnable(self) -> list[Provider]:
+        return [p for p in self.providers if p.unavailable is None]
+
+
+@dataclasses.dataclass
+class OpResult:
+    plan: OpPlan
+    measurements: list[Measurement]
+    cases_not_run: int = 0  # stopped by the time budget
+
+
+def make_plan(
+    ops: Sequence[str], device: str, dtypes: Sequence[torch.dtype], quick: bool, only: Sequence[str] | None = None
+) -> list[OpPlan]:
+    """The suite to run; ``only`` keeps the named providers (an unknown name is an error listing the known ones)."""
+    unknown_ops = [op for op in ops if op not in BENCHES]
+    if unknown_ops:
+        raise ValueError(f"unknown op(s) {unknown_ops}; choose from {list(BENCHES)}")
+    plans = []
+    for op in ops:
+        bench = BENCHES[op]()
+        plans.append(OpPlan(bench, bench.cases(device, list(dtypes), quick), bench.providers(device)))
+    if only is not None:
+        known = {p.name for plan in plans for p in plan.providers}
+        unknown = sorted(set(only) - known)
+        if unknown:
+            raise ValueError(f"unknown backend(s) {unknown} for these ops; choose from {sorted(known)}")
+        for plan in plans:
+            plan.providers = [p for p in plan.providers if p.name in only]
+    return plans
+
+
+def measure(
+    bench: OpBench, case: Case, provider: Provider, inputs: dict, oracle: list[torch.Tensor] | None, budget
+) -> Measurement:
+    """Parity, then timing and peak memory, of one provider on one case."""
+    m = Measurement(case, provider.name, provider.kind, status="ok")
+    if provider.slow and not case.interpret_ok:
+        m.status, m.note = "skipped", "interpreted Triton is checked for parity at the suite's smallest size only"
+        return m
+    try:
+        prepared = provider.setup(case, inputs)
+        outputs = prepared.parity()
+        if oracle is not None:
+            m.max_err = _parity_error(outputs, oracle)
+        del outputs
+        if provider.slow:
+            m.status, m.note = "parity only", INTERPRETED_NOTE
+            return m
+        m.timing = time_fn(prepared.run, case.device, budget, prepared.grad_to_none)
+        for t in prepared.grad_to_none:
+            t.grad = None
+        if m.timing.median_ms <= 1e3 * budget.max_s / 3:  # one more call of a multi-second kernel is not worth it
+            m.peak_bytes = peak_memory(prepared.run, case.device)
+        m.work = bench.work(case)
+        m.extra = bench.extra_metrics(case, m.timing)
+    except Skipped as exc:
+        m.status, m.note = "skipped", str(exc)
+    except Unsupported as exc:
+        m.status, m.note = "unsupported", str(exc)
+    except ValueError as exc:
+        # The registry refuses an explicit backend with "backend 'x' cannot run ...": unsupported, not broken.
+        m.status = "unsupported" if str(exc).startswith("backend ") else "failed"
+        m.note = str(exc) if m.status == "unsupported" else f"ValueError: {exc}"
+    except torch.cuda.OutOfMemoryError:
+        m.status, m.note = "failed", "CUDA out of memory"
+    except Exception as exc:  # noqa: BLE001  (a broken provider is reported, never stops the suite)
+        m.status, m.note = "failed", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    if m.status != "ok":
+        m.timing = None
+    return m
+
+
+def _parity_error(outputs: Sequence[torch.Tensor], oracle: Sequence[torch.Tensor]) -> float:
+    if len(outputs) != len(oracle):
+        raise AssertionError(f"returned {len(outputs)} tensors, the reference {len(oracle)}")
+    for out, ref in zip(outputs, oracle):
+        if out.shape != ref.shape:
+            raise AssertionError(f"output shape {tuple(out.shape)} != reference {tuple(ref.shape)}")
+    return max(max_error(out, ref) for out, ref in zip(outputs, oracle))
+
+
+def run_plans(
+    plans: Sequence[OpPlan],
+    budget: TimingBudget,
+    results: ResultsFile | None = None,
+    on_progress: Callable[[str], None] | None = None,
+    max_seconds: float | None = None,
+) -> list[OpResult]:
+    """Runs every case of every plan; ``on_progress(label)`` is called after each (case, provider)."""
+    started = time.perf_counter()
+    out = []
+    for plan in plans:
+        result = OpResult(plan, [])
+        out.append(result)
+        if results is not None:
+            results.append(_unavailable_rows(plan))
+        for i, case in enumerate(plan.cases):
+            if max_seconds is not None and time.perf_counter() - started > max_seconds:
+                result.cases_not_run = len(plan.cases) - i
+                break
+            measurements = run_case(plan, case, budget, on_progress)
+            result.measurements += measurements
+            if results is not None:
+                results.append(case_rows(plan.bench, measurements))
+    return out
+
+
+def run_case(plan: OpPlan, case: Case, budget: TimingBudget, on_progress=None) -> list[Measurement]:
+    bench = plan.bench
+    inputs = bench.inputs(case)
+    oracle, oracle_note = None, bench.oracle_too_large(case)
+    if oracle_note is None:
+        try:
+            oracle = bench.oracle(case, inputs)
+        except torch.cuda.OutOfMemoryError:
+            oracle_note = "the reference ran out of memory"
+    measurements = []
+    for provider in plan.runnable:
+        m = measure(bench, case, provider, inputs, oracle, budget)
+        if oracle is None and m.status in ("ok", "parity only"):
+            m.note = "; ".join(filter(None, [m.note, f"no parity check: {oracle_note}"]))
+        measurements.append(m)
+        if on_progress is not None:
+            on_progress(f"{case.op} {case.mode} {case.label} {provider.name}")
+    apply_parity_rule(measurements)
+    del inputs, oracle
+    gc.collect()
+    if torch.device(case.device).type == "cuda":
+        torch.cuda.empty_cache()
+    return measurements
+
+
+def apply_parity_rule(measurements: Sequence[Measurement]) -> None:
+    """Sets each measurement's parity bound from the reference's own error on the case (the rule of
+    ``metagpt_fast.testing``: a backend may be at most twice as far from the exact answer, plus atol)."""
+    ref = next((m for m in measurements if m.provider == "reference" and m.max_err is not None), None)
+    if ref is None:
+        return
+    for m in measurements:
+        if m.max_err is not None:
+            m.parity_bound = 2 * ref.max_err + ATOL[m.case.dtype]
+
+
+def speedups(bench: OpBench, measurements: Sequence[Measurement]) -> dict[str, dict[str, float]]:
+    """Per provider: median-time ratios against the reference backend and (attention) torch SDPA."""
+    times = {m.provider: m.timing.median_ms for m in measurements if m.timing is not None}
+    out = {}
+    for m in measurements:
+        if m.timing is None:
+            continue
+        ratios = {}
+        if "reference" in times:
+            ratios["speedup_vs_reference"] = times["reference"] / m.timing.median_ms
+        if bench.sdpa_baseline is not None and bench.sdpa_baseline in times:
+            ratios[f"speedup_vs_{BASELINE_SDPA.replace('-', '_')}"] = times[bench.sdpa_baseline] / m.timing.median_ms
+        out[m.provider] = ratios
+    return out
+
+
+def _row(m: Measurement, metric: str, value, p20=None, p80=None, note: str = "") -> dict:
+    case = m.case
+    return make_row(
+        op=case.op,
+        backend=m.provider,
+        mode=case.mode,
+        shape=case.shape,
+        dtype=case.dtype,
+        metric=metric,
+        value=value,
+        p20=p20,
+        p80=p80,
+        device=device_name(case.device),
+        note=note,
+    )
+
+
+def case_rows(bench: OpBench, measurements: Sequence[Measurement]) -> list[dict]:
+    """Results-file rows of one case's measurements."""
+    rows = []
+    ratios = speedups(bench, measurements)
+    metric = UNITS[bench.unit][0]
+    for m in measurements:
+        if m.status != "ok":
+            rows.append(_row(m, "status", None, note=f"{m.status}: {m.note}" if m.note else m.status))
+        if m.max_err is not None:
+            violation = f"exceeds the parity bound {m.parity_bound:.2e}" if m.parity_violation else ""
+            rows.append(_row(m, "max_abs_err", m.max_err, note=violation))
+        if m.timing is None:
+            continue
+        t, case = m.timing, m.case
+        rows.append(_row(m, "time_ms", t.median_ms, t.p20_ms, t.p80_ms, note=m.note))
+        # The fastest 20% of calls give the top 20% throughput: p20 of throughput comes from p80 of time.
+        tput = [throughput(bench, case, ms) for ms in (t.median_ms, t.p80_ms, t.p20_ms)]
+        rows.append(_row(m, metric, *tput))
+        if m.peak_bytes is not None:
+            rows.append(_row(m, "peak_mem_mib", m.peak_bytes / 2**20))
+        for name, value in {**ratios.get(m.provider, {}), **m.extra}.items():
+            rows.append(_row(m, name, value))
+    return rows
+
+
+def _unavailable_rows(plan: OpPlan) -> list[dict]:
+    if not plan.cases:
+        return []
+    case = plan.cases[0]
+    return [
+        make_row(
+            op=plan.bench.op,
+            backend=name,
+            mode="",
+            shape={},
+            dtype="",
+            metric="status",
+            value=None,
+            device=device_name(case.device),
+            note=f"unavailable: {reason}",
+        )
+        for name, reason in plan.unavailable.items()
+    ]

@@ -1,0 +1,152 @@
+"""``metagpt-fast bench``: every backend and external baseline on the device's suite, with parity and speedups.
+
+Prints one table per op (time, throughput, speedup vs the reference and vs torch SDPA, max parity error against
+the reference on the same inputs, peak memory), appends every number to ``OUT/results.jsonl`` and draws
+``OUT/throughput.png`` (throughput against sequence length per backend).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HELP = "benchmark every backend against the reference and torch SDPA (tables, results file, plots)"
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from metagpt_fast.bench.runner import BENCHES
+
+    parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--backends",
+        type=_csv,
+        help="comma-separated providers to run (default: all): reference, triton, cuda, cpu, torch-sdpa, "
+        "torch-sdpa-{math,flash,efficient,cudnn}, flex, flash-attn, liger",
+    )
+    parser.add_argument("--ops", type=_csv, default=list(BENCHES), help=f"comma-separated, from {', '.join(BENCHES)}")
+    parser.add_argument(
+        "--dtype",
+        type=_csv,
+        help="comma-separated: float32, float16, bfloat16 (default: float32 on CPU, bfloat16 on GPU)",
+    )
+    parser.add_argument("--quick", action="store_true", help="the small suite (CI; under a minute on a CPU)")
+    parser.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for results.jsonl and plots")
+    parser.add_argument(
+        "--max-seconds", type=float, help="stop starting new cases after this many seconds (tables keep what ran)"
+    )
+    parser.add_argument("--no-plot", action="store_true", help="do not draw throughput.png")
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is visible to torch")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda, got {name!r}")
+    return str(device)
+
+
+def resolve_dtypes(names: list[str] | None, device: str) -> list[torch.dtype]:
+    if not names:
+        return [torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32]
+    unknown = [n for n in names if n not in DTYPES]
+    if unknown:
+        raise ValueError(f"unknown dtype(s) {unknown}; choose from float32, float16, bfloat16")
+    return list(dict.fromkeys(DTYPES[n] for n in names))
+
+
+def interpret_triton_without_gpu() -> None:
+    """Without a GPU, Triton kernels can only run interpreted: enable that (for their parity check) before the
+    package's kernels are defined, as the test suite does (triton reads the variable when a kernel is decorated)."""
+    if not torch.cuda.is_available() and "metagpt_fast.ops.triton_backend" not in sys.modules:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def make_console():
+    """Rich console; written to a file or pipe (CI logs, the GPU suite), tables get 160 columns instead of 80."""
+    from rich.console import Console
+
+    out = Console()
+    return out if out.is_terminal else Console(width=160)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from metagpt_fast.bench.memory import quiet_profiler_logs
+    from metagpt_fast.bench.plots import write_plot
+    from metagpt_fast.bench.report import op_table
+    from metagpt_fast.bench.results import RESULTS_FILE, ResultsFile
+    from metagpt_fast.bench.runner import make_plan, run_plans
+    from metagpt_fast.bench.timing import TimingBudget
+
+    interpret_triton_without_gpu()
+    quiet_profiler_logs()
+    device = resolve_device(args.device)
+    dtypes = resolve_dtypes(args.dtype, device)
+    if args.max_seconds is not None and args.max_seconds <= 0:
+        raise ValueError(f"--max-seconds must be > 0, got {args.max_seconds}")
+    plans = make_plan(args.ops, device, dtypes, args.quick, args.backends)
+    budget = TimingBudget.quick() if args.quick else TimingBudget()
+    results = ResultsFile(args.out / RESULTS_FILE)
+
+    console = make_console()
+    total = sum(len(plan.cases) * len(plan.runnable) for plan in plans)
+    began = time.perf_counter()
+    with Progress(
+        TextColumn("[bold]bench"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+        console=console,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("", total=total)
+        outcome = run_plans(
+            plans,
+            budget,
+            results,
+            on_progress=lambda label: progress.update(task, advance=1, description=label),
+            max_seconds=args.max_seconds,
+        )
+    for result in outcome:
+        if result.plan.cases:
+            console.print(op_table(result))
+            console.print()
+    console.print(f"results appended to {results.path}")
+    if not args.no_plot:
+        plot = write_plot(outcome, args.out)
+        console.print(f"plot: {plot}" if plot else "plot: no case has two sequence lengths to draw")
+    console.print(f"bench took {time.perf_counter() - began:.0f} s")
+    measured = [m for r in outcome for m in r.measurements]
+    failed = [m for m in measured if m.status == "failed"]
+    if failed:
+        console.print(f"[bold red]{len(failed)} measurement(s) failed[/] (see the tables and the results file)")
+    above = [m for m in measured if m.parity_violation]
+    for m in above:
+        console.print(
+            f"[bold red]parity:[/] {m.provider} on {m.case.op} {m.case.mode} {m.case.label}: max err "
+            f"{m.max_err:.2e} > bound {m.parity_bound:.2e}"
+        )
+    # A package backend outside the parity rule is an error; an external baseline's numbers are only reported.
+    return 1 if failed or any(m.kind == "backend" for m in above) else 0
