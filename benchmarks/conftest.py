@@ -1,0 +1,144 @@
+"""pytest-benchmark suites, one file per op (``bench_<op>.py``), over the same cases and providers as
+``metagpt-fast bench``::
+
+    pytest benchmarks/ --benchmark-only                          # the device's default suite
+    pytest benchmarks/bench_attention.py --bench-quick --bench-dtype float16 --benchmark-columns=median,iqr
+
+Each test checks the provider's parity against the higher-precision reference on the same inputs (a backend of the
+package outside the parity rule fails the test), times it with pytest-benchmark (synchronising CUDA after each
+call), and appends the same rows as ``metagpt-fast bench`` to ``--bench-results`` (default
+``bench-results/results.jsonl``). Interpreted Triton (no GPU) is checked for parity and skipped for timing.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Without a GPU, Triton kernels run under the interpreter, set before triton is first imported (as in tests/).
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from metagpt_fast.bench.core import Case, Measurement, Provider, Skipped, Unsupported
+from metagpt_fast.bench.results import RESULTS_FILE, ResultsFile
+from metagpt_fast.bench.runner import apply_parity_rule, case_rows
+from metagpt_fast.bench.suite import UNITS, OpBench, throughput
+from metagpt_fast.bench.timing import Timing
+from metagpt_fast.commands.bench import resolve_device, resolve_dtypes
+from metagpt_fast.testing import max_error
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("metagpt-fast benchmarks")
+    group.addoption("--bench-device", default="auto", help="auto, cpu or cuda")
+    group.addoption("--bench-dtype", default=None, help="comma-separated dtypes (default: float32 CPU, bfloat16 GPU)")
+    group.addoption("--bench-quick", action="store_true", help="the CI-sized suite")
+    group.addoption("--bench-results", default=str(Path("bench-results") / RESULTS_FILE), help="results file")
+
+
+def pytest_collect_file(file_path, parent):
+    if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
+        return pytest.Module.from_parent(parent, path=file_path)
+    return None
+
+
+def pytest_generate_tests(metafunc):
+    """Parametrises ``case`` x ``provider`` from the module's ``BENCH`` (an :class:`OpBench`)."""
+    bench: OpBench | None = getattr(metafunc.module, "BENCH", None)
+    if bench is None or not {"case", "provider"} <= set(metafunc.fixturenames):
+        return
+    config = metafunc.config
+    device = resolve_device(config.getoption("--bench-device"))
+    dtype_names = config.getoption("--bench-dtype")
+    dtypes = resolve_dtypes(dtype_names.split(",") if dtype_names else None, device)
+    cases = bench.cases(device, dtypes, config.getoption("--bench-quick"))
+    providers = bench.providers(device)
+    metafunc.parametrize("provider", providers, ids=[p.name for p in providers])
+    metafunc.parametrize("case", cases, ids=[_case_id(c) for c in cases])
+
+
+def _case_id(case: Case) -> str:
+    return f"{case.mode}-{case.label.replace(' ', '-')}-{str(case.dtype).removeprefix('torch.')}"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def bench_results(pytestconfig) -> ResultsFile:
+    return ResultsFile(pytestconfig.getoption("--bench-results"))
+
+
+@pytest.fixture
+def bench_op(benchmark, bench_results):
+    """``bench_op(BENCH, case, provider)``: parity, timing and results rows of one parametrised test."""
+    return lambda bench, case, provider: run_benchmark(benchmark, bench, case, provider, bench_results)
+
+
+def run_benchmark(benchmark, bench: OpBench, case: Case, provider: Provider, results: ResultsFile) -> None:
+    """Parity against the reference, then pytest-benchmark timing; rows appended to the results file."""
+    if provider.unavailable is not None:
+        pytest.skip(f"{provider.name}: {provider.unavailable}")
+    if provider.slow and not case.interpret_ok:
+        pytest.skip("interpreted Triton is checked for parity at the suite's smallest size only")
+    inputs = bench.inputs(case)
+    too_large = bench.oracle_too_large(case)
+    oracle = None if too_large else bench.oracle(case, inputs)
+    try:
+        prepared = provider.setup(case, inputs)
+        outputs = prepared.parity()
+    except Skipped as exc:
+        pytest.skip(f"{provider.name}: {exc}")
+    except Unsupported as exc:
+        pytest.skip(f"{provider.name} cannot run this case: {exc}")
+    except ValueError as exc:
+        if str(exc).startswith("backend "):  # the registry's refusal of an explicit backend
+            pytest.skip(str(exc))
+        raise
+
+    m = Measurement(case, provider.name, provider.kind, "ok")
+    measurements = [m]
+    if oracle is not None:
+        m.max_err = max(max_error(out, ref) for out, ref in zip(outputs, oracle, strict=True))
+        if provider.name != "reference":  # the parity bound needs the reference's own error on these inputs
+            reference = next(p for p in bench.providers(case.device) if p.name == "reference")
+            ref_outputs = reference.setup(case, inputs).parity()
+            ref_err = max(max_error(out, ref) for out, ref in zip(ref_outputs, oracle, strict=True))
+            measurements.insert(0, Measurement(case, "reference", "backend", "parity only", max_err=ref_err))
+        apply_parity_rule(measurements)
+    del outputs
+
+    if provider.slow:
+        m.status = "parity only"
+        results.append(case_rows(bench, [m]))
+        assert not m.parity_violation, f"max err {m.max_err:.2e} > parity bound {m.parity_bound:.2e}"
+        pytest.skip("interpreted Triton: parity checked, not timed")
+
+    def setup():
+        for t in prepared.grad_to_none:
+            t.grad = None
+
+    run = prepared.run
+    if torch.device(case.device).type == "cuda":
+
+        def run():
+            prepared.run()
+            torch.cuda.synchronize()
+
+    rounds = 5 if case.device == "cpu" else 20
+    benchmark.pedantic(run, setup=setup, rounds=rounds, warmup_rounds=1, iterations=1)
+    m.timing = Timing.from_samples([s * 1e3 for s in benchmark.stats.stats.data])
+    m.work = bench.work(case)
+    m.extra = bench.extra_metrics(case, m.timing)
+    unit = UNITS[bench.unit][2]
+    benchmark.extra_info.update(
+        {unit: throughput(bench, case, m.timing.median_ms), "max_err": m.max_err, **m.extra, "shape": case.shape}
+    )
+    results.append(case_rows(bench, [m]))
+    if provider.kind == "backend":
+        assert not m.parity_violation, f"max err {m.max_err:.2e} > parity bound {m.parity_bound:.2e}"
