@@ -102,7 +102,7 @@ def check_attention(
     ],
 )
 def test_matches_reference(n, d, is_causal, dtype):
-    check_attention(b=2, hq=2, nq=n, d=d, dtype=dtype, is_causal=is_causal)
+    check_attention(b=1, hq=2, nq=n, d=d, dtype=dtype, is_causal=is_causal)
 
 
 @pytest.mark.parametrize("is_causal", [False, True])
@@ -190,8 +190,8 @@ def test_non_contiguous_inputs_and_gradient(dtype):
 
 
 def test_backward_is_bitwise_deterministic():
-    q, k, v = _inputs(2, 4, 2, 70, 90, 32, 32, torch.float32)
-    grad_out = torch.randn(2, 4, 70, 32)
+    q, k, v = _inputs(1, 4, 2, 40, 50, 32, 32, torch.float32)
+    grad_out = torch.randn(1, 4, 40, 32)
     seed = torch.tensor([7], dtype=torch.int64)
     args = dict(attn_mask=None, dropout_p=0.25, is_causal=True, scale=0.2, enable_gqa=True, seed=seed)
     first = _run(triton_attention.attention, q, k, v, grad_out, **args)

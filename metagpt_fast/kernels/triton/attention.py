@@ -30,6 +30,7 @@ row vector per key block. Batch and head offsets are int64. fp32 matmuls use ``i
 import functools
 import math
 import os
+import warnings
 
 import torch
 import triton
@@ -46,24 +47,35 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 MASK_NONE, MASK_BOOL, MASK_ADDITIVE = 0, 1, 2
 
+# Triton 3.8 deprecates block pointers in favour of tensor descriptors, which need a device-side allocator hook and
+# Hopper-specific layouts; block pointers compile on both sm_80 and sm_90 with triton 3.6 and 3.8.
+warnings.filterwarnings("ignore", message="tl.make_block_ptr is deprecated")
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # helpers
 
 
 @triton.jit
-def _load_tile(ptrs, idx, n, offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_ROWS: tl.constexpr):
-    """Loads a (rows, BLOCK_D) tile; rows ``idx >= n`` and columns ``>= D`` (padding of a non-power-of-2 D) read 0."""
+def _load_block(base, start, n, stride_n, stride_d, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                CHECK_ROWS: tl.constexpr):
+    """Loads rows ``[start, start + BLOCK_N)`` of an (n, D) matrix as a (BLOCK_N, BLOCK_D) tile; rows past ``n`` and
+    columns past ``D`` (padding of a non-power-of-2 head dim) read 0.
+
+    A block pointer keeps only the scalar base and offsets live in a loop; a tile of per-element pointers costs
+    registers (the forward with D=128, 128x64 tiles, 8 warps: 255 registers and 72 B spilled on sm_80 with pointer
+    tiles, 211 and none with block pointers)."""
+    ptr = tl.make_block_ptr(base, (n, D), (stride_n, stride_d), (start, 0), (BLOCK_N, BLOCK_D), (1, 0))
     if CHECK_ROWS:
         if BLOCK_D == D:
-            tile = tl.load(ptrs, mask=idx[:, None] < n, other=0.0)
+            tile = tl.load(ptr, boundary_check=(0,), padding_option="zero")
         else:
-            tile = tl.load(ptrs, mask=(idx[:, None] < n) & (offs_d[None, :] < D), other=0.0)
+            tile = tl.load(ptr, boundary_check=(0, 1), padding_option="zero")
     else:
         if BLOCK_D == D:
-            tile = tl.load(ptrs)
+            tile = tl.load(ptr)
         else:
-            tile = tl.load(ptrs, mask=offs_d[None, :] < D, other=0.0)
+            tile = tl.load(ptr, boundary_check=(1,), padding_option="zero")
     return tile
 
 
@@ -80,11 +92,15 @@ def _mask_scores(
     s,
     rows,
     cols,
+    row_start,
+    col_start,
     mask_base,
     stride_mm,
     stride_mn,
     Nq,
     Nk,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
     CAUSAL: tl.constexpr,
     KEY_BOUND: tl.constexpr,
     MASK_KIND: tl.constexpr,
@@ -93,7 +109,9 @@ def _mask_scores(
 ):
     """Applies causal / key-bound / attn_mask masking to a score tile in base-2 units.
 
-    ``s`` is (len(rows), len(cols)) — queries by keys — or its transpose when ``TRANSPOSED``.
+    ``s`` is (BLOCK_R, BLOCK_C) — queries ``rows = row_start + arange`` by keys ``cols`` — or its transpose when
+    ``TRANSPOSED``. The mask is read through block pointers (a per-element pointer tile spilled: 504 B on sm_80 for
+    the forward with D=128, 128x64 tiles, 8 warps).
     """
     if TRANSPOSED:
         r = rows[None, :]
@@ -107,15 +125,22 @@ def _mask_scores(
         s = tl.where(c < Nk, s, float("-inf"))
     if MASK_KIND != 0:
         if MASK_ROW_BCAST:  # the same mask row for every query (key padding): one vector per key block
-            val = tl.load(mask_base + cols.to(tl.int64) * stride_mn, mask=cols < Nk, other=0)
+            ptr = tl.make_block_ptr(mask_base, (Nk,), (stride_mn,), (col_start,), (BLOCK_C,), (0,))
+            val = tl.load(ptr, boundary_check=(0,), padding_option="zero")
             if TRANSPOSED:
                 val = val[:, None]
             else:
                 val = val[None, :]
-        else:
-            val = tl.load(
-                mask_base + r.to(tl.int64) * stride_mm + c.to(tl.int64) * stride_mn, mask=(r < Nq) & (c < Nk), other=0
+        elif TRANSPOSED:
+            ptr = tl.make_block_ptr(
+                mask_base, (Nk, Nq), (stride_mn, stride_mm), (col_start, row_start), (BLOCK_C, BLOCK_R), (0, 1)
             )
+            val = tl.load(ptr, boundary_check=(0, 1), padding_option="zero")
+        else:
+            ptr = tl.make_block_ptr(
+                mask_base, (Nq, Nk), (stride_mm, stride_mn), (row_start, col_start), (BLOCK_R, BLOCK_C), (1, 0)
+            )
+            val = tl.load(ptr, boundary_check=(0, 1), padding_option="zero")
         if MASK_KIND == 1:
             s = tl.where(val != 0, s, float("-inf"))
         else:
@@ -164,16 +189,19 @@ def _attn_fwd_inner(
     l_i,
     m_i,
     q,
-    k_ptrs,
-    v_ptrs,
+    k_base,
+    v_base,
     mask_base,
     seed,
     drop_base,
     rows,
+    row_start,
     lo,
     hi,
     stride_kn,
+    stride_kd,
     stride_vn,
+    stride_vd,
     stride_mm,
     stride_mn,
     Nq,
@@ -185,6 +213,7 @@ def _attn_fwd_inner(
     HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BOUNDARY: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
@@ -195,21 +224,19 @@ def _attn_fwd_inner(
     """Online softmax over key blocks ``[lo, hi)``. ``BOUNDARY`` blocks straddle the causal diagonal or the end of
     the keys and are masked; the others are known to be fully visible and in bounds (no per-element work)."""
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
-        k = _load_tile(k_ptrs + start_n * stride_kn, cols, Nk, offs_d, HEAD_DIM, BLOCK_D, BOUNDARY)
+        k = _load_block(k_base, start_n, Nk, stride_kn, stride_kd, HEAD_DIM, BLOCK_N, BLOCK_D, BOUNDARY)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # (BLOCK_M, BLOCK_N), base 2
         if BOUNDARY:
             s = _mask_scores(
-                s, rows, cols, mask_base, stride_mm, stride_mn, Nq, Nk,
+                s, rows, cols, row_start, start_n, mask_base, stride_mm, stride_mn, Nq, Nk, BLOCK_M, BLOCK_N,
                 IS_CAUSAL, True, MASK_KIND, MASK_ROW_BCAST, False,
             )  # fmt: skip
         elif MASK_KIND != 0:
             s = _mask_scores(
-                s, rows, cols, mask_base, stride_mm, stride_mn, Nq, Nk,
+                s, rows, cols, row_start, start_n, mask_base, stride_mm, stride_mn, Nq, Nk, BLOCK_M, BLOCK_N,
                 False, False, MASK_KIND, MASK_ROW_BCAST, False,
             )  # fmt: skip
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -222,7 +249,7 @@ def _attn_fwd_inner(
         if HAS_DROPOUT:
             offsets = drop_base + rows.to(tl.int64)[:, None] * Nk + cols[None, :]
             p = tl.where(dropout_keep(seed, offsets, dropout_threshold), p * dropout_scale, 0.0)
-        v = _load_tile(v_ptrs + start_n * stride_vn, cols, Nk, offs_dv, HEAD_DIM_V, BLOCK_DV, BOUNDARY)
+        v = _load_block(v_base, start_n, Nk, stride_vn, stride_vd, HEAD_DIM_V, BLOCK_N, BLOCK_DV, BOUNDARY)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
         m_i = m_new
     return acc, l_i, m_i
@@ -264,12 +291,9 @@ def _attn_fwd(
     hk = h // GROUP
 
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q_ptrs = Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    k_ptrs = K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    v_ptrs = V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
     mask_base = Mask + b * stride_mb + h * stride_mh
     row_base = (b * Hq + h) * Nq  # first row of this (b, h) in Lse and in the dropout offsets
     drop_base = row_base * Nk
@@ -278,7 +302,8 @@ def _attn_fwd(
     else:
         seed = 0
 
-    q = _load_tile(q_ptrs, rows, Nq, offs_d, HEAD_DIM, BLOCK_D, True)
+    q_base = Q + b * stride_qb + h * stride_qh
+    q = _load_block(q_base, start_m * BLOCK_M, Nq, stride_qm, stride_qd, HEAD_DIM, BLOCK_M, BLOCK_D, True)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
@@ -291,14 +316,16 @@ def _attn_fwd(
         hi = Nk
         full_end = Nk // BLOCK_N * BLOCK_N
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_base, seed, drop_base, rows, 0, full_end,
-        stride_kn, stride_vn, stride_mm, stride_mn, Nq, Nk, qk_scale, dropout_threshold, dropout_scale,
-        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, False, IS_CAUSAL, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
+        acc, l_i, m_i, q, k_base, v_base, mask_base, seed, drop_base, rows, start_m * BLOCK_M, 0, full_end,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Nq, Nk, qk_scale, dropout_threshold,
+        dropout_scale,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, IS_CAUSAL, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
     )  # fmt: skip
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_base, seed, drop_base, rows, full_end, hi,
-        stride_kn, stride_vn, stride_mm, stride_mn, Nq, Nk, qk_scale, dropout_threshold, dropout_scale,
-        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True, IS_CAUSAL, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
+        acc, l_i, m_i, q, k_base, v_base, mask_base, seed, drop_base, rows, start_m * BLOCK_M, full_end, hi,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Nq, Nk, qk_scale, dropout_threshold,
+        dropout_scale,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, IS_CAUSAL, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
     )  # fmt: skip
 
     # A row whose every key is masked has l = 0 and acc = 0: output 0, LSE = +inf (so the backward's P is 0).
@@ -334,10 +361,11 @@ def _attn_bwd_preprocess(
     b = tl.program_id(2).to(tl.int64)
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
-    o_ptrs = Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_dv[None, :] * stride_od
-    do_ptrs = DOut + b * stride_dob + h * stride_doh + rows[:, None] * stride_dom + offs_dv[None, :] * stride_dod
-    o = _load_tile(o_ptrs, rows, Nq, offs_dv, HEAD_DIM_V, BLOCK_DV, True).to(tl.float32)
-    do = _load_tile(do_ptrs, rows, Nq, offs_dv, HEAD_DIM_V, BLOCK_DV, True).to(tl.float32)
+    o_base = Out + b * stride_ob + h * stride_oh
+    do_base = DOut + b * stride_dob + h * stride_doh
+    start = start_m * BLOCK_M
+    o = _load_block(o_base, start, Nq, stride_om, stride_od, HEAD_DIM_V, BLOCK_M, BLOCK_DV, True).to(tl.float32)
+    do = _load_block(do_base, start, Nq, stride_dom, stride_dod, HEAD_DIM_V, BLOCK_M, BLOCK_DV, True).to(tl.float32)
     tl.store(Delta + (b * Hq + h) * Nq + rows, tl.sum(o * do, 1), mask=rows < Nq)
 
 
@@ -347,8 +375,8 @@ def _attn_bwd_dkdv_inner(
     dv,
     k,
     v,
-    q_ptrs,
-    do_ptrs,
+    q_base,
+    do_base,
     lse_ptr,
     lse_split,
     delta_ptr,
@@ -356,10 +384,13 @@ def _attn_bwd_dkdv_inner(
     seed,
     drop_base,
     cols,
+    col_start,
     lo,
     hi,
     stride_qm,
+    stride_qd,
     stride_dom,
+    stride_dod,
     stride_mm,
     stride_mn,
     Nq,
@@ -372,6 +403,7 @@ def _attn_bwd_dkdv_inner(
     BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,
     MASK_KIND: tl.constexpr,
     MASK_ROW_BCAST: tl.constexpr,
@@ -380,27 +412,25 @@ def _attn_bwd_dkdv_inner(
     """Accumulates dK, dV of one key block over the query blocks ``[lo, hi)`` of one query head, in the transposed
     (keys by queries) layout so both products accumulate without transposing the accumulators."""
     offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         rows = start_m + offs_m
-        q = _load_tile(q_ptrs + start_m * stride_qm, rows, Nq, offs_d, HEAD_DIM, BLOCK_D, True)
+        q = _load_block(q_base, start_m, Nq, stride_qm, stride_qd, HEAD_DIM, BLOCK_M, BLOCK_D, True)
         # Rows past Nq read LSE = +inf, so their P is 0 and they contribute nothing.
         m, log_l = _load_lse(lse_ptr, rows, Nq, lse_split, MASK_KIND == 2)
         s_t = tl.dot(k, tl.trans(q), input_precision="ieee") * qk_scale  # (BLOCK_N, BLOCK_M)
         if CAUSAL:
             s_t = _mask_scores(
-                s_t, rows, cols, mask_base, stride_mm, stride_mn, Nq, Nk,
+                s_t, rows, cols, start_m, col_start, mask_base, stride_mm, stride_mn, Nq, Nk, BLOCK_M, BLOCK_N,
                 True, False, MASK_KIND, MASK_ROW_BCAST, True,
             )  # fmt: skip
         elif MASK_KIND != 0:
             s_t = _mask_scores(
-                s_t, rows, cols, mask_base, stride_mm, stride_mn, Nq, Nk,
+                s_t, rows, cols, start_m, col_start, mask_base, stride_mm, stride_mn, Nq, Nk, BLOCK_M, BLOCK_N,
                 False, False, MASK_KIND, MASK_ROW_BCAST, True,
             )  # fmt: skip
         p_t = _probabilities(s_t, m, log_l, MASK_KIND == 2, True)
-        do = _load_tile(do_ptrs + start_m * stride_dom, rows, Nq, offs_dv, HEAD_DIM_V, BLOCK_DV, True)
+        do = _load_block(do_base, start_m, Nq, stride_dom, stride_dod, HEAD_DIM_V, BLOCK_M, BLOCK_DV, True)
         dp_t = tl.dot(v, tl.trans(do), input_precision="ieee")  # (BLOCK_N, BLOCK_M)
         if HAS_DROPOUT:
             keep = dropout_keep(seed, drop_base + rows.to(tl.int64)[None, :] * Nk + cols[:, None], dropout_threshold)
@@ -444,14 +474,13 @@ def _attn_bwd_dkdv(
     b = tl.program_id(2).to(tl.int64)
     start_n = pid_n * BLOCK_N
     cols = start_n + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
 
-    k_ptrs = K + b * stride_kb + hk * stride_kh + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    v_ptrs = V + b * stride_vb + hk * stride_vh + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd
-    k = _load_tile(k_ptrs, cols, Nk, offs_d, HEAD_DIM, BLOCK_D, True)
-    v = _load_tile(v_ptrs, cols, Nk, offs_dv, HEAD_DIM_V, BLOCK_DV, True)
+    k = _load_block(K + b * stride_kb + hk * stride_kh, start_n, Nk, stride_kn, stride_kd, HEAD_DIM, BLOCK_N, BLOCK_D,
+                    True)
+    v = _load_block(V + b * stride_vb + hk * stride_vh, start_n, Nk, stride_vn, stride_vd, HEAD_DIM_V, BLOCK_N,
+                    BLOCK_DV, True)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     if HAS_DROPOUT:
@@ -468,21 +497,21 @@ def _attn_bwd_dkdv(
         full_start = 0
     for g in range(GROUP):
         h = hk * GROUP + g
-        q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
-        do_ptrs = DOut + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DOut + b * stride_dob + h * stride_doh
         row_base = (b * Hq + h) * Nq
         mask_base = Mask + b * stride_mb + h * stride_mh
         dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, q_ptrs, do_ptrs, Lse + row_base, lse_split, Delta + row_base, mask_base, seed, row_base * Nk, cols,
-            lo, tl.minimum(full_start, Nq), stride_qm, stride_dom, stride_mm, stride_mn, Nq, Nk,
+            dk, dv, k, v, q_base, do_base, Lse + row_base, lse_split, Delta + row_base, mask_base, seed, row_base * Nk, cols,
+            start_n, lo, tl.minimum(full_start, Nq), stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, Nq, Nk,
             qk_scale, dropout_threshold, dropout_scale,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, IS_CAUSAL, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, IS_CAUSAL, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
         )  # fmt: skip
         dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, q_ptrs, do_ptrs, Lse + row_base, lse_split, Delta + row_base, mask_base, seed, row_base * Nk, cols,
-            full_start, Nq, stride_qm, stride_dom, stride_mm, stride_mn, Nq, Nk,
+            dk, dv, k, v, q_base, do_base, Lse + row_base, lse_split, Delta + row_base, mask_base, seed, row_base * Nk, cols,
+            start_n, full_start, Nq, stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, Nq, Nk,
             qk_scale, dropout_threshold, dropout_scale,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, False, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
         )  # fmt: skip
 
     dk_ptrs = DK + b * stride_dkb + hk * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
@@ -499,16 +528,19 @@ def _attn_bwd_dq_inner(
     m,
     log_l,
     delta,
-    k_ptrs,
-    v_ptrs,
+    k_base,
+    v_base,
     mask_base,
     seed,
     drop_base,
     rows,
+    row_start,
     lo,
     hi,
     stride_kn,
+    stride_kd,
     stride_vn,
+    stride_vd,
     stride_mm,
     stride_mn,
     Nq,
@@ -520,6 +552,7 @@ def _attn_bwd_dq_inner(
     HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BOUNDARY: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
@@ -529,22 +562,20 @@ def _attn_bwd_dq_inner(
 ):
     """Accumulates dQ of one query block over the key blocks ``[lo, hi)`` (``BOUNDARY`` as in the forward)."""
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
-        k = _load_tile(k_ptrs + start_n * stride_kn, cols, Nk, offs_d, HEAD_DIM, BLOCK_D, BOUNDARY)
-        v = _load_tile(v_ptrs + start_n * stride_vn, cols, Nk, offs_dv, HEAD_DIM_V, BLOCK_DV, BOUNDARY)
+        k = _load_block(k_base, start_n, Nk, stride_kn, stride_kd, HEAD_DIM, BLOCK_N, BLOCK_D, BOUNDARY)
+        v = _load_block(v_base, start_n, Nk, stride_vn, stride_vd, HEAD_DIM_V, BLOCK_N, BLOCK_DV, BOUNDARY)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # (BLOCK_M, BLOCK_N)
         if BOUNDARY:
             s = _mask_scores(
-                s, rows, cols, mask_base, stride_mm, stride_mn, Nq, Nk,
+                s, rows, cols, row_start, start_n, mask_base, stride_mm, stride_mn, Nq, Nk, BLOCK_M, BLOCK_N,
                 IS_CAUSAL, True, MASK_KIND, MASK_ROW_BCAST, False,
             )  # fmt: skip
         elif MASK_KIND != 0:
             s = _mask_scores(
-                s, rows, cols, mask_base, stride_mm, stride_mn, Nq, Nk,
+                s, rows, cols, row_start, start_n, mask_base, stride_mm, stride_mn, Nq, Nk, BLOCK_M, BLOCK_N,
                 False, False, MASK_KIND, MASK_ROW_BCAST, False,
             )  # fmt: skip
         p = _probabilities(s, m, log_l, MASK_KIND == 2, False)
@@ -585,18 +616,16 @@ def _attn_bwd_dq(
     b = tl.program_id(2).to(tl.int64)
     hk = h // GROUP
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
 
-    q_ptrs = Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    do_ptrs = DOut + b * stride_dob + h * stride_doh + rows[:, None] * stride_dom + offs_dv[None, :] * stride_dod
-    k_ptrs = K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    v_ptrs = V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
     mask_base = Mask + b * stride_mb + h * stride_mh
     row_base = (b * Hq + h) * Nq
-    q = _load_tile(q_ptrs, rows, Nq, offs_d, HEAD_DIM, BLOCK_D, True)
-    do = _load_tile(do_ptrs, rows, Nq, offs_dv, HEAD_DIM_V, BLOCK_DV, True)
+    start = start_m * BLOCK_M
+    q = _load_block(Q + b * stride_qb + h * stride_qh, start, Nq, stride_qm, stride_qd, HEAD_DIM, BLOCK_M, BLOCK_D, True)
+    do = _load_block(DOut + b * stride_dob + h * stride_doh, start, Nq, stride_dom, stride_dod, HEAD_DIM_V, BLOCK_M,
+                     BLOCK_DV, True)
     m, log_l = _load_lse(Lse + row_base, rows, Nq, lse_split, MASK_KIND == 2)
     delta = tl.load(Delta + row_base + rows, mask=rows < Nq, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -612,14 +641,16 @@ def _attn_bwd_dq(
         hi = Nk
         full_end = Nk // BLOCK_N * BLOCK_N
     dq = _attn_bwd_dq_inner(
-        dq, q, do, m, log_l, delta, k_ptrs, v_ptrs, mask_base, seed, row_base * Nk, rows, 0, full_end,
-        stride_kn, stride_vn, stride_mm, stride_mn, Nq, Nk, qk_scale, dropout_threshold, dropout_scale,
-        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, False, IS_CAUSAL, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
+        dq, q, do, m, log_l, delta, k_base, v_base, mask_base, seed, row_base * Nk, rows, start_m * BLOCK_M, 0, full_end,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Nq, Nk, qk_scale, dropout_threshold,
+        dropout_scale,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, IS_CAUSAL, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
     )  # fmt: skip
     dq = _attn_bwd_dq_inner(
-        dq, q, do, m, log_l, delta, k_ptrs, v_ptrs, mask_base, seed, row_base * Nk, rows, full_end, hi,
-        stride_kn, stride_vn, stride_mm, stride_mn, Nq, Nk, qk_scale, dropout_threshold, dropout_scale,
-        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True, IS_CAUSAL, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
+        dq, q, do, m, log_l, delta, k_base, v_base, mask_base, seed, row_base * Nk, rows, start_m * BLOCK_M, full_end, hi,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Nq, Nk, qk_scale, dropout_threshold,
+        dropout_scale,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, IS_CAUSAL, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
     )  # fmt: skip
     dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
     _store_tile(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), rows, Nq, offs_d, HEAD_DIM, BLOCK_D)
@@ -634,28 +665,35 @@ def _attn_bwd_dq(
 # units (input_precision="ieee"): its tiles are small enough for the accumulators to stay in registers.
 
 FWD_TILES = {
-    (16, 64): [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
-    (16, 128): [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
-    (16, 256): [(128, 64, 8, 2), (64, 32, 4, 2)],
+    (16, 64): [(128, 128, 8, 3), (64, 64, 4, 4)],
+    (16, 128): [(128, 64, 8, 3), (64, 64, 4, 3)],
+    (16, 256): [(64, 64, 8, 2), (64, 32, 4, 2)],
     (32, 64): [(64, 32, 4, 2), (32, 32, 4, 2)],
-    (32, 128): [(32, 32, 4, 2), (32, 16, 4, 2)],
+    (32, 128): [(32, 32, 4, 2)],
     (32, 256): [(16, 16, 4, 2)],
 }
 DKDV_TILES = {  # BLOCK_M is the streamed query block, BLOCK_N the resident key block
-    (16, 64): [(32, 128, 8, 3), (64, 64, 4, 3), (64, 128, 8, 2)],
-    (16, 128): [(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3)],
-    (16, 256): [(32, 64, 4, 2), (16, 128, 8, 2)],
+    (16, 64): [(32, 128, 8, 3), (64, 64, 4, 3)],
+    (16, 128): [(32, 64, 4, 3), (64, 64, 8, 2)],
+    (16, 256): [(16, 64, 8, 2)],
     (32, 64): [(32, 32, 4, 2)],
     (32, 128): [(16, 32, 4, 2)],
     (32, 256): [(16, 16, 4, 2)],
 }
 DQ_TILES = {  # BLOCK_M is the resident query block, BLOCK_N the streamed key block
-    (16, 64): [(128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2)],
-    (16, 128): [(128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3)],
-    (16, 256): [(64, 32, 4, 2), (128, 16, 8, 2)],
+    (16, 64): [(128, 32, 8, 3), (64, 64, 4, 3)],
+    (16, 128): [(128, 32, 8, 3), (64, 32, 4, 3)],
+    (16, 256): [(64, 32, 8, 2)],
     (32, 64): [(32, 32, 4, 2)],
     (32, 128): [(32, 16, 4, 2)],
     (32, 256): [(16, 16, 4, 2)],
+}
+# Philox dropout (four 32-bit words of state per score) and dense masks need more registers per score: the same row
+# blocks spread over 8 warps (the forward with D=64, 128x64 tiles, 4 warps, mask and dropout spilled 1368 B on sm_80).
+HEAVY_TILES = {
+    "fwd": {(16, 64): [(128, 64, 8, 2), (64, 64, 8, 2)], (16, 128): [(64, 64, 8, 2)], (16, 256): [(64, 32, 8, 2)]},
+    "dkdv": {(16, 64): [(32, 64, 8, 2)], (16, 128): [(32, 64, 8, 2)], (16, 256): [(16, 64, 8, 1)]},
+    "dq": {(16, 64): [(64, 32, 8, 2)], (16, 128): [(64, 32, 8, 2)], (16, 256): [(64, 16, 8, 1)]},
 }
 TILES = {"fwd": FWD_TILES, "dkdv": DKDV_TILES, "dq": DQ_TILES}
 
@@ -672,16 +710,23 @@ def block_dim(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def tile_family(itemsize: int, head_dim: int, head_dim_v: int) -> tuple[int, int]:
-    """The (bits, head-dim bucket) key of the tile tables: prunes the configurations to those that fit."""
+def tile_family(itemsize: int, head_dim: int, head_dim_v: int, heavy: bool = False) -> tuple[int, int, bool]:
+    """The (bits, head-dim bucket, heavy) key of the tile tables: prunes the configurations to those that fit.
+    ``heavy``: dropout or a dense mask (float32 tiles are small enough for both)."""
     width = max(block_dim(head_dim), block_dim(head_dim_v))
-    return (32 if itemsize == 4 else 16, 64 if width <= 64 else width)
+    bits = 32 if itemsize == 4 else 16
+    return (bits, 64 if width <= 64 else width, heavy and bits == 16)
+
+
+def tiles(kind: str, family: tuple[int, int, bool]) -> list[tuple[int, int, int, int]]:
+    bits, width, heavy = family
+    return (HEAVY_TILES if heavy else TILES)[kind][(bits, width)]
 
 
 @functools.cache
-def _autotuned(kind: str, family: tuple[int, int]):
+def _autotuned(kind: str, family: tuple[int, int, bool]):
     configs = [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in TILES[kind][family]
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles(kind, family)
     ]
     return triton.autotune(configs=configs, key=_TUNING_KEY)(_KERNELS[kind])
 
@@ -734,7 +779,8 @@ def attention_forward(q, k, v, attn_mask, out, lse, seed, dropout_p, is_causal, 
         return
     mask, mask_strides, mask_kind, row_bcast = _mask_arguments(attn_mask, (B, Hq, Nq, Nk), lse)
     seed, threshold, dropout_scale, has_dropout = _dropout_arguments(dropout_p, seed, lse)
-    kernel, meta = _kernel("fwd", tile_family(q.element_size(), D, Dv), launch)
+    heavy = has_dropout or (mask_kind != MASK_NONE and not row_bcast)
+    kernel, meta = _kernel("fwd", tile_family(q.element_size(), D, Dv, heavy), launch)
     kernel[lambda META: (triton.cdiv(Nq, META["BLOCK_M"]), Hq, B)](
         q, k, v, mask, out, lse, seed,
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
@@ -755,7 +801,7 @@ def attention_backward(
         return
     mask, mask_strides, mask_kind, row_bcast = _mask_arguments(attn_mask, (B, Hq, Nq, Nk), lse)
     seed, threshold, dropout_scale, has_dropout = _dropout_arguments(dropout_p, seed, lse)
-    family = tile_family(q.element_size(), D, Dv)
+    family = tile_family(q.element_size(), D, Dv, has_dropout or (mask_kind != MASK_NONE and not row_bcast))
     flags = dict(
         HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=block_dim(D), BLOCK_DV=block_dim(Dv), IS_CAUSAL=is_causal,
         MASK_KIND=mask_kind, MASK_ROW_BCAST=row_bcast, HAS_DROPOUT=has_dropout,
@@ -852,12 +898,14 @@ def _aot_aligned(kernel, constexprs):
 def _aot_cases() -> list[AotCase]:
     cases = []
     for kind, table in TILES.items():
-        for family, tiles in table.items():
-            for tile in tiles:
-                # The heaviest variant (dense additive mask + Philox dropout) bounds the registers of all others.
+        for (bits, width), plain in table.items():
+            # The training default (causal, nothing else) and the heaviest variant (dense additive mask + Philox
+            # dropout) of every tile the autotuner may pick.
+            family = (bits, width)
+            for tile in plain:
+                cases.append(aot_case(kind, family, tile, is_causal=True, mask_kind=MASK_NONE, has_dropout=False))
+            for tile in tiles(kind, (bits, width, bits == 16)):
                 cases.append(aot_case(kind, family, tile, is_causal=False, mask_kind=MASK_ADDITIVE, has_dropout=True))
-                if family[0] == 16:  # and the training default: causal, nothing else
-                    cases.append(aot_case(kind, family, tile, is_causal=True, mask_kind=MASK_NONE, has_dropout=False))
     for width in (64, 128, 256):
         for bits in (16, 32):
             constexprs = dict(HEAD_DIM_V=width, BLOCK_DV=width, BLOCK_M=preprocess_block_m(width), stride_od=1,
