@@ -1,0 +1,109 @@
+"""Under torch.autocast the model's attention runs in the autocast dtype; results obey the parity rule:
+``max|fast - exact| <= 2 * max|reference under autocast - exact| + atol``, for outputs and every gradient.
+
+CPU: bfloat16 autocast with the reference and cpu backends. Interpreted Triton is left out in bfloat16 (the
+interpreter multiplies bf16 bit patterns in tl.dot; PLATFORM.md); the GPU variants cover float16 and bfloat16.
+"""
+
+import copy
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import metagpt_fast
+from metagpt_fast.nn import MultiheadAttention
+from metagpt_fast.testing import ATOL, assert_parity, max_error
+
+AVAILABLE = [name for name, reason in metagpt_fast.available_backends().items() if reason is None]
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs in the GPU suite)")
+
+
+def cpu_backends():
+    params = []
+    for name in AVAILABLE:
+        if name == "cuda":
+            continue
+        marks = []
+        if name == "triton" and INTERPRETED:
+            marks.append(pytest.mark.skip(reason="the Triton interpreter computes bf16 tl.dot wrongly (GPU suite)"))
+        params.append(pytest.param(name, marks=marks))
+    return params
+
+
+def assert_rule(fast, lowp, exact, dtype, name):
+    """The parity rule for results of a ``dtype`` computation held in float32 (losses, parameter gradients)."""
+    if fast.dtype == dtype:
+        assert_parity(fast, lowp, exact, name=name)
+        return
+    err, bound = max_error(fast, exact), 2 * max_error(lowp, exact) + ATOL[dtype]
+    assert err <= bound, f"{name} ({dtype} autocast): max|fast - exact| = {err:.3e} > bound {bound:.3e}"
+
+
+def metagpt_run(model, idx, device, dtype):
+    model.zero_grad()
+    with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+        logits, loss = model(idx, idx)
+    loss.backward()
+    return [logits.detach(), loss.detach()] + [p.grad.clone() for p in model.parameters()]
+
+
+def check_metagpt(backend, positional, device, dtype):
+    torch.manual_seed(0)
+    model = metagpt_fast.MetaGPT(64, 32, 2, 4, 0.0, 32, positional=positional, backend="reference").to(device)
+    idx = torch.randint(0, 64, (2, 17), device=device)
+    exact = metagpt_run(copy.deepcopy(model).double(), idx, device, None)
+    lowp = metagpt_run(model, idx, device, dtype)
+    model.set_backend(backend)
+    fast = metagpt_run(model, idx, device, dtype)
+    assert fast[0].dtype == dtype  # the LM head ran under autocast
+    names = ["logits", "loss"] + [n for n, _ in model.named_parameters()]
+    for name, f, lo, ex in zip(names, fast, lowp, exact):
+        assert_rule(f, lo, ex, dtype, name)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("positional", ["sinusoidal", "rotary"])
+def test_metagpt_bf16_autocast_cpu(backend, positional):
+    check_metagpt(backend, positional, "cpu", torch.bfloat16)
+
+
+def mha_run(module, x, padding, mask, device, dtype):
+    module.zero_grad()
+    x = x.detach().clone().requires_grad_()
+    with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+        out, _ = module(x, x, x, key_padding_mask=padding, attn_mask=mask, need_weights=False)
+    out.float().sum().backward()
+    return [out.detach(), x.grad] + [p.grad.clone() for p in module.parameters()]
+
+
+def check_multihead(backend, device, dtype):
+    torch_mha = nn.MultiheadAttention(32, 4, batch_first=True).to(device)
+    x = torch.randn(2, 13, 32, device=device)
+    padding = torch.arange(13, device=device)[None, :] >= torch.tensor([13, 6], device=device)[:, None]
+    mask = torch.randn(13, 13, device=device)  # float32 additive mask: cast to the autocast dtype inside
+    exact = mha_run(copy.deepcopy(torch_mha).double(), x.double(), padding, mask.double(), device, None)
+    lowp = mha_run(torch_mha, x, padding, mask, device, dtype)
+    ours = MultiheadAttention(32, 4, batch_first=True, backend=backend).to(device)
+    ours.load_state_dict(torch_mha.state_dict())
+    fast = mha_run(ours, x, padding, mask, device, dtype)
+    assert fast[0].dtype == lowp[0].dtype == dtype
+    names = ["output", "d_input"] + [n for n, _ in ours.named_parameters()]
+    for name, f, lo, ex in zip(names, fast, lowp, exact):
+        assert_rule(f, lo, ex, dtype, name)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_multihead_attention_bf16_autocast_cpu(backend):
+    check_multihead(backend, "cpu", torch.bfloat16)
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", [b for b in AVAILABLE if b != "cpu"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_autocast_on_gpu(backend, dtype):
+    check_metagpt(backend, "rotary", "cuda", dtype)
+    check_multihead(backend, "cuda", dtype)
