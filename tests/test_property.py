@@ -28,7 +28,7 @@ import metagpt_fast
 from metagpt_fast import backends
 from metagpt_fast.ops import reference
 from metagpt_fast.ops.reference.random import new_seed
-from metagpt_fast.testing import ATOL, assert_parity
+from metagpt_fast.testing import ATOL, assert_parity, max_error
 
 AVAILABLE = [name for name, reason in metagpt_fast.available_backends().items() if reason is None]
 LAYOUTS = ("contiguous", "transposed", "sliced", "broadcast")
@@ -63,13 +63,14 @@ def backend_params(op: str) -> list:
 
 
 def parity(fast, lo, hi, name: str, extra: float = 0.0) -> None:
-    """The parity rule; float32's absolute tolerance is taken relative to the largest reference value, because
-    reordered float32 sums (online softmax, blocked reductions) err by ulps of the largest intermediate, not of each
-    element (seen: dq of magnitude 15 off by 1.5e-5 where the float32 reference is off by 4e-6). ``extra``: a
-    further, separately justified allowance."""
+    """The parity rule. For float32 too, the fast result may be twice as far from the exact (float64) answer as the
+    float32 reference, plus an absolute tolerance taken relative to the largest reference value: reordered float32
+    sums (online softmax, blocked reductions) err by ulps of the largest intermediate, not of each element (seen: dq
+    of magnitude 15 off by 1.5e-5 where the float32 reference is off by 4e-6; scores of 1e4 carry 1e-3 absolute
+    error into exp). ``extra``: a further, separately justified allowance."""
     atol = ATOL[fast.dtype]
     if fast.dtype == torch.float32 and hi.numel():
-        atol *= max(1.0, float(hi.detach().abs().max()))
+        atol = atol * max(1.0, float(hi.detach().abs().max())) + 2 * max_error(lo, hi)
     assert_parity(fast, lo, hi, name=name, atol=atol + extra)
 
 
