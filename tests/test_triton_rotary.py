@@ -5,8 +5,8 @@ float64, float16 by the parity rule against float32 and float16 reference runs (
 Both layouts (GPT-NeoX halves, GPT-J pairs), partial rotary_dim with odd head dims, position offsets and explicit
 position ids of shape (T,), (1, T) and (B, T), GQA head counts, strided q/k/gradients and in-place rotation.
 
-Tolerance: the kernel's float32 angle ``pos * base^(-2i/R)`` is off from the exact (float64) one by up to
-``4 * pos * 2**-24`` (kernels/triton/positional.py), which moves each output by that much times ``|x1| + |x2|``.
+Tolerance: the kernel's float32 angle ``pos * base^(-2i/R)`` is off from the exact (float64) one by at most
+``2 * pos * 2**-24`` (kernels/triton/positional.py), which moves each output by that much times ``|x1| + |x2|``.
 """
 
 import pytest
@@ -27,8 +27,8 @@ BASE = 10000.0
 
 
 def rotation_atol(last_position: int, magnitude: float, dtype: torch.dtype) -> float:
-    """``ATOL[dtype]`` plus the float32-angle error (4 * pos * 2**-24 rad) times the largest |x1| + |x2|."""
-    return ATOL[dtype] + 2 * magnitude * 4 * max(last_position, 1) * 2**-24
+    """``ATOL[dtype]`` plus the float32-angle error (2 * pos * 2**-24 rad) times the largest |x1| + |x2|."""
+    return ATOL[dtype] + 2 * magnitude * 2 * max(last_position, 1) * 2**-24
 
 
 def _positions(kind, b, t, offset):

@@ -12,9 +12,10 @@ falls with the batch size and the kernel stays memory-bound even for 2-byte dtyp
 Cody-Waite reduction by pi/2 and two short polynomials (``_sincos``): libdevice's ``sinf`` falls back to a
 Payne-Hanek reduction that keeps a 28-byte array on the stack, which shows up as spills in the AOT check.
 
-Accuracy: the angle ``pos * base^(-2i/d)`` is rounded in float32, so the kernel's encoding differs from the exact
-(float64) table by up to about ``4 * pos * 2**-24`` (exp2 and the product each contribute ~2 ulp of the angle);
-``_sincos`` itself is within 2 ulp of sin/cos for ``|angle| <= 2**21``.
+Accuracy: the inverse frequency ``base^(-2i/d)`` is computed in float64 and rounded once to float32 (relative error
+<= 2**-24), and the angle ``pos * inv_freq`` is one float32 product (another 2**-24): the angle is off by at most
+``2 * pos * 2**-24`` radians, so is the encoding, against the exact (float64) table. ``_sincos`` adds at most 2 ulp
+of its result for ``|angle| <= 2**21``.
 
 Backward:
     add_positional_encoding: dx = dropout replayed on dy (this same kernel with SINUSOIDAL=False).
@@ -29,8 +30,6 @@ Dropout: element (b, t, j) is kept iff the shared Philox stream at linear index 
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
@@ -103,10 +102,17 @@ def _sincos(angle):
 
 
 @triton.jit
-def _sinusoid(pos, j, neg_log2_base_over_d):
+def _inverse_frequency(two_i, base, width):
+    """base^(-2i/width) correctly rounded to float32: computed in float64 (once per program, so its cost is nil),
+    so the float32 angle pos * inv_freq carries two roundings only (a float32 exp2 would add ~2-4 ulp)."""
+    log2_base = tl.log2(tl.cast(base, tl.float64))
+    return tl.exp2(-two_i.to(tl.float64) * log2_base / width).to(tl.float32)
+
+
+@triton.jit
+def _sinusoid(pos, j, base, D):
     """PE tile (len(pos), len(j)): sin for even features, cos for odd ones, of pos * base^(-2i/d), 2i = j - j % 2."""
-    two_i = (j - (j & 1)).to(tl.float32)
-    inv_freq = tl.exp2(two_i * neg_log2_base_over_d)
+    inv_freq = _inverse_frequency(j - (j & 1), base, D)
     angle = pos.to(tl.float32)[:, None] * inv_freq[None, :]
     sin, cos = _sincos(angle)
     return tl.where(((j & 1) != 0)[None, :], cos, sin)
@@ -134,7 +140,7 @@ def _positional_fwd_kernel(
     stride_kt,
     scale,
     offset,
-    neg_log2_base_over_d,  # -log2(base) / d
+    base,  # frequency base (10000)
     keep_scale,  # 1 / (1 - p)
     threshold,  # dropout threshold (24-bit integer)
     GATHER: tl.constexpr,
@@ -156,7 +162,7 @@ def _positional_fwd_kernel(
     # per-element 64-bit offsets would be hoisted out of the batch loop and cost twice the registers.
     src_cols = j * stride_sd
     if SINUSOIDAL:
-        pe = _sinusoid(offset + t, j, neg_log2_base_over_d)  # (BLOCK_T, BLOCK_D), reused for every batch row
+        pe = _sinusoid(offset + t, j, base, D)  # (BLOCK_T, BLOCK_D), reused for every batch row
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
     b_start = pid_b * batches_per_program
@@ -390,7 +396,7 @@ def _launch_forward(
         *token_strides,
         scale,
         offset,
-        -math.log2(base) / d,
+        base,
         keep_scale,
         threshold,
         GATHER=gather,
@@ -570,7 +576,7 @@ def _aot(kernel, types: dict[str, str], constexprs: dict, num_warps: int) -> Aot
 
 
 def _aot_cases() -> list[AotCase]:
-    floats = {"scale": "fp32", "neg_log2_base_over_d": "fp32", "keep_scale": "fp32", "grad_scale": "fp32"}
+    floats = {"scale": "fp32", "base": "fp32", "keep_scale": "fp32", "grad_scale": "fp32"}
     cases = []
     for block_d in _GPU_BLOCK_D:
         block_t = TILE_ELEMENTS // block_d

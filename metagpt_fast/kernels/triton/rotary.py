@@ -16,19 +16,17 @@ rotates that block for every head of its group, so q and k are each read and wri
 transcendental cost is shared by the heads. Positions come from ``offset + t`` or from ``position_ids`` (T,), (1, T)
 or (B, T) read through a batch stride (0 when shared).
 
-Accuracy matches the sinusoidal encoding's: the float32 angle is off by up to ~4 * pos * 2**-24 from the exact one.
+Accuracy matches the sinusoidal encoding's: the float32 angle is off by at most 2 * pos * 2**-24 from the exact one.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
 import triton.language as tl
 
 from metagpt_fast.kernels.triton.aot import AotCase
-from metagpt_fast.kernels.triton.positional import _sincos, interpreted, small_column_stride
+from metagpt_fast.kernels.triton.positional import _inverse_frequency, _sincos, interpreted, small_column_stride
 
 DEFAULT_BASE = 10000.0
 NUM_WARPS = 4
@@ -130,7 +128,7 @@ def _rotary_kernel(
     stride_pb,  # 0 when position ids are shared by the batch
     stride_pt,
     offset,
-    neg_log2_base_over_r,  # -log2(base) / R
+    base,  # frequency base (rope_theta)
     sin_sign,  # +1 forward, -1 backward (conjugate rotation)
     HAS_POSITION_IDS: tl.constexpr,
     INTERLEAVED: tl.constexpr,
@@ -157,7 +155,7 @@ def _rotary_kernel(
     for i0 in range(0, HALF, HALF_BLOCK):
         i0 = tl.multiple_of(i0, HALF_BLOCK)  # aligned blocks: vector loads when the features are contiguous
         i = i0 + tl.arange(0, HALF_BLOCK)
-        inv_freq = tl.exp2((2 * i).to(tl.float32) * neg_log2_base_over_r)
+        inv_freq = _inverse_frequency(2 * i, base, 2 * HALF)
         sin, cos = _sincos(pos[:, None] * inv_freq[None, :])  # (BLOCK_T, HALF_BLOCK), shared by the group's heads
         sin = sin * sin_sign
         for h in range(h0, q_end):
@@ -261,7 +259,7 @@ def rotary_launch(
         *k_out.stride(),
         *pos_strides,
         offset,
-        -math.log2(base) / rotary_dim,
+        base,
         -1.0 if conjugate else 1.0,
         HAS_POSITION_IDS=position_ids is not None,
         INTERLEAVED=interleaved,
@@ -307,7 +305,7 @@ def _aot_case(half_block: int, interleaved: bool) -> AotCase:
         "BLOCK_T": TILE_PAIRS // half_block, "HALF_BLOCK": half_block,
     }  # fmt: skip
     constexprs.update({name: 1 for name in kernel.arg_names if name.startswith("stride_") and name.endswith("d")})
-    types = {"pos_ptr": "*i64", "neg_log2_base_over_r": "fp32", "sin_sign": "fp32"}
+    types = {"pos_ptr": "*i64", "base": "fp32", "sin_sign": "fp32"}
     signature = {
         name: "constexpr" if name in constexprs else types.get(name, "*bf16" if name.endswith("_ptr") else "i32")
         for name in kernel.arg_names
