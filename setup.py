@@ -70,17 +70,17 @@ def _extension_kwargs() -> dict:
             raise RuntimeError(f"METAGPT_FAST_FORCE_CUDA_BUILD is set but the CUDA part cannot be built: {why_no_cuda}")
         _log(f"building the C++ CPU part only: {why_no_cuda}")
 
-    import torch.utils.cpp_extension as cpp_extension
+    from torch.utils import cpp_extension
 
     with_cuda = cuda_home is not None
     if with_cuda:
         cpp_extension.CUDA_HOME = cuda_home
     srcs = [os.path.relpath(s, ROOT) for s in config.sources(root, with_cuda)]
-    common = dict(
-        name=config.EXTENSION_NAME,
-        sources=srcs,
-        include_dirs=config.include_dirs(root),  # absolute: ninja runs in the build folder
-    )
+    common = {
+        "name": config.EXTENSION_NAME,
+        "sources": srcs,
+        "include_dirs": config.include_dirs(root),  # absolute: ninja runs in the build folder
+    }
     if with_cuda:
         _log(f"building C++ CPU + CUDA kernels for sm_{', sm_'.join(archs)} with nvcc from {cuda_home}")
         ext = cpp_extension.CUDAExtension(

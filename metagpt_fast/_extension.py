@@ -162,7 +162,7 @@ def _cuda_part_wanted() -> tuple[str | None, str | None]:
 
 def _jit_build(verbose: bool):
     import torch
-    import torch.utils.cpp_extension as cpp_extension
+    from torch.utils import cpp_extension
 
     root = csrc_dir()
     if root is None:
@@ -223,7 +223,7 @@ def load(verbose: bool = False):
         return None
     try:
         _module = _jit_build(verbose)
-    except Exception as exc:  # a missing toolchain must never break the package
+    except Exception as exc:  # noqa: BLE001  (a missing toolchain must never break the package)
         lines = str(exc).strip().splitlines()
         _reason = f"{prebuilt}; JIT build failed: {type(exc).__name__}: {lines[-1] if lines else ''}"
         _module = None

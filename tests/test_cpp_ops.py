@@ -95,8 +95,10 @@ def test_attention_matches_reference(cpp, shape, dtype, mask_kind, causal):
     got = _run(fast, _leaves(q, k, v))
     lowp = _run(ref, _leaves(q, k, v)) if dtype != torch.float32 else [None] * 4
     up = [t.float() for t in (q, k, v)]
-    exact = _run(lambda q, k, v: ref(q, k, v, mask.float() if mask is not None and mask.is_floating_point() else mask),
-                 _leaves(*up))
+    exact = _run(
+        lambda q, k, v: ref(q, k, v, mask.float() if mask is not None and mask.is_floating_point() else mask),
+        _leaves(*up),
+    )
     _check(got, lowp, exact, ["out", "grad_q", "grad_k", "grad_v"])
     assert torch.isfinite(got[0]).all()
 
@@ -144,8 +146,19 @@ def test_float64_is_refused_with_a_reason(cpp):
     q = torch.randn(1, 1, 4, 8, dtype=torch.float64)
     with pytest.raises(ValueError, match="float64"):
         metagpt_fast.scaled_dot_product_attention(q, q, q, backend="cpu")
-    assert "float64" in " ".join(backends.explain("attention", query=q, key=q, value=q, attn_mask=None,
-                                                  dropout_p=0.0, is_causal=False, scale=1.0, enable_gqa=False)["cpu"])
+    assert "float64" in " ".join(
+        backends.explain(
+            "attention",
+            query=q,
+            key=q,
+            value=q,
+            attn_mask=None,
+            dropout_p=0.0,
+            is_causal=False,
+            scale=1.0,
+            enable_gqa=False,
+        )["cpu"]
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- positional

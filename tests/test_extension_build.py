@@ -48,7 +48,7 @@ def test_sources_leave_cuda_bindings_out_of_cpu_builds():
     assert root is not None
     cpu_only = _extension.sources(root, with_cuda=False)
     full = _extension.sources(root, with_cuda=True)
-    assert not any(s.endswith(".cu") or s.endswith("_cuda.cpp") for s in cpu_only)
+    assert not any(s.endswith((".cu", "_cuda.cpp")) for s in cpu_only)
     assert set(cpu_only) < set(full)
     assert any(s.endswith("positional_cuda.cpp") for s in full)
 
@@ -115,8 +115,10 @@ def test_cuda_kernels_compiled_for_sm80_sm90_without_spills(extension):
     problems = []
     for arch, kernels in sorted(usage.items()):
         for k in kernels:
-            print(f"{arch} REG={k['REG']:3d} STACK={k['STACK']:4d} LOCAL={k['LOCAL']:4d} SHARED={k['SHARED']:6d} "
-                  f"{k['function']}")
+            print(
+                f"{arch} REG={k['REG']:3d} STACK={k['STACK']:4d} LOCAL={k['LOCAL']:4d} SHARED={k['SHARED']:6d} "
+                f"{k['function']}"
+            )
             local = max(k["STACK"], k["LOCAL"])
             allowed = next((b for name, b in JUSTIFIED_LOCAL_BYTES.items() if name in k["function"]), 0)
             if local > allowed:

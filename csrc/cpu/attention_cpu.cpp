@@ -54,6 +54,54 @@ struct Layout {
   int64_t at(int64_t bi, int64_t hi, int64_t ni) const { return bi * b + hi * h + ni * n; }
 };
 
+// ----------------------------------------------------------------------------------- vectorised row loops (hot)
+
+MGF_CPU_CLONES float row_max(const float* s, int64_t n) {
+  float m = -INFINITY;
+  for (int64_t c = 0; c < n; ++c) m = s[c] > m ? s[c] : m;
+  return m;
+}
+
+// s <- exp(s - shift) (online_softmax.h); returns the row sum.
+MGF_CPU_CLONES float softmax_row(float* s, int64_t n, float shift) {
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t c = 0; c < n; ++c) {
+    const float p = softmax_weight(s[c], shift);
+    s[c] = p;
+    sum += p;
+  }
+  return sum;
+}
+
+// p <- exp(p - lse): the forward's probabilities from the saved log-sum-exp.
+MGF_CPU_CLONES void probabilities_row(float* p, int64_t n, float lse) {
+  for (int64_t c = 0; c < n; ++c) p[c] = softmax_weight_from_lse(p[c], lse);
+}
+
+MGF_CPU_CLONES void scale_row(float* a, int64_t n, float alpha) {
+  for (int64_t c = 0; c < n; ++c) a[c] *= alpha;
+}
+
+MGF_CPU_CLONES void multiply_row(float* out, const float* a, const float* b, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) out[c] = a[c] * b[c];
+}
+
+// dS = P * (dP * F - delta), written over dP; F (dropout factors) may be null.
+MGF_CPU_CLONES void softmax_grad_row(float* dp, const float* p, const float* f, int64_t n, float delta) {
+  if (f != nullptr) {
+    for (int64_t c = 0; c < n; ++c) dp[c] = p[c] * (dp[c] * f[c] - delta);
+  } else {
+    for (int64_t c = 0; c < n; ++c) dp[c] = p[c] * (dp[c] - delta);
+  }
+}
+
+MGF_CPU_CLONES void philox_factors(float* f, int64_t n, uint64_t seed, uint64_t base, uint32_t threshold,
+                                   float inv_keep) {
+  for (int64_t c = 0; c < n; ++c)
+    f[c] = dropout_keep(seed, base + static_cast<uint64_t>(c), threshold) ? inv_keep : 0.0f;
+}
+
 // Rows [0, rows) x [0, cols) of src (leading dimension ld) as float32: the input itself for float, else converted
 // into buf (leading dimension cols). Returns the pointer and sets *ld_out.
 template <typename T>
@@ -92,8 +140,7 @@ void mask_row(const Problem& pb, float* s, int64_t n, int64_t b, int64_t h, int6
 // Dropout factors of one row: keep / (1 - p) or 0, Philox offsets ((b * Hq + h) * Nq + i) * Nk + j0 + c.
 void dropout_factors(const Problem& pb, float* f, int64_t n, int64_t b, int64_t h, int64_t i, int64_t j0) {
   const uint64_t base = static_cast<uint64_t>(((b * pb.heads_q + h) * pb.nq + i) * pb.nk + j0);
-  for (int64_t c = 0; c < n; ++c)
-    f[c] = dropout_keep(pb.seed, base + static_cast<uint64_t>(c), pb.threshold) ? pb.inv_keep : 0.0f;
+  philox_factors(f, n, pb.seed, base, pb.threshold, pb.inv_keep);
 }
 
 // Keys a query block [i0, i1) can see: all, or j < i1 when causal (top-left alignment: query i sees j <= i).
@@ -123,25 +170,12 @@ void forward(const Problem& pb, const T* q, Layout lq, const T* k, Layout lk, co
         for (int64_t r = 0; r < rows; ++r) {
           float* srow = s.data() + r * BLOCK_K;
           mask_row<T>(pb, srow, cols, b, h, i0 + r, j0);
-          float block_max = -INFINITY;
-          for (int64_t c = 0; c < cols; ++c) block_max = std::max(block_max, srow[c]);
-          const float alpha = online_softmax_update(state[r], block_max);
-          const float shift = online_softmax_shift(state[r].m);
-          float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t c = 0; c < cols; ++c) {
-            const float p = softmax_weight(srow[c], shift);
-            srow[c] = p;
-            sum += p;
-          }
-          state[r].l += sum;
-          if (alpha != 1.0f) {
-            float* arow = acc.data() + r * pb.dv;
-            for (int64_t c = 0; c < pb.dv; ++c) arow[c] *= alpha;
-          }
+          const float alpha = online_softmax_update(state[r], row_max(srow, cols));
+          state[r].l += softmax_row(srow, cols, online_softmax_shift(state[r].m));
+          if (alpha != 1.0f) scale_row(acc.data() + r * pb.dv, pb.dv, alpha);
           if (pb.dropout_p > 0.0) {
             dropout_factors(pb, f.data(), cols, b, h, i0 + r, j0);
-            for (int64_t c = 0; c < cols; ++c) srow[c] *= f[c];
+            multiply_row(srow, srow, f.data(), cols);
           }
         }
         gemm(false, false, rows, pb.dv, cols, 1.0f, s.data(), BLOCK_K, vf, ldv, 1.0f, acc.data(), pb.dv);
@@ -200,28 +234,19 @@ void backward(const Problem& pb, const T* dout, Layout ldo, const T* q, Layout l
             for (int64_t r = 0; r < rows; ++r) {  // P = exp(S - lse), the forward's probabilities
               float* prow = p.data() + r * BLOCK_K;
               mask_row<T>(pb, prow, cols, b, h, i0 + r, j0);
-              const float l = lrow[r];
-              for (int64_t c = 0; c < cols; ++c) prow[c] = softmax_weight_from_lse(prow[c], l);
+              probabilities_row(prow, cols, lrow[r]);
               if (pb.dropout_p > 0.0) {
                 float* frow = f.data() + r * BLOCK_K;
-                float* pdrow = pd.data() + r * BLOCK_K;
                 dropout_factors(pb, frow, cols, b, h, i0 + r, j0);
-                for (int64_t c = 0; c < cols; ++c) pdrow[c] = prow[c] * frow[c];
+                multiply_row(pd.data() + r * BLOCK_K, prow, frow, cols);
               }
             }
             const float* pdrop = pb.dropout_p > 0.0 ? pd.data() : p.data();
             gemm(true, false, cols, dvd, rows, 1.0f, pdrop, BLOCK_K, dof, lddo, 1.0f, dv_acc.data() + j0 * dvd, dvd);
             gemm(false, true, rows, cols, dvd, 1.0f, dof, lddo, vf, ldv, 0.0f, dp.data(), BLOCK_K);
             for (int64_t r = 0; r < rows; ++r) {  // dS = P * (dP - delta), written over dP
-              const float* prow = p.data() + r * BLOCK_K;
-              float* dprow = dp.data() + r * BLOCK_K;
-              const float dl = delta[r];
-              if (pb.dropout_p > 0.0) {
-                const float* frow = f.data() + r * BLOCK_K;
-                for (int64_t c = 0; c < cols; ++c) dprow[c] = prow[c] * (dprow[c] * frow[c] - dl);
-              } else {
-                for (int64_t c = 0; c < cols; ++c) dprow[c] = prow[c] * (dprow[c] - dl);
-              }
+              const float* frow = pb.dropout_p > 0.0 ? f.data() + r * BLOCK_K : nullptr;
+              softmax_grad_row(dp.data() + r * BLOCK_K, p.data() + r * BLOCK_K, frow, cols, delta[r]);
             }
             gemm(false, false, rows, d, cols, pb.scale, dp.data(), BLOCK_K, kf, ldk, 1.0f, dq_acc.data(), d);
             gemm(true, false, cols, d, rows, pb.scale, dp.data(), BLOCK_K, qf, ldq, 1.0f, dk_acc.data() + j0 * d, d);

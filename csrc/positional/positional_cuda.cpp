@@ -59,7 +59,7 @@ at::Tensor tokens_int64(const at::Tensor& tokens, const at::Tensor& like) {
   return tokens.to(at::kLong).contiguous();
 }
 
-at::Tensor embed_positions_fwd(const at::Tensor& tokens, const at::Tensor& weight, double scale, int64_t offset,
+at::Tensor embed_positions_fwd_cuda(const at::Tensor& tokens, const at::Tensor& weight, double scale, int64_t offset,
                                double dropout_p, bool sinusoidal, const c10::optional<at::Tensor>& seed) {
   check_cuda(weight, "weight");
   TORCH_CHECK(weight.dim() == 2, "weight must be (num_embeddings, d), got shape ", weight.sizes());
@@ -75,7 +75,7 @@ at::Tensor embed_positions_fwd(const at::Tensor& tokens, const at::Tensor& weigh
   return out;
 }
 
-at::Tensor embed_positions_bwd(const at::Tensor& grad_out, const at::Tensor& tokens, int64_t num_embeddings,
+at::Tensor embed_positions_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& tokens, int64_t num_embeddings,
                                double scale, double dropout_p, const c10::optional<at::Tensor>& seed) {
   check_cuda(grad_out, "grad_out");
   TORCH_CHECK(grad_out.dim() == 3 && tokens.dim() == 2 && grad_out.size(0) == tokens.size(0) &&
@@ -95,7 +95,7 @@ at::Tensor embed_positions_bwd(const at::Tensor& grad_out, const at::Tensor& tok
   return grad_weight;
 }
 
-at::Tensor add_positional_encoding_fwd(const at::Tensor& x, int64_t offset, double dropout_p,
+at::Tensor add_positional_encoding_fwd_cuda(const at::Tensor& x, int64_t offset, double dropout_p,
                                        const c10::optional<at::Tensor>& seed) {
   check_cuda(x, "x");
   TORCH_CHECK(x.dim() == 3, "x must be (B, T, d), got shape ", x.sizes());
@@ -111,7 +111,7 @@ at::Tensor add_positional_encoding_fwd(const at::Tensor& x, int64_t offset, doub
   return out;
 }
 
-at::Tensor add_positional_encoding_bwd(const at::Tensor& grad_out, double dropout_p,
+at::Tensor add_positional_encoding_bwd_cuda(const at::Tensor& grad_out, double dropout_p,
                                        const c10::optional<at::Tensor>& seed) {
   check_cuda(grad_out, "grad_out");
   TORCH_CHECK(grad_out.dim() == 3, "grad_out must be (B, T, d), got shape ", grad_out.sizes());
@@ -181,7 +181,7 @@ void launch_rotary(const at::Tensor& x, at::Tensor& out, const Positions& pos, i
   check_launch(rotary(p, dtype_of(x, name), c10::cuda::getCurrentCUDAStream()), "rotary");
 }
 
-std::tuple<at::Tensor, at::Tensor> rotary_out(const at::Tensor& q, const at::Tensor& k,
+std::tuple<at::Tensor, at::Tensor> rotary_cuda(const at::Tensor& q, const at::Tensor& k,
                                               const c10::optional<at::Tensor>& position_ids, int64_t offset,
                                               int64_t rotary_dim, double base, bool interleaved, bool conjugate) {
   check_rotary(q, k, rotary_dim, offset);
@@ -195,7 +195,7 @@ std::tuple<at::Tensor, at::Tensor> rotary_out(const at::Tensor& q, const at::Ten
   return {q_out, k_out};
 }
 
-void rotary_inplace(at::Tensor& q, at::Tensor& k, const c10::optional<at::Tensor>& position_ids, int64_t offset,
+void rotary_inplace_cuda(at::Tensor& q, at::Tensor& k, const c10::optional<at::Tensor>& position_ids, int64_t offset,
                     int64_t rotary_dim, double base, bool interleaved) {
   check_rotary(q, k, rotary_dim, offset);
   const c10::cuda::CUDAGuard guard(q.device());
@@ -214,12 +214,12 @@ void rotary_inplace(at::Tensor& q, at::Tensor& k, const c10::optional<at::Tensor
 }  // namespace
 
 TORCH_LIBRARY_IMPL(metagpt_fast, CUDA, m) {
-  m.impl("embed_positions_fwd", &embed_positions_fwd);
-  m.impl("embed_positions_bwd", &embed_positions_bwd);
-  m.impl("add_positional_encoding_fwd", &add_positional_encoding_fwd);
-  m.impl("add_positional_encoding_bwd", &add_positional_encoding_bwd);
-  m.impl("rotary", &rotary_out);
-  m.impl("rotary_", &rotary_inplace);
+  m.impl("embed_positions_fwd", &embed_positions_fwd_cuda);
+  m.impl("embed_positions_bwd", &embed_positions_bwd_cuda);
+  m.impl("add_positional_encoding_fwd", &add_positional_encoding_fwd_cuda);
+  m.impl("add_positional_encoding_bwd", &add_positional_encoding_bwd_cuda);
+  m.impl("rotary", &rotary_cuda);
+  m.impl("rotary_", &rotary_inplace_cuda);
 }
 
 }  // namespace metagpt_fast::cuda

@@ -81,7 +81,7 @@ def _attention_backward(ctx, grad_out, grad_lse):
 
 
 def _embed_setup(ctx, inputs, output):
-    tokens, weight, scale, offset, dropout_p, sinusoidal, seed = inputs
+    tokens, weight, scale, _offset, dropout_p, _sinusoidal, seed = inputs
     ctx.save_for_backward(tokens, seed)
     ctx.num_embeddings, ctx.scale, ctx.dropout_p = weight.shape[0], scale, dropout_p
 
@@ -93,7 +93,7 @@ def _embed_backward(ctx, grad_out):
 
 
 def _add_pe_setup(ctx, inputs, output):
-    x, offset, dropout_p, seed = inputs
+    _x, _offset, dropout_p, seed = inputs
     ctx.save_for_backward(seed)
     ctx.dropout_p = dropout_p
 
@@ -105,7 +105,7 @@ def _add_pe_backward(ctx, grad_out):
 
 
 def _rotary_setup(ctx, inputs, output):
-    q, k, position_ids, offset, rotary_dim, base, interleaved, conjugate = inputs
+    _q, _k, position_ids, offset, rotary_dim, base, interleaved, conjugate = inputs
     ctx.save_for_backward(position_ids)
     ctx.args = (offset, rotary_dim, base, interleaved, conjugate)
 
@@ -134,9 +134,7 @@ def _register_python_parts() -> None:
         torch.library.register_fake(lib + name, fake)
     torch.library.register_autograd(lib + "attention_fwd", _attention_backward, setup_context=_attention_setup)
     torch.library.register_autograd(lib + "embed_positions_fwd", _embed_backward, setup_context=_embed_setup)
-    torch.library.register_autograd(
-        lib + "add_positional_encoding_fwd", _add_pe_backward, setup_context=_add_pe_setup
-    )
+    torch.library.register_autograd(lib + "add_positional_encoding_fwd", _add_pe_backward, setup_context=_add_pe_setup)
     torch.library.register_autograd(lib + "rotary", _rotary_backward, setup_context=_rotary_setup)
 
 
