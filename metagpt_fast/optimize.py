@@ -53,11 +53,15 @@ class OptimizeReport:
         return len(self.swapped) + len(self.retargeted)
 
     def __str__(self) -> str:
-        lines = [f"metagpt_fast.optimize(backend={self.backend!r}): {len(self.swapped)} swapped, "
-                 f"{len(self.retargeted)} retargeted, {len(self.skipped)} skipped"]
+        lines = [
+            f"metagpt_fast.optimize(backend={self.backend!r}): {len(self.swapped)} swapped, "
+            f"{len(self.retargeted)} retargeted, {len(self.skipped)} skipped"
+        ]
         lines += [f"  swapped     {name or '<root>'}: {old} -> {new}" for name, old, new in self.swapped]
         lines += [f"  retargeted  {name or '<root>'}: backend {old} -> {new}" for name, old, new in self.retargeted]
-        lines += [f"  fast path   {name or '<root>'}: torch's inference fast path off" for name in self.fastpath_disabled]
+        lines += [
+            f"  fast path   {name or '<root>'}: torch's inference fast path off" for name in self.fastpath_disabled
+        ]
         lines += [f"  skipped     {name or '<root>'}: {why}" for name, why in self.skipped]
         return "\n".join(lines)
 
@@ -107,16 +111,18 @@ def optimize(model: nn.Module, backend: str = "auto") -> OptimizeReport:
                 report.swapped.append((name, _qualname(module), "metagpt_fast.nn.PositionalEncoding"))
         elif type(module).__module__.startswith("metagpt_fast.") and hasattr(module, "backend"):
             _retarget(name, module, backend, module_backend, report)
-        elif type(module).__module__.startswith("metagpt_fast.") and hasattr(getattr(module, "config", None), "backend"):
+        elif type(module).__module__.startswith("metagpt_fast.") and hasattr(
+            getattr(module, "config", None), "backend"
+        ):
             _retarget_config(name, module, backend, report)
         elif isinstance(module, nn.MultiheadAttention) and not isinstance(module, MultiheadAttention):
             report.skipped.append((name, f"{_qualname(module)} subclasses nn.MultiheadAttention; left as is"))
 
     for name, module in model.named_modules():
-        if isinstance(module, nn.TransformerEncoderLayer) and isinstance(module.self_attn, MultiheadAttention):
-            if module.activation_relu_or_gelu:
-                module.activation_relu_or_gelu = 0
-                report.fastpath_disabled.append(name)
+        swapped = isinstance(getattr(module, "self_attn", None), MultiheadAttention)
+        if isinstance(module, nn.TransformerEncoderLayer) and swapped and module.activation_relu_or_gelu:
+            module.activation_relu_or_gelu = 0
+            report.fastpath_disabled.append(name)
         elif isinstance(module, nn.TransformerEncoder) and getattr(module, "use_nested_tensor", False):
             if any(isinstance(layer.self_attn, MultiheadAttention) for layer in module.layers):
                 module.use_nested_tensor = False

@@ -60,7 +60,7 @@ def check_metagpt(backend, positional, device, dtype):
     fast = metagpt_run(model, idx, device, dtype)
     assert fast[0].dtype == dtype  # the LM head ran under autocast
     names = ["logits", "loss"] + [n for n, _ in model.named_parameters()]
-    for name, f, lo, ex in zip(names, fast, lowp, exact):
+    for name, f, lo, ex in zip(names, fast, lowp, exact, strict=True):
         assert_rule(f, lo, ex, dtype, name)
 
 
@@ -91,7 +91,7 @@ def check_multihead(backend, device, dtype):
     fast = mha_run(ours, x, padding, mask, device, dtype)
     assert fast[0].dtype == lowp[0].dtype == dtype
     names = ["output", "d_input"] + [n for n, _ in ours.named_parameters()]
-    for name, f, lo, ex in zip(names, fast, lowp, exact):
+    for name, f, lo, ex in zip(names, fast, lowp, exact, strict=True):
         assert_rule(f, lo, ex, dtype, name)
 
 

@@ -117,7 +117,9 @@ def _exercise_public_ops(backend, device):
         v = torch.randn(2, hk, 23, 16, device=device, requires_grad=True)
         metagpt_fast.scaled_dot_product_attention(q, k, v, backend=backend, **kw).sum().backward()
 
-    padding = torch.arange(23, device=device)[None, None, None, :] < torch.tensor([23, 9], device=device)[:, None, None, None]
+    padding = (
+        torch.arange(23, device=device)[None, None, None, :] < torch.tensor([23, 9], device=device)[:, None, None, None]
+    )
     for kw in ({}, {"is_causal": True}, {"dropout_p": 0.2}, {"attn_mask": padding}, {"enable_gqa": True}):
         attention(**kw)
     x = torch.randn(2, 7, 16, device=device, requires_grad=True)

@@ -77,7 +77,7 @@ def check(torch_mha, ours, q, k, v, **kw):
         assert w is None
     else:
         assert_parity(w, w, ref_w, name="attn_weights")
-    for i, (g, ref_g) in enumerate(zip(grads, ref_grads)):
+    for i, (g, ref_g) in enumerate(zip(grads, ref_grads, strict=True)):
         assert_parity(g, g, ref_g, name=f"gradient {i}")
 
 
@@ -142,16 +142,27 @@ def test_matches_torch(backend, config, need_weights):
     torch_mha, ours = make_pair(**cfg["module"])
     self_attention, unbatched = cfg.get("self_attention", False), cfg.get("unbatched", False)
     q, k, v = inputs(
-        cfg["module"].get("batch_first", False), cfg["module"].get("kdim", E), cfg["module"].get("vdim", E),
-        self_attention, unbatched,
+        cfg["module"].get("batch_first", False),
+        cfg["module"].get("kdim", E),
+        cfg["module"].get("vdim", E),
+        self_attention,
+        unbatched,
     )
     tgt_len = S if self_attention else L
     with backend_or_skip(backend):
         for kind in MASKS:
             check(torch_mha, ours, q, k, v, need_weights=need_weights, **masks(kind, tgt_len, unbatched))
         if need_weights:  # per-head weights
-            check(torch_mha, ours, q, k, v, need_weights=True, average_attn_weights=False,
-                  **masks("both", tgt_len, unbatched))
+            check(
+                torch_mha,
+                ours,
+                q,
+                k,
+                v,
+                need_weights=True,
+                average_attn_weights=False,
+                **masks("both", tgt_len, unbatched),
+            )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -120,8 +120,10 @@ def test_nn_transformer_encoder_decoder():
     original = copy.deepcopy(model)
     report = metagpt_fast.optimize(model)
     assert sorted(name for name, _, _ in report.swapped) == [
-        "decoder.layers.0.multihead_attn", "decoder.layers.0.self_attn",
-        "decoder.layers.1.multihead_attn", "decoder.layers.1.self_attn",
+        "decoder.layers.0.multihead_attn",
+        "decoder.layers.0.self_attn",
+        "decoder.layers.1.multihead_attn",
+        "decoder.layers.1.self_attn",
         "encoder.layers.0.self_attn",
     ]
     src, tgt = torch.randn(7, 2, D), torch.randn(5, 2, D)  # sequence-first
@@ -129,8 +131,14 @@ def test_nn_transformer_encoder_decoder():
     memory_padding = torch.tensor([[False] * 7, [False] * 4 + [True] * 3])
 
     def forward(m):
-        out = m(src, tgt, tgt_mask=tgt_mask, tgt_is_causal=True, memory_key_padding_mask=memory_padding,
-                src_key_padding_mask=memory_padding)
+        out = m(
+            src,
+            tgt,
+            tgt_mask=tgt_mask,
+            tgt_is_causal=True,
+            memory_key_padding_mask=memory_padding,
+            src_key_padding_mask=memory_padding,
+        )
         out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
         return out.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
 

@@ -106,8 +106,10 @@ def test_routed_results_match_torch(backend, case, calls):
 
     def run(fn, dtype):
         leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-        kw = {key: (val.to(dtype) if isinstance(val, torch.Tensor) and val.is_floating_point() else val)
-              for key, val in kwargs.items()}
+        kw = {
+            key: (val.to(dtype) if isinstance(val, torch.Tensor) and val.is_floating_point() else val)
+            for key, val in kwargs.items()
+        }
         out = fn(*leaves, **kw)
         out.backward(torch.linspace(-1, 1, out.numel(), dtype=dtype).reshape(out.shape))
         return [out] + [t.grad for t in leaves]
@@ -121,7 +123,7 @@ def test_routed_results_match_torch(backend, case, calls):
                 pytest.skip(f"{backend}: {exc}")
             raise
     assert calls == [1]
-    for name, g, e in zip(("output", "dq", "dk", "dv"), got, expected):
+    for name, g, e in zip(("output", "dq", "dk", "dv"), got, expected, strict=True):
         assert_parity(g, g, e, name=name)
 
 

@@ -113,7 +113,7 @@ def _supported(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
         if query.dim() == 3 and attn_mask.dim() == 3:
             mask_shape = (mask_shape[0], 1, *mask_shape[1:])
         if len(mask_shape) > 4 or any(
-            m != 1 and m != t for m, t in zip(reversed(mask_shape), reversed((b, hq, nq, nk)))
+            m != 1 and m != t for m, t in zip(reversed(mask_shape), reversed((b, hq, nq, nk)), strict=False)
         ):
             return False
     return True
@@ -125,9 +125,9 @@ def _install() -> None:
 
 
 def _uninstall_if_idle() -> None:
-    if not _state["global"] and _state["contexts"] == 0:
-        if F.scaled_dot_product_attention is routed_scaled_dot_product_attention:  # leave others' patches alone
-            F.scaled_dot_product_attention = _TORCH_SDPA
+    idle = not _state["global"] and _state["contexts"] == 0
+    if idle and F.scaled_dot_product_attention is routed_scaled_dot_product_attention:  # leave others' patches alone
+        F.scaled_dot_product_attention = _TORCH_SDPA
 
 
 def enable_sdpa_routing() -> None:

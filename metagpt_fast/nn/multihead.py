@@ -128,7 +128,9 @@ class MultiheadAttention(nn.MultiheadAttention):
             out = scaled_dot_product_attention(q, k, v, mask, p, use_causal, backend=self.backend)
             weights = None
 
-        out = F.linear(out.transpose(1, 2).reshape(b, tgt_len, self.embed_dim), self.out_proj.weight, self.out_proj.bias)
+        out = F.linear(
+            out.transpose(1, 2).reshape(b, tgt_len, self.embed_dim), self.out_proj.weight, self.out_proj.bias
+        )
         if not batched:
             return out.squeeze(0), None if weights is None else weights.squeeze(0)
         if not self.batch_first:
@@ -189,7 +191,9 @@ class MultiheadAttention(nn.MultiheadAttention):
         if attn_mask is not None:
             if attn_mask.dim() == 2:
                 if tuple(attn_mask.shape) != (tgt_len, src_len):
-                    raise RuntimeError(f"2D attn_mask must have shape {(tgt_len, src_len)}, got {tuple(attn_mask.shape)}")
+                    raise RuntimeError(
+                        f"2D attn_mask must have shape {(tgt_len, src_len)}, got {tuple(attn_mask.shape)}"
+                    )
                 attn_mask = attn_mask[None, None]
             elif attn_mask.dim() == 3:
                 expected = (batch * self.num_heads, tgt_len, src_len)
