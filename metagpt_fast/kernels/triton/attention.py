@@ -667,17 +667,19 @@ def _attn_bwd_dq(
 FWD_TILES = {
     (16, 64): [(128, 128, 8, 3), (64, 64, 4, 4)],
     (16, 128): [(128, 64, 8, 3), (64, 64, 4, 3)],
-    (16, 256): [(64, 64, 8, 2), (64, 32, 4, 2)],
-    (32, 64): [(64, 32, 4, 2), (32, 32, 4, 2)],
-    (32, 128): [(32, 32, 4, 2)],
+    (16, 256): [(64, 64, 8, 2)],
+    (32, 64): [(32, 32, 4, 2)],  # 64x32 spilled 120 B (sm_80) / 560 B (sm_90)
+    (32, 128): [(16, 16, 4, 2)],  # 32x32 spilled 552 B on sm_90
     (32, 256): [(16, 16, 4, 2)],
 }
 DKDV_TILES = {  # BLOCK_M is the streamed query block, BLOCK_N the resident key block
-    (16, 64): [(32, 128, 8, 3), (64, 64, 4, 3)],
-    (16, 128): [(32, 64, 4, 3), (64, 64, 8, 2)],
-    (16, 256): [(16, 64, 8, 2)],
+    (16, 64): [(32, 128, 8, 3)],  # 64x64 with 4 warps spilled 184 B
+    (16, 128): [(32, 64, 8, 2)],  # 32x64 with 4 warps spilled 264 / 360 B
+    # dK and dV of 64 keys x 256 dims (128 fp32 registers a thread at 8 warps) plus resident K and V spill 448 B on
+    # sm_90 under wgmma's 64-row tiles; 32 keys per program run on mma.sync instead (see aot_case).
+    (16, 256): [(16, 32, 8, 1)],
     (32, 64): [(32, 32, 4, 2)],
-    (32, 128): [(16, 32, 4, 2)],
+    (32, 128): [(16, 16, 4, 2)],
     (32, 256): [(16, 16, 4, 2)],
 }
 DQ_TILES = {  # BLOCK_M is the resident query block, BLOCK_N the streamed key block
@@ -688,11 +690,12 @@ DQ_TILES = {  # BLOCK_M is the resident query block, BLOCK_N the streamed key bl
     (32, 128): [(32, 16, 4, 2)],
     (32, 256): [(16, 16, 4, 2)],
 }
-# Philox dropout (four 32-bit words of state per score) and dense masks need more registers per score: the same row
-# blocks spread over 8 warps (the forward with D=64, 128x64 tiles, 4 warps, mask and dropout spilled 1368 B on sm_80).
+# Philox dropout (four 32-bit words of state per score) and dense masks need more registers per score: smaller score
+# tiles over 8 warps (the forward with D=64, 128x64 tiles, 4 warps, mask and dropout spilled 1368 B on sm_80; D=128
+# with 64x64 tiles and 8 warps 424 B on sm_90).
 HEAVY_TILES = {
-    "fwd": {(16, 64): [(128, 64, 8, 2), (64, 64, 8, 2)], (16, 128): [(64, 64, 8, 2)], (16, 256): [(64, 32, 8, 2)]},
-    "dkdv": {(16, 64): [(32, 64, 8, 2)], (16, 128): [(32, 64, 8, 2)], (16, 256): [(16, 64, 8, 1)]},
+    "fwd": {(16, 64): [(128, 64, 8, 2), (64, 64, 8, 2)], (16, 128): [(64, 32, 8, 2)], (16, 256): [(64, 16, 8, 2)]},
+    "dkdv": {(16, 64): [(16, 64, 8, 2)], (16, 128): [(16, 64, 8, 2)], (16, 256): [(16, 32, 8, 1)]},
     "dq": {(16, 64): [(64, 32, 8, 2)], (16, 128): [(64, 32, 8, 2)], (16, 256): [(64, 16, 8, 1)]},
 }
 TILES = {"fwd": FWD_TILES, "dkdv": DKDV_TILES, "dq": DQ_TILES}
@@ -865,7 +868,8 @@ def aot_case(kind, family, tile, *, is_causal, mask_kind, has_dropout) -> AotCas
     constexprs.update({name: 1 for name in _UNIT_STRIDES if name in kernel.arg_names})
     return AotCase(
         kernel, _aot_signature(kernel, bits, mask_kind, constexprs), constexprs, num_warps, num_stages,
-        expect_wgmma=bits == 16,
+        # Hopper's wgmma needs 64 rows per warpgroup: dK/dV at D=256 uses 32-key tiles (DKDV_TILES) on mma.sync.
+        expect_wgmma=bits == 16 and not (kind == "dkdv" and width == 256),
         divisible_by_16=_aot_aligned(kernel, constexprs),
     )  # fmt: skip
 
