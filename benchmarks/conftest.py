@@ -85,7 +85,7 @@ def run_benchmark(benchmark, bench: OpBench, case: Case, provider: Provider, res
     if provider.unavailable is not None:
         pytest.skip(f"{provider.name}: {provider.unavailable}")
     if provider.slow and not case.interpret_ok:
-        pytest.skip("interpreted Triton is checked for parity at the suite's smallest size only")
+        pytest.skip("interpreted Triton: parity at the smallest size only")
     inputs = bench.inputs(case)
     too_large = bench.oracle_too_large(case)
     oracle = None if too_large else bench.oracle(case, inputs)

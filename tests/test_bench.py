@@ -448,3 +448,16 @@ def test_op_result_table_renders_every_status():
         "1.0e-07",
     ):
         assert expected in text
+
+
+# ---------------------------------------------------------------------------------------------------- GPU suite
+
+
+def test_gpu_suite_script_parses_and_needs_an_outdir(tmp_path):
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_suite.sh"
+    assert subprocess.run(["bash", "-n", str(script)], check=False, capture_output=True).returncode == 0
+    usage = subprocess.run(["bash", str(script)], check=False, capture_output=True, text=True)
+    assert usage.returncode == 2 and "usage" in usage.stderr

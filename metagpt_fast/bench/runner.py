@@ -86,7 +86,7 @@ def measure(
     """Parity, then timing and peak memory, of one provider on one case."""
     m = Measurement(case, provider.name, provider.kind, status="ok")
     if provider.slow and not case.interpret_ok:
-        m.status, m.note = "skipped", "interpreted Triton is checked for parity at the suite's smallest size only"
+        m.status, m.note = "skipped", "interpreted Triton: parity at the smallest size only"
         return m
     try:
         prepared = provider.setup(case, inputs)

@@ -52,6 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-seconds", type=float, help="stop starting new cases after this many seconds (tables keep what ran)"
     )
     parser.add_argument("--no-plot", action="store_true", help="do not draw throughput.png")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
 
 
 def resolve_device(name: str) -> str:
@@ -75,10 +76,20 @@ def resolve_dtypes(names: list[str] | None, device: str) -> list[torch.dtype]:
 
 
 def interpret_triton_without_gpu() -> None:
-    """Without a GPU, Triton kernels can only run interpreted: enable that (for their parity check) before the
-    package's kernels are defined, as the test suite does (triton reads the variable when a kernel is decorated)."""
-    if not torch.cuda.is_available() and "metagpt_fast.ops.triton_backend" not in sys.modules:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    """Without a GPU, Triton kernels can only run interpreted (for their parity check), and triton reads
+    ``TRITON_INTERPRET`` when it is imported, which ``import torch`` already did. So when this command runs as the
+    ``metagpt-fast`` program with the variable unset, it restarts itself once with ``TRITON_INTERPRET=1``. Called
+    inside another process (a test, a notebook) it changes nothing: the triton backend then reports how to enable it.
+    """
+    if torch.cuda.is_available() or "TRITON_INTERPRET" in os.environ:
+        return
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if Path(sys.argv[0]).name != "metagpt-fast" and (spec is None or spec.name != "metagpt_fast.cli"):
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    os.execve(sys.executable, [sys.executable, "-m", "metagpt_fast.cli", *sys.argv[1:]], env)
 
 
 def make_console():
@@ -105,6 +116,10 @@ def run(args: argparse.Namespace) -> int:
     dtypes = resolve_dtypes(args.dtype, device)
     if args.max_seconds is not None and args.max_seconds <= 0:
         raise ValueError(f"--max-seconds must be > 0, got {args.max_seconds}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     plans = make_plan(args.ops, device, dtypes, args.quick, args.backends)
     budget = TimingBudget.quick() if args.quick else TimingBudget()
     results = ResultsFile(args.out / RESULTS_FILE)

@@ -42,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
     from metagpt_fast.commands.bench import interpret_triton_without_gpu, make_console, resolve_device, resolve_dtypes
     from metagpt_fast.commands.train import model_config
 
-    interpret_triton_without_gpu()
+    if args.backend == "triton":
+        interpret_triton_without_gpu()
     device = resolve_device(args.device)
     (dtype,) = resolve_dtypes([args.dtype] if args.dtype else None, device)
     if args.top < 1:
