@@ -185,3 +185,15 @@ def test_softcap_is_rejected():
     with pytest.raises(ValueError, match="softcap"):
         q = torch.randn(1, 2, 3, 4)
         hf.attention_forward(torch.nn.Module(), q, q, q, None, softcap=30.0)
+
+
+def test_llama_compiles_fullgraph_with_fused_rope():
+    """The attention function and the rotary patch trace without graph breaks (aot_eager: no code generation)."""
+    torch._dynamo.reset()
+    config = llama_config()
+    model = build(config, "metagpt_fast")
+    ids = torch.randint(0, VOCAB, (B, T))
+    with rotary_patched("llama"):
+        expected = model(input_ids=ids).logits
+        got = torch.compile(model, fullgraph=True, backend="aot_eager")(input_ids=ids).logits
+    assert_parity(got, got, expected, name="logits")
