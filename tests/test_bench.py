@@ -461,3 +461,48 @@ def test_gpu_suite_script_parses_and_needs_an_outdir(tmp_path):
     assert subprocess.run(["bash", "-n", str(script)], check=False, capture_output=True).returncode == 0
     usage = subprocess.run(["bash", str(script)], check=False, capture_output=True, text=True)
     assert usage.returncode == 2 and "usage" in usage.stderr
+
+
+def test_table_collapses_a_provider_unsupported_everywhere():
+    from rich.console import Console
+
+    from metagpt_fast.bench.report import op_table
+
+    bench = _ToyBench()
+    cases = bench.cases("cpu", [torch.float32], True)
+    ms = []
+    for case in cases:
+        ms.append(Measurement(case, "reference", "backend", "ok", timing=Timing(2.0, 1.5, 2.5, 5)))
+        ms.append(Measurement(case, "cpu", "backend", "unsupported", note="tensors must be on CPU"))
+    console = Console(width=200, record=True)
+    console.print(op_table(OpResult(OpPlan(bench, cases, []), ms)))
+    text = console.export_text()
+    assert "cpu: unsupported in every case — tensors must be on CPU" in text
+    assert "unsupported: tensors" not in text  # no row per case
+
+
+# ------------------------------------------------------------------------------- interpreted Triton on a CPU
+
+
+def test_bench_restarts_itself_with_the_triton_interpreter(monkeypatch):
+    """triton reads TRITON_INTERPRET at import (torch imports it), so the program re-executes itself once; a call
+    inside another process (like this test) never does."""
+    import os
+    import sys
+
+    from metagpt_fast.commands import bench
+
+    calls = []
+    monkeypatch.setattr(os, "execve", lambda exe, argv, env: calls.append((argv, env)))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(sys, "argv", ["/usr/bin/pytest", "-q"])
+    bench.interpret_triton_without_gpu()
+    assert calls == []
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/metagpt-fast", "bench", "--quick"])
+    bench.interpret_triton_without_gpu()
+    ((argv, env),) = calls
+    assert argv[1:] == ["-m", "metagpt_fast.cli", "bench", "--quick"] and env["TRITON_INTERPRET"] == "1"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # already restarted: never again
+    bench.interpret_triton_without_gpu()
+    assert len(calls) == 1

@@ -118,6 +118,11 @@ def setup_sdpa(kernel: str | None, case: Case, inputs: dict) -> Prepared:
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
+    # One compilation per shape and mask (dynamic=False, as FlexAttention is benchmarked); the suite needs more of
+    # them than dynamo's default limit of 8, past which it would silently fall back to eager.
+    for limit in ("recompile_limit", "cache_size_limit"):  # the name changed in torch 2.6; set whichever exists
+        if hasattr(torch._dynamo.config, limit):
+            setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 128))
     return torch.compile(flex_attention, dynamic=False)
 
 

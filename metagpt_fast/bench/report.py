@@ -33,9 +33,10 @@ def op_table(result: OpResult) -> Table:
     dtypes = sorted({dtype_name(c.dtype) for c in cases})
     oracles = sorted({dtype_name(oracle_dtype(c.dtype)) for c in cases})
     device = device_name(cases[0].device) if cases else "?"
+    never = never_supported(result)
     table = Table(
         title=f"{bench.op} — {device}, {', '.join(dtypes)}",
-        caption=_caption(result, oracles),
+        caption=_caption(result, oracles, never),
         caption_justify="left",
     )
     table.add_column("case")
@@ -57,10 +58,24 @@ def op_table(result: OpResult) -> Table:
     for case, measurements in by_case.items():
         ratios = speedups(bench, measurements)
         label = f"{case.mode} {case.label}" + (f" {dtype_name(case.dtype)}" if len(dtypes) > 1 else "")
-        for i, m in enumerate(measurements):
+        shown = [m for m in measurements if m.provider not in never]
+        for i, m in enumerate(shown):
             table.add_row(label if i == 0 else "", *_cells(result, m, ratios.get(m.provider, {})))
         table.add_section()
     return table
+
+
+def never_supported(result: OpResult) -> dict[str, str]:
+    """Providers that could not run a single case (e.g. the cpu backend on CUDA tensors): one caption line each
+    instead of a row per case. Maps the provider to its first reason."""
+    by_provider: dict[str, list[Measurement]] = {}
+    for m in result.measurements:
+        by_provider.setdefault(m.provider, []).append(m)
+    return {
+        name: ms[0].note
+        for name, ms in by_provider.items()
+        if len(result.plan.cases) > 1 and all(m.status == "unsupported" for m in ms)
+    }
 
 
 def _cells(result: OpResult, m: Measurement, ratios: dict) -> list[str]:
@@ -91,7 +106,7 @@ def _cells(result: OpResult, m: Measurement, ratios: dict) -> list[str]:
     return cells
 
 
-def _caption(result: OpResult, oracles: list[str]) -> str:
+def _caption(result: OpResult, oracles: list[str], never: dict[str, str]) -> str:
     lines = [
         (
             f"max err: max |output − reference in {'/'.join(oracles)}| over the outputs and every input gradient, "
@@ -103,6 +118,8 @@ def _caption(result: OpResult, oracles: list[str]) -> str:
         lines.append("MFU: PaLM model FLOPs (6N + 12·L·T·d per token) over the GPU's dense peak; none on CPUs.")
     for name, reason in result.plan.unavailable.items():
         lines.append(f"{name}: unavailable — {_short(reason, 110)}")
+    for name, reason in never.items():
+        lines.append(f"{name}: unsupported in every case — {_short(reason, 110)}")
     if result.cases_not_run:
         lines.append(f"{result.cases_not_run} case(s) not run: --max-seconds reached")
     return "\n".join(lines)
