@@ -10,7 +10,7 @@ The sinusoid is computed in registers in float32 (no table in memory), once per 
 batch row a program handles: each program loops over a slice of the batch, so the transcendental cost per element
 falls with the batch size and the kernel stays memory-bound even for 2-byte dtypes. sin and cos come from one
 Cody-Waite reduction by pi/2 and two short polynomials (``_sincos``): libdevice's ``sinf`` falls back to a
-Payne-Hanek reduction that keeps a 28-byte array on the stack, which shows up as spills in the AOT check.
+Payne-Hanek reduction that keeps an array on the stack (32 bytes: spills in the AOT check).
 
 Accuracy: the inverse frequency ``base^(-2i/d)`` is computed in float64 and rounded once to float32 (relative error
 <= 2**-24), and the angle ``pos * inv_freq`` is one float32 product (another 2**-24): the angle is off by at most
@@ -22,8 +22,9 @@ Backward:
     embed_positions:         dW[v] = scale / (1 - p) * sum over (b, t) with tokens[b, t] == v of keep * dy[b, t]
       - atomic: one float32 atomic add per element (fast; the summation order, hence the rounding, varies);
       - sorted (deterministic): token ids sorted (stable), the sorted rows cut into fixed chunks; each chunk sums its
-        runs of equal ids in order; a run that crosses a chunk boundary is stored as a partial and finished by a
-        second kernel that adds the partials in chunk order. No float atomics: bitwise repeatable.
+        runs of equal ids in order; a run that crosses a chunk boundary is stored as a partial, and a second
+        kernel finds the segment's first chunk (binary search) and adds its partials in chunk order. No float
+        atomics, a fixed summation order: bitwise repeatable.
 
 Dropout: element (b, t, j) is kept iff the shared Philox stream at linear index (b*T + t)*d + j says so
 (``kernels/triton/dropout.py``); the backward regenerates the mask from the seed instead of storing it.
@@ -31,12 +32,15 @@ Dropout: element (b, t, j) is kept iff the shared Philox stream at linear index 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from metagpt_fast.kernels.triton.aot import AotCase
 from metagpt_fast.kernels.triton.dropout import dropout_keep
+from metagpt_fast.ops.reference.positional import DEFAULT_BASE
 from metagpt_fast.ops.reference.random import dropout_threshold
 
 # pi/2 split in three float32 parts (C1 + C2 + C3 = pi/2 to 1e-23): with fused multiply-adds the reduced angle
@@ -56,10 +60,9 @@ _C6 = tl.constexpr(-1.0 / 720.0)
 _C8 = tl.constexpr(1.0 / 40320.0)
 _C10 = tl.constexpr(-1.0 / 3628800.0)
 
-DEFAULT_BASE = 10000.0
-
-# Tiles of 1024 elements, 8 per thread at 4 warps: with 2048 the Philox state of the dropout variant took 253
-# registers on sm_80 (AOT check); at 1024 it takes <= 137 with no spills, leaving room for 3-4 programs per SM.
+# Tiles of 1024 elements, 8 per thread at 4 warps: the dropout variant (Philox state per element) takes 48-56
+# registers as launched (AOT check), ~9 programs per SM; 2048-element tiles took 72-79, about the same bytes in
+# flight per SM with fewer, longer programs.
 TILE_ELEMENTS = 1024
 NUM_WARPS = 4
 # Programs to aim for when splitting the batch across programs: ~8 per SM on a 132-SM H200.
@@ -71,8 +74,6 @@ COMBINE_ROWS = 16
 
 
 def interpreted() -> bool:
-    import os
-
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
