@@ -21,13 +21,14 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 
 
 def compile_params():
+    """Backends that run the CPU model here (Triton only under the interpreter, and then skipped)."""
     params = []
     for name in AVAILABLE:
+        if name == "cuda" or (name == "triton" and not INTERPRETED):  # CPU tensors
+            continue
         marks = []
-        if name == "triton" and INTERPRETED:
+        if name == "triton":
             marks.append(pytest.mark.skip(reason="interpreted Triton cannot run under torch.compile (GPU suite)"))
-        if name == "cuda" and not torch.cuda.is_available():
-            marks.append(pytest.mark.skip(reason="needs a CUDA GPU"))
         params.append(pytest.param(name, marks=marks))
     return params
 
@@ -138,9 +139,9 @@ def _exercise_public_ops(backend, device):
 
 def _recorded_samples():
     samples = {}
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     for backend in AVAILABLE:
-        if backend == "reference" or (backend == "cuda" and device != "cuda"):
+        device = "cuda" if backend == "cuda" or (backend == "triton" and not INTERPRETED) else "cpu"
+        if backend == "reference" or (device == "cuda" and not torch.cuda.is_available()):
             continue
         with _Recorder(samples):
             try:

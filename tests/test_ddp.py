@@ -18,8 +18,10 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 
 
 def backends():
-    # Interpreted Triton is included on CPU: the spawned ranks inherit TRITON_INTERPRET from the test process.
-    return [name for name in AVAILABLE if name != "cuda" or torch.cuda.is_available()]
+    """Backends that run CPU tensors here. Interpreted Triton is included: the spawned ranks inherit
+    TRITON_INTERPRET from the test process."""
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return [name for name in AVAILABLE if name in ("reference", "cpu") or (name == "triton" and interpreted)]
 
 
 def make_model(backend, positional):
@@ -37,14 +39,14 @@ def make_batch():
 CONFIGS = [(backend, positional) for backend in backends() for positional in ("sinusoidal", "rotary")]
 
 
-def _worker(rank, port, out_dir):
+def _worker(rank, port, configs, out_dir):
     """One rank: every (backend, positional) configuration in one process group (one spawn keeps the test fast)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         results = {}
-        for backend, positional in CONFIGS:
+        for backend, positional in configs:
             model = torch.nn.parallel.DistributedDataParallel(make_model(backend, positional))
             idx, targets = make_batch()
             shard = slice(rank * GLOBAL_BATCH // WORLD, (rank + 1) * GLOBAL_BATCH // WORLD)
@@ -69,7 +71,7 @@ def _free_port():
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(_free_port(), CONFIGS, str(out_dir)), nprocs=WORLD, join=True)
     return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(WORLD)]
 
 
