@@ -652,3 +652,92 @@ def test_inputs_beyond_a_backend_fall_back_or_raise_with_reasons(backend):
         pytest.skip(f"{backend} has no attention")
     run()
     print(f"\nattention/{backend} beyond limits: {dict(seen)}")
+
+
+# ------------------------------------------------------------------------------------------------- invalid inputs
+
+
+def _attention_args(**change):
+    q, k, v = (torch.randn(2, 2, 5, 8) for _ in range(3))
+    return metagpt_fast.scaled_dot_product_attention, {"query": q, "key": k, "value": v, **change}
+
+
+def _embed_args(**change):
+    return metagpt_fast.embed_positions, {"tokens": torch.tensor([[1, 2]]), "weight": torch.randn(4, 6), **change}
+
+
+def _rotary_args(**change):
+    return metagpt_fast.apply_rotary, {"q": torch.randn(1, 2, 3, 8), "k": torch.randn(1, 1, 3, 8), **change}
+
+
+META = torch.device("meta")
+INVALID = {  # name: (op and arguments, error, words the message must contain)
+    "mask not a tensor": (_attention_args(attn_mask=[[True]]), TypeError, "attn_mask must be a torch.Tensor"),
+    "mask on another device": (
+        _attention_args(attn_mask=torch.ones(5, 5, dtype=torch.bool, device=META)),
+        ValueError,
+        "attn_mask on meta",
+    ),
+    "key on another device": (_attention_args(key=torch.randn(2, 2, 5, 8, device=META)), ValueError, "key on meta"),
+    "mask of another float dtype": (
+        _attention_args(attn_mask=torch.zeros(5, 5, dtype=torch.float64)),
+        TypeError,
+        "attn_mask must be bool or torch.float32",
+    ),
+    "infinite scale": (_attention_args(scale=math.inf), ValueError, "scale must be a finite"),
+    "enable_gqa not a bool": (_attention_args(enable_gqa="yes"), TypeError, "enable_gqa must be a bool"),
+    "dropout NaN": (_attention_args(dropout_p=math.nan), ValueError, "dropout_p must be in"),
+    "tokens on another device": (
+        _embed_args(tokens=torch.tensor([[1, 2]], device=META)),
+        ValueError,
+        "tokens on meta",
+    ),
+    "uint8 tokens": (_embed_args(tokens=torch.tensor([[1, 2]], dtype=torch.uint8)), TypeError, "int64 or int32"),
+    "token past the vocabulary": (_embed_args(tokens=torch.tensor([[1, 4]])), ValueError, "tokens must lie in [0, 4)"),
+    "sinusoidal not a bool": (_embed_args(sinusoidal="no"), TypeError, "sinusoidal must be a bool"),
+    "position ids not a tensor": (_rotary_args(position_ids=[0, 1, 2]), TypeError, "position_ids must be a torch"),
+    "interleaved not a bool": (_rotary_args(interleaved=1), TypeError, "interleaved must be a bool"),
+    "in place into a broadcast tensor": (
+        _rotary_args(q=torch.randn(1, 1, 3, 8).expand(2, 2, 3, 8), k=torch.randn(2, 1, 3, 8), inplace=True),
+        ValueError,
+        "q is written in place but has a broadcast",
+    ),
+    "in place with q and k aliased": (
+        (lambda t: _rotary_args(q=t, k=t, inplace=True))(torch.randn(1, 2, 3, 8)),
+        ValueError,
+        "separate memory",
+    ),
+    "non-finite base": (_rotary_args(base=math.nan), ValueError, "base must be a finite positive"),
+}
+
+
+@pytest.mark.parametrize("backend", AVAILABLE)
+@pytest.mark.parametrize("case", list(INVALID))
+def test_invalid_inputs_raise_errors_naming_the_argument(case, backend):
+    (fn, kwargs), error, words = INVALID[case]
+    with pytest.raises(error) as info:
+        fn(**kwargs, backend=backend)
+    assert words in str(info.value)
+
+
+@pytest.mark.parametrize("backend", AVAILABLE)
+def test_empty_inputs_never_reach_a_kernel_and_match_torch(backend):
+    torch.set_default_device(device_for(backend))
+    try:
+        check_empty_inputs(backend)
+    finally:
+        torch.set_default_device(None)
+
+
+def check_empty_inputs(backend):
+    q = torch.randn(2, 3, 4, 8, requires_grad=True)
+    k, v = (torch.randn(2, 3, 0, 8, requires_grad=True) for _ in range(2))
+    out = metagpt_fast.scaled_dot_product_attention(q, k, v, backend=backend)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), atol=0, rtol=0)
+    out.sum().backward()
+    assert torch.equal(q.grad, torch.zeros_like(q)) and k.grad.shape == k.shape
+    empty_tokens = torch.zeros(3, 0, dtype=torch.long)
+    assert metagpt_fast.embed_positions(empty_tokens, torch.randn(5, 4), backend=backend).shape == (3, 0, 4)
+    assert metagpt_fast.add_positional_encoding(torch.randn(0, 3, 4), backend=backend).shape == (0, 3, 4)
+    q_out, k_out = metagpt_fast.apply_rotary(torch.randn(1, 2, 3, 8), torch.randn(1, 0, 3, 8), backend=backend)
+    assert q_out.shape == (1, 2, 3, 8) and k_out.shape == (1, 0, 3, 8)
