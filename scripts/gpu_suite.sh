@@ -158,13 +158,17 @@ stage info 20 "$SUMMARY" "$PY" -m metagpt_fast.cli info
 # -------------------------------------------------------------------------------------------------------- tests
 TESTS_LOG=$OUT/tests.log
 : > "$TESTS_LOG"
-# GPU-only files (their tests skip without CUDA) and the files that check backends against the reference.
-mapfile -t GPU_FILES < <(ls tests/test_*gpu*.py tests/test_cuda_*.py 2> /dev/null | sort -u)
+# GPU files (named so, or holding tests marked `gpu` / `requires_cuda`, which skip without CUDA) and the files that
+# check the GPU backends against the reference.
+mapfile -t GPU_FILES < <({
+    ls tests/test_*gpu*.py tests/test_cuda_*.py 2> /dev/null
+    grep -l -E "requires_cuda|mark\.gpu" tests/test_*.py 2> /dev/null
+} | sort -u)
 mapfile -t PARITY_FILES < <(ls tests/test_triton_*.py tests/test_model_backends.py tests/test_attention*.py \
-    tests/test_positional*.py tests/test_rotary*.py tests/test_parity*.py tests/test_cpu_*.py 2> /dev/null | sort -u)
+    tests/test_positional*.py tests/test_rotary*.py tests/test_parity*.py 2> /dev/null | sort -u)
 PYTEST=("$PY" -m pytest -q -rfE -p no:cacheprovider)
 if [ $HAVE_GPU -eq 1 ]; then
-    FILES=("${GPU_FILES[@]}" "${PARITY_FILES[@]}")
+    mapfile -t FILES < <(printf '%s\n' "${GPU_FILES[@]}" "${PARITY_FILES[@]}" | grep -v '^$' | sort -u)
     if [ ${#FILES[@]} -eq 0 ]; then
         skip tests "no GPU or parity test files found" "$TESTS_LOG"
     else
@@ -177,7 +181,8 @@ if [ $HAVE_GPU -eq 1 ]; then
 else
     # Without a GPU only collection is checked (imports, parametrisation); running them is CI's job on the CPU.
     echo "no CUDA GPU: collecting the GPU and parity test files without running them" >> "$TESTS_LOG"
-    stage tests-collect 45 "$TESTS_LOG" "${PYTEST[@]}" --collect-only "${GPU_FILES[@]}" "${PARITY_FILES[@]}"
+    mapfile -t FILES < <(printf '%s\n' "${GPU_FILES[@]}" "${PARITY_FILES[@]}" | grep -v '^$' | sort -u)
+    stage tests-collect 45 "$TESTS_LOG" "${PYTEST[@]}" --collect-only "${FILES[@]}"
 fi
 
 # -------------------------------------------------------------------------------------------------------- bench

@@ -55,7 +55,7 @@ def op_table(result: OpResult) -> Table:
     by_case: dict = {}
     for m in result.measurements:
         by_case.setdefault(m.case, []).append(m)
-    for case, measurements in by_case.items():
+    for case, measurements in sorted(by_case.items(), key=lambda item: _table_order(item[0])):
         ratios = speedups(bench, measurements)
         label = f"{case.mode} {case.label}" + (f" {dtype_name(case.dtype)}" if len(dtypes) > 1 else "")
         shown = [m for m in measurements if m.provider not in never]
@@ -63,6 +63,13 @@ def op_table(result: OpResult) -> Table:
             table.add_row(label if i == 0 else "", *_cells(result, m, ratios.get(m.provider, {})))
         table.add_section()
     return table
+
+
+def _table_order(case) -> tuple:
+    """Mode (fwd, bwd, fwd+bwd, train), then dtype and the other flags, then sequence length."""
+    modes = ("fwd", "bwd", "fwd+bwd", "train")
+    _, mode, dtype, rest = case.group_key()
+    return (modes.index(mode) if mode in modes else len(modes), dtype, rest, case.seq_len or 0)
 
 
 def never_supported(result: OpResult) -> dict[str, str]:
