@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -119,6 +120,23 @@ def test_time_cpu_warms_up_repeats_and_resets_grads():
     t = time_cpu(fn, TimingBudget(warmup_s=0.0, measure_s=0.0, min_repeats=4, max_repeats=4), grad_to_none=[leaf])
     assert t.repeats == 4 and len(calls) == 5  # one warm-up call, four timed
     assert 0 < t.p20_ms <= t.median_ms <= t.p80_ms
+
+
+def test_time_cpu_skips_the_warm_up_when_told():
+    calls = []
+    budget = TimingBudget(warmup_s=0.0, measure_s=0.0, min_repeats=2, max_repeats=2, min_warmup=0)
+    assert time_cpu(lambda: calls.append(1), budget).repeats == 2 and len(calls) == 2
+
+
+def test_time_cpu_caps_slow_callables():
+    calls = []
+
+    def slow():
+        calls.append(1)
+        time.sleep(0.05)
+
+    t = time_cpu(slow, TimingBudget(warmup_s=0.0, measure_s=0.0, min_repeats=50, max_s=0.12))
+    assert 1 <= t.repeats <= 4 and len(calls) == t.repeats + 1  # min_repeats gave way to the hard cap
 
 
 def test_running_peak():

@@ -90,7 +90,10 @@ def measure(
         return m
     try:
         prepared = provider.setup(case, inputs)
+        began = time.perf_counter()
         outputs = prepared.parity()
+        if time.perf_counter() - began > budget.max_s / 3:  # the parity run was this slow kernel's warm-up
+            budget = dataclasses.replace(budget, min_warmup=0, warmup_s=0.0)
         if oracle is not None:
             m.max_err = _parity_error(outputs, oracle)
         del outputs

@@ -45,6 +45,8 @@ class TimingBudget:
     max_repeats: int = 200
     # Hard cap on the timed calls of one callable (CPU): a 10-second kernel is timed once, not min_repeats times.
     max_s: float = 3.0
+    # Warm-up calls at least (CPU); 0 when the caller has just run the work once anyway (a slow kernel's parity run).
+    min_warmup: int = 1
 
     @classmethod
     def quick(cls) -> TimingBudget:
@@ -59,7 +61,7 @@ def _reset_grads(tensors: Sequence[torch.Tensor]) -> None:
 def time_cpu(fn: Callable[[], object], budget: TimingBudget, grad_to_none: Sequence[torch.Tensor] = ()) -> Timing:
     start = time.perf_counter()
     calls = 0
-    while calls < 1 or time.perf_counter() - start < budget.warmup_s:
+    while calls < budget.min_warmup or (calls and time.perf_counter() - start < budget.warmup_s):
         _reset_grads(grad_to_none)
         fn()
         calls += 1
