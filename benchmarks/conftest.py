@@ -22,13 +22,12 @@ import torch
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-from metagpt_fast.bench.core import Case, Measurement, Provider, Skipped, Unsupported
+from metagpt_fast.bench.core import Case, Measurement, Provider, Skipped, Unsupported, compare
 from metagpt_fast.bench.results import RESULTS_FILE, ResultsFile
 from metagpt_fast.bench.runner import apply_parity_rule, case_rows
 from metagpt_fast.bench.suite import UNITS, OpBench, throughput
 from metagpt_fast.bench.timing import Timing
 from metagpt_fast.commands.bench import resolve_device, resolve_dtypes
-from metagpt_fast.testing import max_error
 
 
 def pytest_addoption(parser):
@@ -104,19 +103,20 @@ def run_benchmark(benchmark, bench: OpBench, case: Case, provider: Provider, res
     m = Measurement(case, provider.name, provider.kind, "ok")
     measurements = [m]
     if oracle is not None:
-        m.max_err = max(max_error(out, ref) for out, ref in zip(outputs, oracle, strict=True))
-        if provider.name != "reference":  # the parity bound needs the reference's own error on these inputs
+        compare(outputs, oracle, case.dtype, m)
+        if provider.name != "reference" and m.within_tolerance is None:
+            # Half precision: the bound is the reference's own error on these inputs.
             reference = next(p for p in bench.providers(case.device) if p.name == "reference")
-            ref_outputs = reference.setup(case, inputs).parity()
-            ref_err = max(max_error(out, ref) for out, ref in zip(ref_outputs, oracle, strict=True))
-            measurements.insert(0, Measurement(case, "reference", "backend", "parity only", max_err=ref_err))
+            ref = Measurement(case, "reference", "backend", "parity only")
+            compare(reference.setup(case, inputs).parity(), oracle, case.dtype, ref)
+            measurements.insert(0, ref)
         apply_parity_rule(measurements)
     del outputs
 
     if provider.slow:
         m.status = "parity only"
         results.append(case_rows(bench, [m]))
-        assert not m.parity_violation, f"max err {m.max_err:.2e} > parity bound {m.parity_bound:.2e}"
+        assert not m.parity_violation, m.parity_note
         pytest.skip("interpreted Triton: parity checked, not timed")
 
     def setup():
@@ -141,4 +141,4 @@ def run_benchmark(benchmark, bench: OpBench, case: Case, provider: Provider, res
     )
     results.append(case_rows(bench, [m]))
     if provider.kind == "backend":
-        assert not m.parity_violation, f"max err {m.max_err:.2e} > parity bound {m.parity_bound:.2e}"
+        assert not m.parity_violation, m.parity_note

@@ -12,7 +12,7 @@ import torch
 
 from metagpt_fast import cli
 from metagpt_fast.bench import formulas
-from metagpt_fast.bench.core import Case, Measurement, Provider, Unsupported, functional
+from metagpt_fast.bench.core import Case, Measurement, Provider, Unsupported, compare, functional
 from metagpt_fast.bench.memory import peak_memory, running_peak
 from metagpt_fast.bench.plots import PLOT_FILE, panels
 from metagpt_fast.bench.results import COLUMNS, RESULTS_FILE, ResultsFile, make_row, read_results
@@ -300,14 +300,28 @@ def test_interpreted_provider_is_skipped_above_the_interpreter_size():
     assert m.status == "skipped" and m.timing is None
 
 
-def test_parity_rule_flags_a_backend_twice_as_wrong_as_the_reference():
-    case = _case()
-    ref = Measurement(case, "reference", "backend", "ok", max_err=1e-3)
-    close = Measurement(case, "fast", "backend", "ok", max_err=2e-3)
-    far = Measurement(case, "bad", "backend", "ok", max_err=3e-3)
+def test_parity_rule_in_half_precision_is_relative_to_the_reference():
+    case = Case("attention", "fwd", (("N", 4),), torch.bfloat16, "cpu")
+    ref = Measurement(case, "reference", "backend", "ok", errors=[1e-3, 4e-3])
+    close = Measurement(case, "fast", "backend", "ok", errors=[2e-3, 8e-3])
+    far = Measurement(case, "bad", "backend", "ok", errors=[2e-3, 9e-3])  # gradient 1 is > 2 x 4e-3 + 1e-2
+    far.errors[1] = 2 * 4e-3 + 1e-2 + 1e-4
     apply_parity_rule([ref, close, far])
-    assert far.parity_bound == pytest.approx(2e-3 + 1e-5)
     assert not ref.parity_violation and not close.parity_violation and far.parity_violation
+    assert far.parity_note.startswith("tensor 1:")
+
+
+def test_parity_rule_in_float32_is_the_test_suites_tolerance():
+    case = _case()
+    m = Measurement(case, "fast", "backend", "ok")
+    ref = torch.tensor([1.0, 100.0], dtype=torch.float64)
+    compare([ref.float() + torch.tensor([5e-6, 5e-4])], [ref], torch.float32, m)  # within 1e-5 + 1e-5 x |ref|
+    apply_parity_rule([m])
+    assert m.within_tolerance and not m.parity_violation and m.max_err == pytest.approx(5e-4, rel=0.02)
+    bad = Measurement(case, "bad", "backend", "ok")
+    compare([ref.float() + torch.tensor([5e-5, 0.0])], [ref], torch.float32, bad)
+    apply_parity_rule([bad])
+    assert bad.parity_violation and "atol" in bad.parity_note
 
 
 def test_runner_rows_speedups_and_plot_panels(tmp_path):

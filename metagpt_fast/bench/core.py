@@ -17,6 +17,7 @@ import torch
 
 from metagpt_fast import backends
 from metagpt_fast.bench.timing import Timing
+from metagpt_fast.testing import ATOL, RTOL, max_error
 
 BASELINE_SDPA = "torch-sdpa"
 
@@ -92,15 +93,29 @@ class Measurement:
     note: str = ""
     timing: Timing | None = None
     work: float | None = None  # FLOPs, bytes or tokens per call, in the op's throughput unit
-    max_err: float | None = None
-    # The parity rule's bound for this case (2 x the reference's own error + atol), when the reference ran.
-    parity_bound: float | None = None
+    max_err: float | None = None  # max over errors
+    errors: list[float] | None = None  # max |output - oracle| per output / gradient, in the parity order
+    within_tolerance: bool | None = None  # float32/float64: every element within the test suite's atol + rtol
+    parity_violation: bool = False  # set by the runner's parity rule; parity_note says which bound was passed
+    parity_note: str = ""
     peak_bytes: int | None = None
     extra: dict = dataclasses.field(default_factory=dict)  # e.g. {"mfu": 0.41, "tflops": 120.0}
 
-    @property
-    def parity_violation(self) -> bool:
-        return self.max_err is not None and self.parity_bound is not None and self.max_err > self.parity_bound
+
+def compare(outputs: Sequence[torch.Tensor], oracle: Sequence[torch.Tensor], dtype: torch.dtype, m: Measurement):
+    """Fills ``m``'s parity fields from a provider's outputs and the oracle's (same order, same shapes)."""
+    if len(outputs) != len(oracle):
+        raise AssertionError(f"returned {len(outputs)} tensors, the reference {len(oracle)}")
+    for out, ref in zip(outputs, oracle):
+        if out.shape != ref.shape:
+            raise AssertionError(f"output shape {tuple(out.shape)} != reference {tuple(ref.shape)}")
+    m.errors = [max_error(out, ref) for out, ref in zip(outputs, oracle)]
+    m.max_err = max(m.errors, default=0.0)
+    if dtype in (torch.float32, torch.float64):  # the test suite's fixed tolerances for full precision
+        m.within_tolerance = all(
+            bool(torch.isclose(out.double(), ref.double(), rtol=RTOL[dtype], atol=ATOL[dtype], equal_nan=True).all())
+            for out, ref in zip(outputs, oracle)
+        )
 
 
 def oracle_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -117,7 +117,7 @@ def _caption(result: OpResult, oracles: list[str], never: dict[str, str]) -> str
     lines = [
         (
             f"max err: max |output − reference in {'/'.join(oracles)}| over the outputs and every input gradient, "
-            "same inputs (! = above the parity rule: 2 x the reference's own error + atol); "
+            "same inputs (! = outside the test suite's parity rule); "
             "vs ref / vs SDPA: median-time speedups."
         )
     ]

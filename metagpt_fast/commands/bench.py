@@ -101,6 +101,7 @@ def make_console():
 
 
 def run(args: argparse.Namespace) -> int:
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from metagpt_fast.bench.memory import quiet_profiler_logs
@@ -160,8 +161,8 @@ def run(args: argparse.Namespace) -> int:
     above = [m for m in measured if m.parity_violation]
     for m in above:
         console.print(
-            f"[bold red]parity:[/] {m.provider} on {m.case.op} {m.case.mode} {m.case.label}: max err "
-            f"{m.max_err:.2e} > bound {m.parity_bound:.2e}"
+            f"[bold red]parity:[/] {m.provider} on {m.case.op} {m.case.mode} {m.case.label} "
+            f"{str(m.case.dtype).removeprefix('torch.')}: {escape(m.parity_note)}"
         )
     # A package backend outside the parity rule is an error; an external baseline's numbers are only reported.
     return 1 if failed or any(m.kind == "backend" for m in above) else 0
