@@ -20,6 +20,7 @@
 
 #include "common.h"
 #include "gemm.h"
+#include "row_ops.h"
 #include "metagpt_fast/online_softmax.h"
 #include "metagpt_fast/philox.h"
 
@@ -53,54 +54,6 @@ struct Layout {
   explicit Layout(const at::Tensor& t) : b(t.stride(0)), h(t.stride(1)), n(t.stride(2)) {}
   int64_t at(int64_t bi, int64_t hi, int64_t ni) const { return bi * b + hi * h + ni * n; }
 };
-
-// ----------------------------------------------------------------------------------- vectorised row loops (hot)
-
-MGF_CPU_CLONES float row_max(const float* s, int64_t n) {
-  float m = -INFINITY;
-  for (int64_t c = 0; c < n; ++c) m = s[c] > m ? s[c] : m;
-  return m;
-}
-
-// s <- exp(s - shift) (online_softmax.h); returns the row sum.
-MGF_CPU_CLONES float softmax_row(float* s, int64_t n, float shift) {
-  float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t c = 0; c < n; ++c) {
-    const float p = softmax_weight(s[c], shift);
-    s[c] = p;
-    sum += p;
-  }
-  return sum;
-}
-
-// p <- exp(p - lse): the forward's probabilities from the saved log-sum-exp.
-MGF_CPU_CLONES void probabilities_row(float* p, int64_t n, float lse) {
-  for (int64_t c = 0; c < n; ++c) p[c] = softmax_weight_from_lse(p[c], lse);
-}
-
-MGF_CPU_CLONES void scale_row(float* a, int64_t n, float alpha) {
-  for (int64_t c = 0; c < n; ++c) a[c] *= alpha;
-}
-
-MGF_CPU_CLONES void multiply_row(float* out, const float* a, const float* b, int64_t n) {
-  for (int64_t c = 0; c < n; ++c) out[c] = a[c] * b[c];
-}
-
-// dS = P * (dP * F - delta), written over dP; F (dropout factors) may be null.
-MGF_CPU_CLONES void softmax_grad_row(float* dp, const float* p, const float* f, int64_t n, float delta) {
-  if (f != nullptr) {
-    for (int64_t c = 0; c < n; ++c) dp[c] = p[c] * (dp[c] * f[c] - delta);
-  } else {
-    for (int64_t c = 0; c < n; ++c) dp[c] = p[c] * (dp[c] - delta);
-  }
-}
-
-MGF_CPU_CLONES void philox_factors(float* f, int64_t n, uint64_t seed, uint64_t base, uint32_t threshold,
-                                   float inv_keep) {
-  for (int64_t c = 0; c < n; ++c)
-    f[c] = dropout_keep(seed, base + static_cast<uint64_t>(c), threshold) ? inv_keep : 0.0f;
-}
 
 // Rows [0, rows) x [0, cols) of src (leading dimension ld) as float32: the input itself for float, else converted
 // into buf (leading dimension cols). Returns the pointer and sets *ld_out.
@@ -151,6 +104,7 @@ void forward(const Problem& pb, const T* q, Layout lq, const T* k, Layout lk, co
              float* lse) {
   const int64_t group = pb.heads_q / pb.heads_k, q_blocks = (pb.nq + BLOCK_Q - 1) / BLOCK_Q;
   at::parallel_for(0, pb.batch * pb.heads_q * q_blocks, 1, [&](int64_t t0, int64_t t1) {
+    const SequentialBlas sequential;
     std::vector<float> qbuf(BLOCK_Q * pb.d), kbuf(BLOCK_K * pb.d), vbuf(BLOCK_K * pb.dv);
     std::vector<float> s(BLOCK_Q * BLOCK_K), f(BLOCK_K), acc(BLOCK_Q * pb.dv);
     std::vector<OnlineSoftmax> state(BLOCK_Q);
@@ -198,6 +152,7 @@ void backward(const Problem& pb, const T* dout, Layout ldo, const T* q, Layout l
               const T* v, Layout lv, const T* out, Layout lo, const float* lse, T* dq, T* dk, T* dv) {
   const int64_t group = pb.heads_q / pb.heads_k, d = pb.d, dvd = pb.dv;
   at::parallel_for(0, pb.batch * pb.heads_k, 1, [&](int64_t t0, int64_t t1) {
+    const SequentialBlas sequential;
     std::vector<float> qbuf(BLOCK_Q * d), dobuf(BLOCK_Q * dvd), kbuf(BLOCK_K * d), vbuf(BLOCK_K * dvd);
     std::vector<float> p(BLOCK_Q * BLOCK_K), pd, f, dp(BLOCK_Q * BLOCK_K), dq_acc(BLOCK_Q * d), delta(BLOCK_Q);
     std::vector<float> dk_acc(pb.nk * d), dv_acc(pb.nk * dvd);

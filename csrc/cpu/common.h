@@ -10,15 +10,6 @@
 
 #include <cstdint>
 
-// Hot row loops are also compiled for x86-64-v3 (AVX2 + FMA) and x86-64-v4 (AVX-512) and picked when the library
-// loads (function multi-versioning), while the library itself targets baseline x86-64: 2-4x wider vectors for the
-// softmax and dropout loops on current CPUs, no illegal instruction on old ones.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
-#define MGF_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define MGF_CPU_CLONES
-#endif
-
 namespace metagpt_fast::cpu {
 
 // Float32, bfloat16 and float16 inputs (three instantiations per kernel); every kernel computes in float32.

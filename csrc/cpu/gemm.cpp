@@ -9,9 +9,22 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
                        const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
                        const float* beta, float* c, const int* ldc) __attribute__((weak, visibility("default")));
 
+// MKL's thread-local thread count (returns the previous one; 0 = follow the global setting), weak like sgemm_.
+// The C entry point is MKL_Set_Num_Threads_Local (mkl_service.h maps mkl_set_num_threads_local to it by macro; the
+// lower-case symbol is the Fortran interface, which takes a pointer).
+extern "C" int MKL_Set_Num_Threads_Local(int nthreads) __attribute__((weak, visibility("default")));
+
 namespace metagpt_fast::cpu {
 
 bool gemm_uses_blas() { return sgemm_ != nullptr; }
+
+SequentialBlas::SequentialBlas() {
+  if (MKL_Set_Num_Threads_Local != nullptr) previous_ = MKL_Set_Num_Threads_Local(1);
+}
+
+SequentialBlas::~SequentialBlas() {
+  if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(previous_);
+}
 
 namespace {
 

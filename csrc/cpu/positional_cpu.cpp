@@ -5,11 +5,13 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "common.h"
 #include "metagpt_fast/philox.h"
 #include "metagpt_fast/sinusoid.h"
+#include "row_ops.h"
 
 namespace metagpt_fast::cpu {
 namespace {
@@ -37,12 +39,11 @@ std::vector<float> sinusoid_table(int64_t seq_len, int64_t d, int64_t offset) {
 }
 
 // Applies dropout in place to one row of already-rounded outputs: y * keep / (1 - p), Philox offsets base + j.
+// ``factors`` is scratch of n floats.
 template <typename T>
-void dropout_row(T* y, int64_t n, uint64_t seed, uint64_t base, uint32_t threshold, float inv_keep) {
-  for (int64_t j = 0; j < n; ++j) {
-    const bool keep = dropout_keep(seed, base + static_cast<uint64_t>(j), threshold);
-    y[j] = from_float<T>(keep ? to_float(y[j]) * inv_keep : 0.0f);
-  }
+void dropout_row(T* y, int64_t n, uint64_t seed, uint64_t base, uint32_t threshold, float inv_keep, float* factors) {
+  philox_factors(factors, n, seed, base, threshold, inv_keep);
+  for (int64_t j = 0; j < n; ++j) y[j] = from_float<T>(to_float(y[j]) * factors[j]);
 }
 
 at::Tensor embed_positions_fwd(const at::Tensor& tokens, const at::Tensor& weight, double scale, int64_t offset,
@@ -67,6 +68,7 @@ at::Tensor embed_positions_fwd(const at::Tensor& tokens, const at::Tensor& weigh
     const scalar_t* wp = w.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, batch * seq_len, 1, [&](int64_t r0, int64_t r1) {
+      std::vector<float> factors(dropout_p > 0.0 ? d : 0);
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t tok = id[r];
         TORCH_CHECK(tok >= 0 && tok < vocab, "tokens must lie in [0, ", vocab, "), found token id ", tok);
@@ -78,7 +80,8 @@ at::Tensor embed_positions_fwd(const at::Tensor& tokens, const at::Tensor& weigh
         } else {
           for (int64_t j = 0; j < d; ++j) orow[j] = from_float<scalar_t>(to_float(wrow[j]) * fscale);
         }
-        if (dropout_p > 0.0) dropout_row(orow, d, key, static_cast<uint64_t>(r * d), threshold, inv_keep);
+        if (dropout_p > 0.0)
+          dropout_row(orow, d, key, static_cast<uint64_t>(r * d), threshold, inv_keep, factors.data());
       }
     });
   });
@@ -96,29 +99,31 @@ at::Tensor embed_positions_bwd(const at::Tensor& grad_out, const at::Tensor& tok
   const at::Tensor ids = tokens.to(at::kLong).contiguous();
   const at::Tensor g = grad_out.contiguous();
   const int64_t rows = tokens.numel(), d = g.size(2);
-  at::Tensor grad_w = at::zeros({num_embeddings, d}, g.options().dtype(at::kFloat));
+  // Float32 sums; written straight into the result for float32, converted once otherwise.
+  at::Tensor grad_w = at::empty({num_embeddings, d}, g.options().dtype(at::kFloat));
   const uint32_t threshold = dropout_threshold(dropout_p);
   const float keep_scale = static_cast<float>(scale / (1.0 - dropout_p)), fscale = static_cast<float>(scale);
   const int64_t* id = ids.data_ptr<int64_t>();
   float* gw = grad_w.data_ptr<float>();
   MGF_DISPATCH_FLOATING(g.scalar_type(), "embed_positions_bwd", [&] {
     const scalar_t* gp = g.data_ptr<scalar_t>();
-    // Each thread owns a slice of feature columns and walks every row in token order: no atomics, the same sums in
-    // the same order on every run (deterministic), whatever the thread count.
-    at::parallel_for(0, d, 64, [&](int64_t c0, int64_t c1) {
+    // Each thread owns a range of vocabulary rows: it zeroes them (first touch of a large fresh gradient is most of
+    // the cost) and adds the gradient rows of its tokens in token order. No atomics, and every sum has the same
+    // order on every run whatever the thread count: deterministic.
+    at::parallel_for(0, num_embeddings, 16, [&](int64_t v0, int64_t v1) {
+      std::fill(gw + v0 * d, gw + v1 * d, 0.0f);
+      std::vector<float> factors(dropout_p > 0.0 ? d : 0);
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t tok = id[r];
         TORCH_CHECK(tok >= 0 && tok < num_embeddings, "tokens must lie in [0, ", num_embeddings, "), found ", tok);
+        if (tok < v0 || tok >= v1) continue;
         const scalar_t* grow = gp + r * d;
         float* wrow = gw + tok * d;
         if (dropout_p > 0.0) {
-          const uint64_t base = static_cast<uint64_t>(r * d);
-          for (int64_t j = c0; j < c1; ++j) {
-            const bool keep = dropout_keep(key, base + static_cast<uint64_t>(j), threshold);
-            wrow[j] += keep ? to_float(grow[j]) * keep_scale : 0.0f;
-          }
+          philox_factors(factors.data(), d, key, static_cast<uint64_t>(r * d), threshold, keep_scale);
+          for (int64_t j = 0; j < d; ++j) wrow[j] += to_float(grow[j]) * factors[j];
         } else {
-          for (int64_t j = c0; j < c1; ++j) wrow[j] += to_float(grow[j]) * fscale;
+          for (int64_t j = 0; j < d; ++j) wrow[j] += to_float(grow[j]) * fscale;
         }
       }
     });
@@ -144,13 +149,15 @@ at::Tensor add_positional_encoding_fwd(const at::Tensor& x, int64_t offset, doub
     const scalar_t* xp = xs.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, batch * seq_len, 1, [&](int64_t r0, int64_t r1) {
+      std::vector<float> factors(dropout_p > 0.0 ? d : 0);
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t b = r / seq_len, t = r % seq_len;
         const scalar_t* xrow = xp + b * sb + t * st;
         const float* pe = table.data() + t * d;
         scalar_t* orow = op + r * d;
         for (int64_t j = 0; j < d; ++j) orow[j] = from_float<scalar_t>(to_float(xrow[j]) + pe[j]);
-        if (dropout_p > 0.0) dropout_row(orow, d, key, static_cast<uint64_t>(r * d), threshold, inv_keep);
+        if (dropout_p > 0.0)
+          dropout_row(orow, d, key, static_cast<uint64_t>(r * d), threshold, inv_keep, factors.data());
       }
     });
   });
@@ -172,9 +179,16 @@ at::Tensor add_positional_encoding_bwd(const at::Tensor& grad_out, double dropou
     const scalar_t* gp = g.data_ptr<scalar_t>();
     scalar_t* op = grad_x.data_ptr<scalar_t>();
     at::parallel_for(0, n, 4096, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const bool keep = dropout_p == 0.0 || dropout_keep(key, static_cast<uint64_t>(i), threshold);
-        op[i] = from_float<scalar_t>(keep ? to_float(gp[i]) * inv_keep : 0.0f);
+      constexpr int64_t kChunk = 1024;
+      float factors[kChunk];
+      for (int64_t c0 = i0; c0 < i1; c0 += kChunk) {
+        const int64_t len = std::min(kChunk, i1 - c0);
+        if (dropout_p > 0.0) {
+          philox_factors(factors, len, key, static_cast<uint64_t>(c0), threshold, inv_keep);
+        } else {
+          std::fill(factors, factors + len, 1.0f);
+        }
+        for (int64_t i = 0; i < len; ++i) op[c0 + i] = from_float<scalar_t>(to_float(gp[c0 + i]) * factors[i]);
       }
     });
   });
