@@ -29,8 +29,6 @@ DTYPES = [torch.float32, torch.float16]
 # Kernels known to break the policy, each with its reproducer in the commit that added it. Strict: the test fails
 # as soon as the kernel is fixed, so the entry gets removed.
 KNOWN_ISSUES = {
-    ("cpu", "nan"): "cpu attention drops NaN scores: mgf_exp clamps NaN to exp(-87.3) and fmaxf skips NaN maxima",
-    ("cpu", "+inf"): "cpu attention turns a +inf mask entry into finite weights (exp(inf - inf) clamped, not NaN)",
     ("cpu", "finfo.min"): "cpu attention backward: the saved LSE m + log(l) loses log(l) when |m| ~ 3e38",
 }
 
