@@ -311,17 +311,27 @@ def test_parity_rule_in_half_precision_is_relative_to_the_reference():
     assert far.parity_note.startswith("tensor 1:")
 
 
-def test_parity_rule_in_float32_is_the_test_suites_tolerance():
+def test_parity_rule_in_float32_accepts_the_test_suites_tolerance_or_the_relative_bound():
     case = _case()
-    m = Measurement(case, "fast", "backend", "ok")
-    ref = torch.tensor([1.0, 100.0], dtype=torch.float64)
-    compare([ref.float() + torch.tensor([5e-6, 5e-4])], [ref], torch.float32, m)  # within 1e-5 + 1e-5 x |ref|
-    apply_parity_rule([m])
-    assert m.within_tolerance and not m.parity_violation and m.max_err == pytest.approx(5e-4, rel=0.02)
-    bad = Measurement(case, "bad", "backend", "ok")
-    compare([ref.float() + torch.tensor([5e-5, 0.0])], [ref], torch.float32, bad)
-    apply_parity_rule([bad])
-    assert bad.parity_violation and "atol" in bad.parity_note
+    # Two outputs (say an output and a gradient), unit-scale and large.
+    oracle = [torch.tensor([1.0], dtype=torch.float64), torch.tensor([100.0], dtype=torch.float64)]
+
+    def measured(name, delta_small, delta_large):
+        m = Measurement(case, name, "backend", "ok")
+        outputs = [oracle[0].float() + delta_small, oracle[1].float() + delta_large]
+        compare(outputs, oracle, torch.float32, m)
+        return m
+
+    ref = measured("reference", 0.0, 2e-3)  # a long float32 reduction: outside atol + rtol, but it is the bar
+    within = measured("within", 5e-6, 5e-4)  # inside 1e-5 + 1e-5 x |oracle|
+    relative = measured("relative", 0.0, 4e-3)  # outside the fixed tolerance, inside 2 x reference + atol
+    bad = measured("bad", 5e-5, 0.0)  # outside both on the first output
+    apply_parity_rule([ref, within, relative, bad])
+    assert ref.within_tolerance is False and not ref.parity_violation
+    assert within.within_tolerance and not within.parity_violation
+    assert relative.within_tolerance is False and not relative.parity_violation
+    assert bad.parity_violation and "tensor 0" in bad.parity_note and "rtol" in bad.parity_note
+    assert within.max_err == pytest.approx(5e-4, rel=0.02)
 
 
 def test_runner_rows_speedups_and_plot_panels(tmp_path):

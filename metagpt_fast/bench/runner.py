@@ -176,24 +176,27 @@ def run_case(plan: OpPlan, case: Case, budget: TimingBudget, on_progress=None) -
 
 
 def apply_parity_rule(measurements: Sequence[Measurement]) -> None:
-    """Flags measurements outside the test suite's parity rule (``metagpt_fast.testing``): float32/float64 within
-    fixed atol + rtol of the oracle; half precisions at most twice as far from the oracle as the reference backend
-    on the same inputs, plus atol, output by output and gradient by gradient."""
+    """Flags measurements outside the test suite's parity rule (``metagpt_fast.testing``): at most twice as far
+    from the oracle as the reference backend on the same inputs, plus atol, output by output and gradient by
+    gradient; in float32/float64 a result within the suite's fixed atol + rtol of the oracle also passes (long
+    float32 reductions, such as a 16k-row embedding gradient, drift past atol in the reference itself)."""
     ref = next((m for m in measurements if m.provider == "reference" and m.errors is not None), None)
     for m in measurements:
-        if m.errors is None:
+        if m.errors is None or m.within_tolerance:
             continue
         dtype = m.case.dtype
-        if m.within_tolerance is not None:
-            m.parity_violation = not m.within_tolerance
-            m.parity_note = f"outside atol {ATOL[dtype]:g} + rtol {RTOL[dtype]:g} x |reference|"
-        elif ref is not None and len(ref.errors) == len(m.errors):
-            for i, (err, ref_err) in enumerate(zip(m.errors, ref.errors)):
-                bound = 2 * ref_err + ATOL[dtype]
-                if err > bound:
-                    m.parity_violation = True
-                    m.parity_note = f"tensor {i}: {err:.2e} > 2 x the reference's {ref_err:.2e} + {ATOL[dtype]:g}"
-                    break
+        if ref is None or len(ref.errors) != len(m.errors):
+            if m.within_tolerance is False:  # no reference to compare with: the fixed tolerance decides
+                m.parity_violation = True
+                m.parity_note = f"outside atol {ATOL[dtype]:g} + rtol {RTOL[dtype]:g} x |oracle|"
+            continue
+        for i, (err, ref_err) in enumerate(zip(m.errors, ref.errors)):
+            if err > 2 * ref_err + ATOL[dtype]:
+                m.parity_violation = True
+                m.parity_note = f"tensor {i}: {err:.2e} > 2 x the reference's {ref_err:.2e} + {ATOL[dtype]:g}"
+                if m.within_tolerance is False:
+                    m.parity_note += f", and outside atol + rtol {RTOL[dtype]:g} x |oracle|"
+                break
 
 
 def speedups(bench: OpBench, measurements: Sequence[Measurement]) -> dict[str, dict[str, float]]:
