@@ -49,7 +49,8 @@ def device_name(device: torch.device | str) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     cpu = _cpu_model() or platform.processor() or platform.machine()
-    return f"CPU {cpu} ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"CPU {cpu} ({threads} thread{'s' if threads != 1 else ''})"
 
 
 @functools.cache

@@ -126,6 +126,13 @@ def run(args: argparse.Namespace) -> int:
     results = ResultsFile(args.out / RESULTS_FILE)
 
     console = make_console()
+    if torch.device(device).type == "cpu" and hasattr(os, "getloadavg"):
+        load, cores = os.getloadavg()[0], os.cpu_count() or 1
+        if load > cores - 0.5:
+            console.print(
+                f"[yellow]note:[/] load average {load:.1f} on {cores} cores: other processes share the CPU, so "
+                f"multi-threaded timings include waits for busy cores (--threads 1 measures single-core speed)"
+            )
     total = sum(len(plan.cases) * len(plan.runnable) for plan in plans)
     began = time.perf_counter()
     with Progress(
