@@ -80,6 +80,7 @@ def _extension_kwargs() -> dict:
         "name": config.EXTENSION_NAME,
         "sources": srcs,
         "include_dirs": config.include_dirs(root),  # absolute: ninja runs in the build folder
+        "extra_link_args": config.ld_flags(),
     }
     if with_cuda:
         _log(f"building C++ CPU + CUDA kernels for sm_{', sm_'.join(archs)} with nvcc from {cuda_home}")

@@ -124,11 +124,17 @@ def debug() -> bool:
 
 def cxx_flags(with_cuda: bool) -> list[str]:
     # No -std: torch's build adds the standard its headers need (C++17 or C++20 depending on the version).
-    flags = ["-fvisibility=hidden", "-fopenmp-simd"]  # -fopenmp-simd: simd pragmas only, no OpenMP runtime
+    # -fopenmp: at::parallel_for is an inline template whose OpenMP pragma is compiled into this library; without
+    # the flag it silently runs on one thread. libgomp.so.1 is then shared with torch (same soname, loaded once).
+    flags = ["-fvisibility=hidden", "-fopenmp"]
     flags += ["-O0", "-g", "-DMETAGPT_FAST_DEBUG"] if debug() else ["-O3"]
     if with_cuda:
         flags.append(f"-D{CUDA_MACRO}")
     return flags
+
+
+def ld_flags() -> list[str]:
+    return ["-fopenmp"]
 
 
 def nvcc_flags(archs: list[str]) -> list[str]:
@@ -195,6 +201,7 @@ def _jit_build(verbose: bool):
         extra_include_paths=include_dirs(root),
         extra_cflags=cxx_flags(with_cuda),
         extra_cuda_cflags=nvcc_flags(archs) if with_cuda else None,
+        extra_ldflags=ld_flags(),
         with_cuda=with_cuda,
         is_python_module=True,
         verbose=verbose,
