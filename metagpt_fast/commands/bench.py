@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     results = ResultsFile(args.out / RESULTS_FILE)
 
     console = make_console()
-    if torch.device(device).type == "cpu" and hasattr(os, "getloadavg"):
+    if torch.device(device).type == "cpu" and torch.get_num_threads() > 1 and hasattr(os, "getloadavg"):
         load, cores = os.getloadavg()[0], os.cpu_count() or 1
         if load > cores - 0.5:
             console.print(
