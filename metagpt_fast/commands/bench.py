@@ -53,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-plot", action="store_true", help="do not draw throughput.png")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument(
+        "--strict-parity", action="store_true", help="exit 1 when a backend of the package is outside the parity rule"
+    )
 
 
 def resolve_device(name: str) -> str:
@@ -171,5 +174,6 @@ def run(args: argparse.Namespace) -> int:
             f"[bold red]parity:[/] {m.provider} on {m.case.op} {m.case.mode} {m.case.label} "
             f"{str(m.case.dtype).removeprefix('torch.')}: {escape(m.parity_note)}"
         )
-    # A package backend outside the parity rule is an error; an external baseline's numbers are only reported.
-    return 1 if failed or any(m.kind == "backend" for m in above) else 0
+    # Crashes fail the run; parity is reported (the test suite is the gate) unless --strict-parity asks otherwise.
+    strict = args.strict_parity and any(m.kind == "backend" for m in above)
+    return 1 if failed or strict else 0
