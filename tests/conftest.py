@@ -19,6 +19,3 @@ else:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs in the GPU suite)")

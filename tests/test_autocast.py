@@ -6,31 +6,20 @@ interpreter multiplies bf16 bit patterns in tl.dot; PLATFORM.md); the GPU varian
 """
 
 import copy
-import os
 
 import pytest
 import torch
+from helpers import AVAILABLE_BACKENDS, cpu_backend_params, requires_cuda
 from torch import nn
 
 import metagpt_fast
 from metagpt_fast.nn import MultiheadAttention
 from metagpt_fast.testing import ATOL, assert_parity, max_error
 
-AVAILABLE = [name for name, reason in metagpt_fast.available_backends().items() if reason is None]
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs in the GPU suite)")
-
 
 def cpu_backends():
-    params = []
-    for name in AVAILABLE:
-        if name == "cuda" or (name == "triton" and not INTERPRETED):  # CPU tensors
-            continue
-        marks = []
-        if name == "triton":
-            marks.append(pytest.mark.skip(reason="the Triton interpreter computes bf16 tl.dot wrongly (GPU suite)"))
-        params.append(pytest.param(name, marks=marks))
-    return params
+    """Backends that run the CPU model here (Triton only under the interpreter, and then skipped)."""
+    return cpu_backend_params("the Triton interpreter computes bf16 tl.dot wrongly (GPU suite)")
 
 
 def assert_rule(fast, lowp, exact, dtype, name):
@@ -102,7 +91,7 @@ def test_multihead_attention_bf16_autocast_cpu(backend):
 
 @requires_cuda
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", [b for b in AVAILABLE if b != "cpu"])
+@pytest.mark.parametrize("backend", [b for b in AVAILABLE_BACKENDS if b != "cpu"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_autocast_on_gpu(backend, dtype):
     check_metagpt(backend, "rotary", "cuda", dtype)

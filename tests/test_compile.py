@@ -6,31 +6,18 @@ tensor data while tracing; see PLATFORM.md): its compile test runs in the GPU su
 the fake-tensor and AOT-dispatch checks here.
 """
 
-import os
-
 import pytest
 import torch
+from helpers import AVAILABLE_BACKENDS, TRITON_INTERPRETED, cpu_backend_params, requires_cuda
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import metagpt_fast
 from metagpt_fast.testing import assert_parity
 
-AVAILABLE = [name for name, reason in metagpt_fast.available_backends().items() if reason is None]
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs in the GPU suite)")
-
 
 def compile_params():
     """Backends that run the CPU model here (Triton only under the interpreter, and then skipped)."""
-    params = []
-    for name in AVAILABLE:
-        if name == "cuda" or (name == "triton" and not INTERPRETED):  # CPU tensors
-            continue
-        marks = []
-        if name == "triton":
-            marks.append(pytest.mark.skip(reason="interpreted Triton cannot run under torch.compile (GPU suite)"))
-        params.append(pytest.param(name, marks=marks))
-    return params
+    return cpu_backend_params("interpreted Triton cannot run under torch.compile (GPU suite)")
 
 
 def tiny_model(backend, positional="sinusoidal", dropout=0.0, device="cpu"):
@@ -84,7 +71,7 @@ def test_metagpt_with_dropout_compiles_fullgraph(backend):
 
 @requires_cuda
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", [b for b in ("triton", "cuda") if b in AVAILABLE])
+@pytest.mark.parametrize("backend", [b for b in ("triton", "cuda") if b in AVAILABLE_BACKENDS])
 @pytest.mark.parametrize("positional", ["sinusoidal", "rotary"])
 def test_metagpt_compiles_fullgraph_on_gpu(backend, positional):
     check_compiled_matches_eager(backend, positional, "inductor", device="cuda")
@@ -139,8 +126,8 @@ def _exercise_public_ops(backend, device):
 
 def _recorded_samples():
     samples = {}
-    for backend in AVAILABLE:
-        device = "cuda" if backend == "cuda" or (backend == "triton" and not INTERPRETED) else "cpu"
+    for backend in AVAILABLE_BACKENDS:
+        device = "cuda" if backend == "cuda" or (backend == "triton" and not TRITON_INTERPRETED) else "cpu"
         if backend == "reference" or (device == "cuda" and not torch.cuda.is_available()):
             continue
         with _Recorder(samples):
@@ -152,7 +139,7 @@ def _recorded_samples():
     return samples
 
 
-SAMPLES = _recorded_samples() if any(b != "reference" for b in AVAILABLE) else {}
+SAMPLES = _recorded_samples() if any(b != "reference" for b in AVAILABLE_BACKENDS) else {}
 CUSTOM_OPS = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("metagpt_fast::"))
 
 
@@ -162,7 +149,7 @@ def test_opcheck(name):
     if not samples:
         pytest.skip(f"{name} is not called by the public ops on this machine's backends")
     test_utils = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-    if INTERPRETED and "triton" in name:
+    if TRITON_INTERPRETED and "triton" in name:
         # A triton_op's fake implementation traces its launcher; under the interpreter that launch reads tensor
         # data, which fake tensors do not have (the compile limitation above). The GPU suite runs all four checks.
         test_utils = test_utils[:2]

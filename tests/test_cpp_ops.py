@@ -4,6 +4,7 @@ whole model on ``backend="cpu"`` against ``backend="reference"``."""
 
 import pytest
 import torch
+from helpers import assert_all_parity, check_against_reference, grad_leaves, outputs_and_grads
 
 import metagpt_fast
 from metagpt_fast import _extension, backends
@@ -28,26 +29,6 @@ def cpp():
 
 def _seed(p):
     return torch.tensor([SEED], dtype=torch.int64) if p > 0 else None
-
-
-def _leaves(*tensors):
-    return [t.detach().clone().requires_grad_(True) for t in tensors]
-
-
-def _check(fast_outs, lowp_outs, fp32_outs, names):
-    for name, fast, lowp, exact in zip(names, fast_outs, lowp_outs, fp32_outs):
-        assert fast is not None, f"{name}: no gradient"
-        assert_parity(fast, lowp.to(fast.dtype) if lowp is not None else None, exact, name=name)
-
-
-def _run(fn, inputs, grad_seed_shape_like=0):
-    """Output and gradients of fn(*inputs) for a fixed random upstream gradient."""
-    out = fn(*inputs)
-    outs = out if isinstance(out, tuple) else (out,)
-    gen = torch.Generator().manual_seed(7)
-    grads_out = [torch.randn(o.shape, generator=gen).to(o.dtype) for o in outs]
-    grads = torch.autograd.grad(outs, [t for t in inputs if t.requires_grad], grads_out)
-    return [o.detach() for o in outs] + list(grads)
 
 
 # ----------------------------------------------------------------------------------------------------- attention
@@ -92,14 +73,14 @@ def test_attention_matches_reference(cpp, shape, dtype, mask_kind, causal):
     def ref(q, k, v, m=mask):
         return reference.attention(q, k, v, m, 0.0, causal, scale, gqa)
 
-    got = _run(fast, _leaves(q, k, v))
-    lowp = _run(ref, _leaves(q, k, v)) if dtype != torch.float32 else [None] * 4
+    got = outputs_and_grads(fast, grad_leaves(q, k, v))
+    lowp = outputs_and_grads(ref, grad_leaves(q, k, v)) if dtype != torch.float32 else [None] * 4
     up = [t.float() for t in (q, k, v)]
-    exact = _run(
+    exact = outputs_and_grads(
         lambda q, k, v: ref(q, k, v, mask.float() if mask is not None and mask.is_floating_point() else mask),
-        _leaves(*up),
+        grad_leaves(*up),
     )
-    _check(got, lowp, exact, ["out", "grad_q", "grad_k", "grad_v"])
+    assert_all_parity(got, lowp, exact, ["out", "grad_q", "grad_k", "grad_v"])
     assert torch.isfinite(got[0]).all()
 
 
@@ -118,10 +99,7 @@ def test_attention_dropout_replays_the_philox_stream(cpp, dtype, causal):
     def ref(q, k, v):
         return reference.attention(q, k, v, None, p, causal, 0.25, True, dropout_mask=keep)
 
-    got = _run(fast, _leaves(q, k, v))
-    lowp = _run(ref, _leaves(q, k, v)) if dtype != torch.float32 else [None] * 4
-    exact = _run(ref, _leaves(*(t.float() for t in (q, k, v))))
-    _check(got, lowp, exact, ["out", "grad_q", "grad_k", "grad_v"])
+    check_against_reference(fast, ref, (q, k, v), ["out", "grad_q", "grad_k", "grad_v"])
 
 
 def test_attention_lse_and_empty_rows(cpp):
@@ -178,10 +156,7 @@ def test_embed_positions_matches_reference(cpp, dtype, sinusoidal, d, offset, p)
     def ref(w):
         return reference.embed_positions(tokens, w, 1.7, offset, p, sinusoidal, dropout_mask=keep)
 
-    got = _run(fast, _leaves(weight))
-    lowp = _run(ref, _leaves(weight)) if dtype != torch.float32 else [None] * 2
-    exact = _run(ref, _leaves(weight.float()))
-    _check(got, lowp, exact, ["out", "grad_weight"])
+    check_against_reference(fast, ref, (weight,), ["out", "grad_weight"])
 
 
 def test_embed_positions_backward_is_deterministic(cpp):
@@ -208,10 +183,7 @@ def test_add_positional_encoding_matches_reference(cpp, dtype, offset, p):
     def ref(x):
         return reference.add_positional_encoding(x, offset, p, dropout_mask=keep)
 
-    got = _run(fast, _leaves(x))
-    lowp = _run(ref, _leaves(x)) if dtype != torch.float32 else [None] * 2
-    exact = _run(ref, _leaves(x.float()))
-    _check(got, lowp, exact, ["out", "grad_x"])
+    check_against_reference(fast, ref, (x,), ["out", "grad_x"])
 
 
 def test_dropout_is_the_reference_stream_bit_for_bit(cpp):
@@ -262,10 +234,7 @@ def test_rotary_matches_reference(cpp, dtype, case):
     def ref(q, k):
         return reference.apply_rotary(q, k, pos, 3, rd, 500.0, interleaved)
 
-    got = _run(fast, _leaves(q, k))
-    lowp = _run(ref, _leaves(q, k)) if dtype != torch.float32 else [None] * 4
-    exact = _run(ref, _leaves(q.float(), k.float()))
-    _check(got, lowp, exact, ["q_out", "k_out", "grad_q", "grad_k"])
+    check_against_reference(fast, ref, (q, k), ["q_out", "k_out", "grad_q", "grad_k"])
 
 
 def test_rotary_inplace(cpp):

@@ -20,14 +20,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import requires_cuda
 
 from metagpt_fast.ops.reference.attention import attention as reference_attention
 from metagpt_fast.ops.reference.random import dropout_keep_mask
 from metagpt_fast.testing import assert_parity
 
 ROOT = Path(__file__).resolve().parents[1]
-HAS_CUDA = torch.cuda.is_available()
-requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (runs in the GPU suite)")
 SEED = 20240611
 
 

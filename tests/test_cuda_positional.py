@@ -4,13 +4,14 @@ backward, argument errors. Skipped without a CUDA GPU (the GPU suite runs them).
 
 import pytest
 import torch
+from helpers import check_against_reference, requires_cuda
 
 from metagpt_fast import _extension
 from metagpt_fast.ops import reference
 from metagpt_fast.ops.reference.random import dropout_keep_mask
 from metagpt_fast.testing import assert_parity
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs in the GPU suite)")
+pytestmark = requires_cuda
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SEED = 987654321987
@@ -30,24 +31,6 @@ def _seed(p):
     return torch.tensor([SEED], dtype=torch.int64, device=DEVICE) if p > 0 else None
 
 
-def _leaves(*tensors):
-    return [t.detach().clone().requires_grad_(True) for t in tensors]
-
-
-def _run(fn, inputs):
-    out = fn(*inputs)
-    outs = out if isinstance(out, tuple) else (out,)
-    gen = torch.Generator(device=DEVICE).manual_seed(7)
-    grads_out = [torch.randn(o.shape, generator=gen, device=DEVICE).to(o.dtype) for o in outs]
-    grads = torch.autograd.grad(outs, [t for t in inputs if t.requires_grad], grads_out)
-    return [o.detach() for o in outs] + list(grads)
-
-
-def _check(fast_outs, lowp_outs, fp32_outs, names):
-    for name, fast, lowp, exact in zip(names, fast_outs, lowp_outs, fp32_outs):
-        assert_parity(fast, lowp, exact, name=name)
-
-
 # d = 64: 128-bit path for every dtype; d = 33: element-wise path.
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("sinusoidal,d,offset,p", [(True, 64, 0, 0.0), (True, 33, 9, 0.3), (False, 128, 0, 0.2)])
@@ -63,10 +46,7 @@ def test_embed_positions(cpp, dtype, sinusoidal, d, offset, p):
     def ref(w):
         return reference.embed_positions(tokens, w, 2.5, offset, p, sinusoidal, dropout_mask=keep)
 
-    got = _run(fast, _leaves(weight))
-    lowp = _run(ref, _leaves(weight)) if dtype != torch.float32 else [None] * 2
-    exact = _run(ref, _leaves(weight.float()))
-    _check(got, lowp, exact, ["out", "grad_weight"])
+    check_against_reference(fast, ref, (weight,), ["out", "grad_weight"], DEVICE)
 
 
 def test_embed_backward_is_deterministic(cpp):
@@ -97,10 +77,7 @@ def test_add_positional_encoding(cpp, dtype, layout, offset, p):
     def ref(x):
         return reference.add_positional_encoding(x, offset, p, dropout_mask=keep)
 
-    got = _run(fast, _leaves(x))
-    lowp = _run(ref, _leaves(x)) if dtype != torch.float32 else [None] * 2
-    exact = _run(ref, _leaves(x.float()))
-    _check(got, lowp, exact, ["out", "grad_x"])
+    check_against_reference(fast, ref, (x,), ["out", "grad_x"], DEVICE)
 
 
 def test_cuda_and_cpu_draw_the_same_dropout_mask(cpp):
@@ -137,10 +114,7 @@ def test_rotary(cpp, dtype, case):
     def ref(q, k):
         return reference.apply_rotary(q, k, pos, 2, rd, 10000.0, interleaved)
 
-    got = _run(fast, _leaves(q, k))
-    lowp = _run(ref, _leaves(q, k)) if dtype != torch.float32 else [None] * 4
-    exact = _run(ref, _leaves(q.float(), k.float()))
-    _check(got, lowp, exact, ["q_out", "k_out", "grad_q", "grad_k"])
+    check_against_reference(fast, ref, (q, k), ["q_out", "k_out", "grad_q", "grad_k"], DEVICE)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -14,13 +14,12 @@ import contextlib
 
 import pytest
 import torch
+from helpers import backend_params, device_for
 
 import metagpt_fast
-from metagpt_fast import backends
 from metagpt_fast.ops import reference
 from metagpt_fast.testing import assert_parity
 
-AVAILABLE = [name for name, reason in metagpt_fast.available_backends().items() if reason is None]
 # Sizes: on a GPU, enough blocks for thousands of concurrent accumulations; on CPU (the Triton interpreter runs each
 # program in NumPy: the GPU sizes took 110 s per test) just enough for several blocks per row.
 ON_GPU = torch.cuda.is_available()
@@ -29,19 +28,6 @@ D = 64 if ON_GPU else 16  # head dim
 TOKENS = (8, 257) if ON_GPU else (2, 21)  # (B, T) of the embedding test
 B = 2 if ON_GPU else 1
 RUNS = 3 if ON_GPU else 2
-
-
-def device_for(backend: str) -> str:
-    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
-        return "cuda"
-    return "cpu"
-
-
-def backend_params(op: str) -> list:
-    return [
-        pytest.param(b, marks=pytest.mark.skipif((op, b) not in backends._registry, reason=f"{b} has no {op}"))
-        for b in AVAILABLE
-    ]
 
 
 @contextlib.contextmanager

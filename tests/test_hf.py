@@ -6,14 +6,13 @@ import copy
 
 import pytest
 import torch
+from helpers import AVAILABLE_BACKENDS, backend_or_skip
 
-import metagpt_fast
 from metagpt_fast.testing import assert_parity
 
 transformers = pytest.importorskip("transformers")
 hf = pytest.importorskip("metagpt_fast.integrations.hf")
 
-BACKENDS = [name for name, reason in metagpt_fast.available_backends().items() if reason is None]
 VOCAB, B, T = 64, 2, 11
 
 
@@ -103,17 +102,6 @@ def compare(fast_model, eager_model, padding, patch_rotary=None):
         assert_parity(grads[name], grads[name], ref_grads[name], name=name)
 
 
-@contextlib.contextmanager
-def backend_or_skip(name):
-    with metagpt_fast.use_backend(name):
-        try:
-            yield
-        except ValueError as exc:
-            if "cannot run" in str(exc):
-                pytest.skip(f"{name}: {exc}")
-            raise
-
-
 @pytest.fixture
 def attention_calls(monkeypatch):
     seen = []
@@ -127,7 +115,7 @@ def attention_calls(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", AVAILABLE_BACKENDS)
 @pytest.mark.parametrize("padding", ["none", "left", "right"])
 def test_gpt2_matches_eager(backend, padding, attention_calls):
     config = gpt2_config()
@@ -137,7 +125,7 @@ def test_gpt2_matches_eager(backend, padding, attention_calls):
     assert len(attention_calls) == config.n_layer
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", AVAILABLE_BACKENDS)
 @pytest.mark.parametrize("padding", ["none", "left"])
 @pytest.mark.parametrize("rotary", [False, True], ids=["hf-rope", "fused-rope"])
 def test_llama_gqa_matches_eager(backend, padding, rotary, attention_calls, monkeypatch):

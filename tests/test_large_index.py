@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import AVAILABLE_BACKENDS, backend_params, device_for, requires_cuda
 
 import metagpt_fast
 from metagpt_fast import backends
@@ -22,26 +23,10 @@ from metagpt_fast.ops import reference
 from metagpt_fast.ops.reference.random import dropout_threshold, new_seed, philox_word
 from metagpt_fast.testing import assert_parity
 
-AVAILABLE = [name for name, reason in metagpt_fast.available_backends().items() if reason is None]
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs in the GPU suite)")
-
 INT32_MAX = 2**31 - 1
 PAD = 2**31  # elements before every view: room for an offset that wrapped to about -2**31
 BIG = 2**30 + 64  # stride for an index that reaches 2: 2 * BIG > 2**31 (multiple of 8: aligned rows)
 DTYPE = torch.float16  # 2 bytes: the storage reserves 8 GiB of address space, no memory
-
-
-def device_for(backend: str) -> str:
-    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
-        return "cuda"
-    return "cpu"
-
-
-def backend_params(op: str) -> list:
-    return [
-        pytest.param(b, marks=pytest.mark.skipif((op, b) not in backends._registry, reason=f"{b} has no {op}"))
-        for b in AVAILABLE
-    ]
 
 
 class Storage:
@@ -242,7 +227,9 @@ def test_rotary_offsets_past_2_31(backend, big_dim, inplace):
 
 
 def _gpu_backends(op: str) -> list[str]:
-    return [b for b in AVAILABLE if b != "reference" and device_for(b) == "cuda" and (op, b) in backends._registry]
+    return [
+        b for b in AVAILABLE_BACKENDS if b != "reference" and device_for(b) == "cuda" and (op, b) in backends._registry
+    ]
 
 
 @requires_cuda
@@ -306,7 +293,9 @@ def test_gpu_embedding_vocab_times_width_past_2_31(backend):
 # ----------------------------------------------------------------------------------------------- the harness itself
 
 
-@pytest.mark.skipif("triton" not in AVAILABLE or torch.cuda.is_available(), reason="needs the Triton interpreter")
+@pytest.mark.skipif(
+    "triton" not in AVAILABLE_BACKENDS or torch.cuda.is_available(), reason="needs the Triton interpreter"
+)
 def test_the_views_catch_int32_offset_math():
     """A kernel that multiplies an int32 program id by the stride reads the pad (zeros) for row 2, not the data:
     the views above do expose 32-bit offset math, without crashing."""

@@ -1,29 +1,14 @@
 """metagpt_fast.nn.MultiheadAttention against torch.nn.MultiheadAttention: state_dicts, outputs and every gradient."""
 
-import contextlib
-
 import pytest
 import torch
+from helpers import AVAILABLE_BACKENDS, backend_or_skip
 from torch import nn
 
-import metagpt_fast
 from metagpt_fast.nn import MultiheadAttention
 from metagpt_fast.testing import assert_parity
 
-BACKENDS = [name for name, reason in metagpt_fast.available_backends().items() if reason is None]
 E, H, B, L, S = 12, 3, 2, 5, 7  # head dim 4; L != S for cross-attention
-
-
-@contextlib.contextmanager
-def backend_or_skip(name):
-    """Runs the block with ``name``; skips when that backend declares these inputs unsupported."""
-    with metagpt_fast.use_backend(name):
-        try:
-            yield
-        except ValueError as exc:
-            if "cannot run" in str(exc):
-                pytest.skip(f"{name}: {exc}")
-            raise
 
 
 def make_pair(**kwargs):
@@ -134,7 +119,7 @@ def masks(kind, tgt_len, unbatched=False):
 MASKS = ["none", "key_padding_bool", "key_padding_float", "attn_bool", "attn_float_3d", "both"]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", AVAILABLE_BACKENDS)
 @pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("need_weights", [False, True], ids=["fused", "weights"])
 def test_matches_torch(backend, config, need_weights):
@@ -165,7 +150,7 @@ def test_matches_torch(backend, config, need_weights):
             )
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", AVAILABLE_BACKENDS)
 @pytest.mark.parametrize("with_padding", [False, True])
 def test_is_causal_hint(backend, with_padding):
     torch_mha, ours = make_pair(batch_first=True)
@@ -180,7 +165,7 @@ def test_is_causal_hint(backend, with_padding):
         ours(x.float(), x.float(), x.float(), is_causal=True)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", AVAILABLE_BACKENDS)
 def test_fully_masked_rows_give_bias_not_nan(backend):
     """Documented difference: a query that may attend to no key gets attention output 0 (the module returns
     ``out_proj.bias`` there) and finite gradients on both paths; torch's module returns NaN there when it computes

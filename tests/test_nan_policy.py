@@ -16,13 +16,12 @@ import math
 
 import pytest
 import torch
+from helpers import backend_params, device_for
 
 import metagpt_fast
-from metagpt_fast import backends
 from metagpt_fast.ops import reference
 from metagpt_fast.testing import ATOL, assert_parity, max_error
 
-AVAILABLE = [name for name, reason in metagpt_fast.available_backends().items() if reason is None]
 DTYPES = [torch.float32, torch.float16]
 
 
@@ -37,19 +36,6 @@ def known_issue(request, backend: str, issue: str, when: bool = True) -> None:
     reason = KNOWN_ISSUES.get((backend, issue))
     if reason and when:
         request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
-
-
-def device_for(backend: str) -> str:
-    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
-        return "cuda"
-    return "cpu"
-
-
-def backend_params(op: str) -> list:
-    return [
-        pytest.param(b, marks=pytest.mark.skipif((op, b) not in backends._registry, reason=f"{b} has no {op}"))
-        for b in AVAILABLE
-    ]
 
 
 def qkv(dtype, device, b=2, h=2, nq=7, nk=9, d=16, seed=0):
