@@ -96,3 +96,19 @@ def test_multihead_attention_bf16_autocast_cpu(backend):
 def test_autocast_on_gpu(backend, dtype):
     check_metagpt(backend, "rotary", "cuda", dtype)
     check_multihead(backend, "cuda", dtype)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_public_attention_follows_autocast_dtype_like_torch(backend):
+    q, k, v = (torch.randn(2, 2, 9, 16, requires_grad=True) for _ in range(3))
+    mask = torch.randn(9, 9)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        got = metagpt_fast.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend=backend)
+    assert got.dtype == expected.dtype == torch.bfloat16
+    exact = metagpt_fast.scaled_dot_product_attention(
+        q.double(), k.double(), v.double(), attn_mask=mask.double(), backend="reference"
+    )
+    assert_rule(got, expected, exact, torch.bfloat16, "autocast output")
+    got.float().sum().backward()
+    assert q.grad.dtype == torch.float32 and torch.isfinite(q.grad).all()

@@ -300,3 +300,12 @@ def test_model_on_cpu_backend_matches_reference(cpp, positional):
     assert ref_grads.keys() == grads.keys()
     for name, grad in grads.items():
         assert_parity(grad, None, ref_grads[name], name=f"grad {name}")
+
+
+def test_mask_that_requires_grad_falls_back_to_the_reference():
+    q, k, v = (torch.randn(1, 2, 5, 8) for _ in range(3))
+    bias = torch.randn(5, 5, requires_grad=True)
+    with pytest.raises(ValueError, match="attn_mask requires grad"):
+        metagpt_fast.scaled_dot_product_attention(q, k, v, attn_mask=bias, backend="cpu")
+    metagpt_fast.scaled_dot_product_attention(q, k, v, attn_mask=bias).sum().backward()  # auto: reference serves
+    assert bias.grad is not None and torch.isfinite(bias.grad).all()

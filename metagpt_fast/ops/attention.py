@@ -47,6 +47,11 @@ def scaled_dot_product_attention(
     check.tensor("query", query, dims=(3, 4), floating=True)
     check.tensor("key", key, dims=(query.dim(),), floating=True)
     check.tensor("value", value, dims=(query.dim(),), floating=True)
+    if torch.is_autocast_enabled(query.device.type):  # like torch's SDPA, which autocast runs in low precision
+        dtype = torch.get_autocast_dtype(query.device.type)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+        if attn_mask is not None and attn_mask.is_floating_point():
+            attn_mask = attn_mask.to(dtype)
     check.same_dtype(query=query, key=key, value=value)
     check.same_device(query=query, key=key, value=value, attn_mask=attn_mask)
     dropout_p = check.probability("dropout_p", dropout_p)

@@ -172,8 +172,11 @@ def _reasons(device_type: str, name: str, tensor: torch.Tensor) -> list[str]:
 
 
 def _why_not(device_type: str, op: str):
-    def attention_reasons(query, **_):
-        return _reasons(device_type, "query", query)
+    def attention_reasons(query, attn_mask=None, **_):
+        reasons = _reasons(device_type, "query", query)
+        if attn_mask is not None and attn_mask.requires_grad:
+            reasons.append("attn_mask requires grad: the fused kernels give no mask gradient (the reference does)")
+        return reasons
 
     def embed_reasons(weight, **_):
         return _reasons(device_type, "weight", weight)
