@@ -19,6 +19,14 @@ ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-3, torch.bf
 RTOL = {torch.float64: 1e-8, torch.float32: 1e-5, torch.float16: 0.0, torch.bfloat16: 0.0}
 
 
+def float32_angle_error(last_position: int) -> float:
+    """Bound, in radians, on the angle error of float32 sinusoid / rotary kernels at positions up to
+    ``last_position``: the inverse frequency is rounded once from float64 and ``pos * inv_freq`` once more, each a
+    relative error of 2**-24, so at most ``2 * pos * 2**-24``. The reference tables are exact (float64, rounded
+    once), so this is the extra slack those kernels get on top of ``ATOL`` (times ``|x1| + |x2|`` for rotary)."""
+    return 2 * max(last_position, 1) * 2**-24
+
+
 def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
     """Largest absolute difference, compared in float64; NaNs in the same places count as equal."""
     a, b = a.detach().double(), b.detach().double()

@@ -548,3 +548,30 @@ def test_bench_restarts_itself_with_the_triton_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # already restarted: never again
     bench.interpret_triton_without_gpu()
     assert len(calls) == 1
+
+
+def test_parity_rule_grants_an_ops_documented_slack():
+    from metagpt_fast.bench.positional import AddPositionalEncodingBench
+    from metagpt_fast.testing import float32_angle_error
+
+    case = _case()
+    oracle = [torch.tensor([0.5], dtype=torch.float64)]
+    slack = float32_angle_error(255)  # positions 0..255 with float32 angles: 3.0e-5
+    assert slack == 2 * 255 * 2**-24
+
+    def measured(name, delta, slack):
+        m = Measurement(case, name, "backend", "ok")
+        compare([oracle[0].float() + delta], oracle, torch.float32, m, slack)
+        return m
+
+    ref = measured("reference", 0.0, slack)
+    inside = measured("inside", 2.5e-5, slack)  # outside the plain 1e-5 tolerance, inside the angle slack
+    unslacked = measured("unslacked", 2.5e-5, 0.0)
+    outside = measured("outside", slack + 2e-5, slack)
+    apply_parity_rule([ref, inside, unslacked, outside])
+    assert not inside.parity_violation
+    assert unslacked.parity_violation and outside.parity_violation
+
+    bench = AddPositionalEncodingBench()
+    pe_case = bench.cases("cpu", [torch.float32], quick=True)[0]
+    assert bench.parity_slack(pe_case, bench.inputs(pe_case)) == float32_angle_error(pe_case.shape["T"] - 1)

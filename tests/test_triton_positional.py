@@ -16,7 +16,7 @@ import torch
 from metagpt_fast import backends
 from metagpt_fast.ops import reference
 from metagpt_fast.ops.reference import dropout_keep_mask
-from metagpt_fast.testing import ATOL, assert_parity
+from metagpt_fast.testing import ATOL, assert_parity, float32_angle_error
 
 pytest.importorskip("triton")
 if torch.cuda.is_available():
@@ -31,7 +31,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 def angle_atol(last_position: int, dtype: torch.dtype, gain: float = 1.0) -> float:
     """``ATOL[dtype]`` plus the float32-angle error of an encoding of unit amplitude at positions <= last_position,
     times ``gain`` (the dropout scale 1/(1-p) multiplies it)."""
-    return ATOL[dtype] + gain * 2 * max(last_position, 1) * 2**-24
+    return ATOL[dtype] + gain * float32_angle_error(last_position)
 
 
 def _exact_dtype(dtype):

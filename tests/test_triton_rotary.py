@@ -14,7 +14,7 @@ import torch
 
 from metagpt_fast import backends
 from metagpt_fast.ops import reference
-from metagpt_fast.testing import ATOL, assert_parity
+from metagpt_fast.testing import ATOL, assert_parity, float32_angle_error
 
 pytest.importorskip("triton")
 if torch.cuda.is_available():
@@ -28,7 +28,7 @@ BASE = 10000.0
 
 def rotation_atol(last_position: int, magnitude: float, dtype: torch.dtype) -> float:
     """``ATOL[dtype]`` plus the float32-angle error (2 * pos * 2**-24 rad) times the largest |x1| + |x2|."""
-    return ATOL[dtype] + 2 * magnitude * 2 * max(last_position, 1) * 2**-24
+    return ATOL[dtype] + 2 * magnitude * float32_angle_error(last_position)
 
 
 def _positions(kind, b, t, offset):

@@ -25,6 +25,7 @@ from metagpt_fast.bench.suite import OpBench
 from metagpt_fast.ops import reference
 from metagpt_fast.ops.reference.positional import DEFAULT_BASE
 from metagpt_fast.ops.reference.rotary import rotary_angles
+from metagpt_fast.testing import float32_angle_error
 
 
 def setup_rotary(backend: str, case: Case, inputs: dict) -> Prepared:
@@ -114,6 +115,11 @@ class RotaryBench(OpBench):
         g = torch.Generator(case.device).manual_seed(0)
         shape = (s["B"], s["H"], s["T"], s["D"])
         return {n: torch.randn(shape, generator=g, device=case.device).to(case.dtype) for n in ("q", "k")}
+
+    def parity_slack(self, case: Case, inputs: dict) -> float:
+        # A pair (x1, x2) rotated by an angle off by e moves by at most e * (|x1| + |x2|).
+        magnitude = max(float(inputs[n].abs().max()) for n in ("q", "k"))
+        return 2 * magnitude * float32_angle_error(case.shape["T"] - 1)
 
     def providers(self, device: str) -> list[Provider]:
         return registry_providers(self.op, device, setup_rotary) + [

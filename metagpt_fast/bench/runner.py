@@ -95,7 +95,7 @@ def measure(
         if time.perf_counter() - began > budget.max_s / 3:  # the parity run was this slow kernel's warm-up
             budget = dataclasses.replace(budget, min_warmup=0, warmup_s=0.0)
         if oracle is not None:
-            compare(outputs, oracle, case.dtype, m)
+            compare(outputs, oracle, case.dtype, m, bench.parity_slack(case, inputs))
         del outputs
         if provider.slow:
             m.status, m.note = "parity only", INTERPRETED_NOTE
@@ -185,15 +185,16 @@ def apply_parity_rule(measurements: Sequence[Measurement]) -> None:
         if m.errors is None or m.within_tolerance:
             continue
         dtype = m.case.dtype
+        atol = ATOL[dtype] + m.slack
         if ref is None or len(ref.errors) != len(m.errors):
             if m.within_tolerance is False:  # no reference to compare with: the fixed tolerance decides
                 m.parity_violation = True
-                m.parity_note = f"outside atol {ATOL[dtype]:g} + rtol {RTOL[dtype]:g} x |oracle|"
+                m.parity_note = f"outside atol {atol:.3g} + rtol {RTOL[dtype]:g} x |oracle|"
             continue
         for i, (err, ref_err) in enumerate(zip(m.errors, ref.errors)):
-            if err > 2 * ref_err + ATOL[dtype]:
+            if err > 2 * ref_err + atol:
                 m.parity_violation = True
-                m.parity_note = f"tensor {i}: {err:.2e} > 2 x the reference's {ref_err:.2e} + {ATOL[dtype]:g}"
+                m.parity_note = f"tensor {i}: {err:.2e} > 2 x the reference's {ref_err:.2e} + {atol:.3g}"
                 if m.within_tolerance is False:
                     m.parity_note += f", and outside atol + rtol {RTOL[dtype]:g} x |oracle|"
                 break

@@ -49,6 +49,10 @@ class OpBench(abc.ABC):
         """Why the higher-precision reference cannot run at this size (memory), or None."""
         return None
 
+    def parity_slack(self, case: Case, inputs: dict) -> float:
+        """Extra absolute tolerance the test suite grants this op on top of ``ATOL`` (with its reason), or 0."""
+        return 0.0
+
     def extra_metrics(self, case: Case, timing: Timing) -> dict[str, float]:
         """Additional results (e.g. MFU) from a timing."""
         return {}
