@@ -103,12 +103,13 @@ def run_benchmark(benchmark, bench: OpBench, case: Case, provider: Provider, res
     m = Measurement(case, provider.name, provider.kind, "ok")
     measurements = [m]
     if oracle is not None:
-        compare(outputs, oracle, case.dtype, m)
+        slack = bench.parity_slack(case, inputs)
+        compare(outputs, oracle, case.dtype, m, slack)
         if provider.name != "reference" and not m.within_tolerance:
             # The bound is the reference's own error on these inputs (unless float32 is within the fixed tolerance).
             reference = next(p for p in bench.providers(case.device) if p.name == "reference")
             ref = Measurement(case, "reference", "backend", "parity only")
-            compare(reference.setup(case, inputs).parity(), oracle, case.dtype, ref)
+            compare(reference.setup(case, inputs).parity(), oracle, case.dtype, ref, slack)
             measurements.insert(0, ref)
         apply_parity_rule(measurements)
     del outputs
