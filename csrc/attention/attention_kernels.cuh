@@ -39,6 +39,33 @@ namespace attention {
 template <int D>
 constexpr int kSharedPitch = D + 8;
 
+// The backward's two score-like products, which contract over the head dim D with the same operand layout:
+// x1[nt] = A1 B1^T and x2[nt] = A2 B2^T for this warp's 16-row A tiles (row pitch PITCH) and NT * 8 B rows.
+// dK/dV uses it for S^T = K Q^T and dP^T = V dO^T, dQ for S = Q K^T and dP = dO V^T.
+template <typename T, int NT, int D, int PITCH>
+MGF_DEV void paired_row_products(float (&x1)[NT][4], float (&x2)[NT][4], const T* a1, const T* a2, const T* b1,
+                                 const T* b2, int lane) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) x1[nt][e] = x2[nt][e] = 0.0f;
+  }
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t f1[4], f2[4];
+    load_a<PITCH, 1>(f1, a1 + kk * 16, lane);
+    load_a<PITCH, 1>(f2, a2 + kk * 16, lane);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      uint32_t g1[2], g2[2];
+      load_b<1, PITCH>(g1, b1 + nt * 8 * PITCH + kk * 16, lane);
+      load_b<1, PITCH>(g2, b2 + nt * 8 * PITCH + kk * 16, lane);
+      mma_16816<T>(x1[nt], f1, g1);
+      mma_16816<T>(x2[nt], f2, g2);
+    }
+  }
+}
+
 template <int D_, int BLOCK_M_, int BLOCK_N_, int WARPS_>
 struct ForwardTile {
   static constexpr int D = D_, BLOCK_M = BLOCK_M_, BLOCK_N = BLOCK_N_, WARPS = WARPS_, THREADS = 32 * WARPS_;
@@ -360,25 +387,7 @@ MGF_KERNEL void MGF_LAUNCH_BOUNDS(Tile::THREADS, 1) attention_backward_dkdv_kern
 
       // S^T = K Q^T and dP^T = V dO^T: A = this warp's K (V) rows, B(k = d, n = query) = Q[query][d] (dO).
       float st[BLOCK_M / 8][4], dpt[BLOCK_M / 8][4];
-#pragma unroll
-      for (int nt = 0; nt < BLOCK_M / 8; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) st[nt][e] = dpt[nt][e] = 0.0f;
-      }
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        uint32_t ak[4], av[4];
-        load_a<PITCH, 1>(ak, sk_warp + kk * 16, lane);
-        load_a<PITCH, 1>(av, sv_warp + kk * 16, lane);
-#pragma unroll
-        for (int nt = 0; nt < BLOCK_M / 8; ++nt) {
-          uint32_t bq[2], bdo[2];
-          load_b<1, PITCH>(bq, sq + nt * 8 * PITCH + kk * 16, lane);
-          load_b<1, PITCH>(bdo, sdo + nt * 8 * PITCH + kk * 16, lane);
-          mma_16816<T>(st[nt], ak, bq);
-          mma_16816<T>(dpt[nt], av, bdo);
-        }
-      }
+      paired_row_products<T, BLOCK_M / 8, D, PITCH>(st, dpt, sk_warp, sv_warp, sq, sdo, lane);
 
       // Pointwise: st <- dropout(P)^T, dpt <- dS^T.
 #pragma unroll
@@ -466,25 +475,7 @@ MGF_KERNEL void MGF_LAUNCH_BOUNDS(Tile::THREADS, 1) attention_backward_dq_kernel
 
     // S = Q K^T and dP = dO V^T: A = this warp's Q (dO) rows, B(k = d, n = key) = K[key][d] (V).
     float s[BLOCK_N / 8][4], dp[BLOCK_N / 8][4];
-#pragma unroll
-    for (int nt = 0; nt < BLOCK_N / 8; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.0f;
-    }
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t aq[4], ado[4];
-      load_a<PITCH, 1>(aq, sq_warp + kk * 16, lane);
-      load_a<PITCH, 1>(ado, sdo_warp + kk * 16, lane);
-#pragma unroll
-      for (int nt = 0; nt < BLOCK_N / 8; ++nt) {
-        uint32_t bk[2], bv[2];
-        load_b<1, PITCH>(bk, sk + nt * 8 * PITCH + kk * 16, lane);
-        load_b<1, PITCH>(bv, sv + nt * 8 * PITCH + kk * 16, lane);
-        mma_16816<T>(s[nt], aq, bk);
-        mma_16816<T>(dp[nt], ado, bv);
-      }
-    }
+    paired_row_products<T, BLOCK_N / 8, D, PITCH>(s, dp, sq_warp, sdo_warp, sk, sv, lane);
 
     // Pointwise: s <- dS.
 #pragma unroll
