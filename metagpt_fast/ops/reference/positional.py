@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import torch
 
-DEFAULT_BASE = 10000.0
+from metagpt_fast._spec import DEFAULT_BASE  # re-exported: the kernels and this reference share one default
+
+__all__ = ["DEFAULT_BASE", "add_positional_encoding", "embed_positions", "sinusoidal_table"]
 
 
 def sinusoidal_table(

@@ -18,18 +18,32 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-PHILOX_ROUND_A = 0xD2511F53
-PHILOX_ROUND_B = 0xCD9E8D57
-PHILOX_KEY_A = 0x9E3779B9
-PHILOX_KEY_B = 0xBB67AE85
-PHILOX_ROUNDS = 10
-MASK32 = 0xFFFFFFFF
-SEED_MAX = 2**63 - 1
+# The stream's constants and threshold live in the package's leaf module, which the kernels import; this module
+# re-exports them with the stream's NumPy model.
+from metagpt_fast._spec import (
+    MASK32,
+    PHILOX_KEY_A,
+    PHILOX_KEY_B,
+    PHILOX_ROUND_A,
+    PHILOX_ROUND_B,
+    PHILOX_ROUNDS,
+    SEED_MAX,
+    dropout_threshold,
+)
 
-
-def dropout_threshold(p: float) -> int:
-    """The 24-bit integer threshold below which an element is dropped."""
-    return min(1 << 24, int(round(p * (1 << 24))))
+__all__ = [
+    "MASK32",
+    "PHILOX_KEY_A",
+    "PHILOX_KEY_B",
+    "PHILOX_ROUNDS",
+    "PHILOX_ROUND_A",
+    "PHILOX_ROUND_B",
+    "SEED_MAX",
+    "dropout_keep_mask",
+    "dropout_threshold",
+    "new_seed",
+    "philox_word",
+]
 
 
 def philox_word(seed: int, offsets: np.ndarray) -> np.ndarray:
