@@ -1,7 +1,8 @@
 """``metagpt-fast`` command line: one sub-command per module of ``metagpt_fast.commands``.
 
-Each command module defines ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``; they are
-imported only when chosen, so ``metagpt-fast info`` works whatever else is missing.
+Each command module defines ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``. Their optional
+dependencies (rich, matplotlib: the ``bench`` extra) are imported only when a command runs, so ``metagpt-fast info``
+works whatever else is missing.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+from metagpt_fast._extras import MissingExtraError
 
 COMMANDS = {
     "info": "versions, device and which backends run here (and why not)",
@@ -33,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return importlib.import_module(args._module).run(args) or 0
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, MissingExtraError) as exc:
         print(f"metagpt-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

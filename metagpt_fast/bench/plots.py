@@ -6,8 +6,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from matplotlib.figure import Figure
-
+from metagpt_fast._extras import import_optional
 from metagpt_fast.bench.runner import OpResult
 from metagpt_fast.bench.suite import UNITS, throughput
 
@@ -39,14 +38,16 @@ def _title(key: tuple) -> str:
 
 
 def write_plot(results: Sequence[OpResult], folder: str | Path) -> Path | None:
-    """Writes ``folder/throughput.png``; returns its path, or None when no case has two sequence lengths."""
+    """Writes ``folder/throughput.png``; returns its path, or None when no case has two sequence lengths.
+    Needs matplotlib (the ``bench`` extra)."""
     data = panels(results)
     if not data:
         return None
+    figure = import_optional("matplotlib.figure", "the bench plots")
     units = {r.plan.bench.op: UNITS[r.plan.bench.unit][2] for r in results}
     cols = min(3, len(data))
     rows = math.ceil(len(data) / cols)
-    fig = Figure(figsize=(5.5 * cols, 3.8 * rows), layout="constrained")
+    fig = figure.Figure(figsize=(5.5 * cols, 3.8 * rows), layout="constrained")
     for i, (key, lines) in enumerate(data.items()):
         ax = fig.add_subplot(rows, cols, i + 1)
         for provider, points in sorted(lines.items()):

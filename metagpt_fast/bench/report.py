@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from rich.markup import escape
-from rich.table import Table
+from typing import TYPE_CHECKING
 
+from metagpt_fast._extras import import_optional
 from metagpt_fast.bench.core import Measurement, oracle_dtype
 from metagpt_fast.bench.results import device_name, dtype_name
 from metagpt_fast.bench.runner import OpResult, speedups
 from metagpt_fast.bench.suite import UNITS, throughput
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 _STATUS_STYLE = {"parity only": "yellow", "unsupported": "dim", "skipped": "dim", "failed": "bold red"}
 
@@ -21,10 +24,15 @@ def _fmt_throughput(x: float, unit: str) -> str:
     return f"{x:,.0f}" if unit == "tokens" else f"{x:,.3g}" if x < 100 else f"{x:,.0f}"
 
 
+def _rich(module: str):
+    """``rich.<module>``, imported on first use: rich comes with the ``bench`` extra."""
+    return import_optional(f"rich.{module}", "the bench tables")
+
+
 def _short(text: str, width: int = 70) -> str:
     """One line of at most ``width`` characters, escaped for rich markup (notes quote shapes like [1, 2])."""
     text = " ".join(text.split())
-    return escape(text if len(text) <= width else text[: width - 1] + "…")
+    return _rich("markup").escape(text if len(text) <= width else text[: width - 1] + "…")
 
 
 def op_table(result: OpResult) -> Table:
@@ -34,7 +42,7 @@ def op_table(result: OpResult) -> Table:
     oracles = sorted({dtype_name(oracle_dtype(c.dtype)) for c in cases})
     device = device_name(cases[0].device) if cases else "?"
     never = never_supported(result)
-    table = Table(
+    table = _rich("table").Table(
         title=f"{bench.op} — {device}, {', '.join(dtypes)}",
         caption=_caption(result, oracles, never),
         caption_justify="left",

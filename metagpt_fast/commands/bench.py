@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from metagpt_fast._extras import import_optional
+
 HELP = "benchmark every backend against the reference and torch SDPA (tables, results file, plots)"
 DTYPES = {
     "float32": torch.float32,
@@ -96,14 +98,18 @@ def interpret_triton_without_gpu() -> None:
 
 
 def make_console():
-    """Rich console; written to a file or pipe (CI logs, the GPU suite), tables get 160 columns instead of 80."""
-    from rich.console import Console
-
-    out = Console()
-    return out if out.is_terminal else Console(width=160)
+    """Rich console; written to a file or pipe (CI logs, the GPU suite), tables get 160 columns instead of 80.
+    rich comes with the ``bench`` extra: without it this raises an error that says how to install it."""
+    console = import_optional("rich.console", "the bench and profile tables")
+    out = console.Console()
+    return out if out.is_terminal else console.Console(width=160)
 
 
 def run(args: argparse.Namespace) -> int:
+    # Checked before anything runs, so a missing extra does not surface after minutes of benchmarking.
+    import_optional("rich", "the bench tables")
+    if not args.no_plot:
+        import_optional("matplotlib", "the bench plots (or pass --no-plot)")
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

@@ -8,10 +8,9 @@ import shutil
 import subprocess
 
 import torch
-from rich.console import Console
-from rich.table import Table
 
 import metagpt_fast
+from metagpt_fast._extras import has_module
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,16 +55,38 @@ def run(args: argparse.Namespace) -> int:
 
         print(json.dumps(facts, indent=2))
         return 0
+    if has_module("rich"):
+        _print_tables(facts)
+    else:  # rich is in the bench extra; info must work without it
+        _print_plain(facts)
+    return 0
+
+
+def _print_tables(facts: dict) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
     console = Console()
     versions = Table(title="metagpt-fast", show_header=False)
     for key, value in facts.items():
         if key != "backends":
-            versions.add_row(key, str(value))
+            versions.add_row(key, escape(str(value)))
     console.print(versions)
     table = Table(title="backends")
     table.add_column("backend")
     table.add_column("status")
     for name, reason in facts["backends"].items():
-        table.add_row(name, "[green]available[/]" if reason is None else f"[red]unavailable[/]: {reason}")
+        table.add_row(name, "[green]available[/]" if reason is None else f"[red]unavailable[/]: {escape(reason)}")
     console.print(table)
-    return 0
+
+
+def _print_plain(facts: dict) -> None:
+    width = max(len(key) for key in facts)
+    for key, value in facts.items():
+        if key != "backends":
+            print(f"{key:<{width}}  {value}")
+    print("backends:")
+    width = max(len(name) for name in facts["backends"])
+    for name, reason in facts["backends"].items():
+        print(f"  {name:<{width}}  {'available' if reason is None else f'unavailable: {reason}'}")

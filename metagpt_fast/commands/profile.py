@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from metagpt_fast._extras import import_optional
+
 HELP = "profile MetaGPT training steps: Chrome trace, top kernels by self time, peak memory"
 
 
@@ -35,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import_optional("rich", "the profile tables")
     from rich.markup import escape
     from rich.table import Table
 

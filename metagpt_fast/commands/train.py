@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from metagpt_fast._extras import has_module
 from metagpt_fast.data import VOCAB_SIZE, Splits, read_corpus
 from metagpt_fast.model import MetaGPTConfig
 from metagpt_fast.training import TrainConfig, train
@@ -57,7 +57,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    console = Console()
+    # The progress bar needs rich (the bench extra); without it training prints lines, as with --no-progress.
+    console = None
+    if has_module("rich"):
+        from rich.console import Console
+
+        console = Console()
+    say = console.print if console is not None else print
     for name in ("steps", "batch_size", "eval_every", "save_every"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -76,32 +82,41 @@ def run(args: argparse.Namespace) -> int:
     corpus = read_corpus(args.data)
     splits = Splits.from_bytes(corpus)
     resume = args.out / "ckpt.pt" if args.resume else None
-    console.print(
+    say(
         f"corpus: {args.data or 'Python standard library'} ({len(corpus) / 2**20:.1f} MiB, "
-        f"{len(splits.train):,} train / {len(splits.val):,} val bytes); device {cfg.device}; backend {model_cfg.backend}"
+        f"{len(splits.train):,} train / {len(splits.val):,} val bytes); "
+        f"device {cfg.device}; backend {model_cfg.backend}"
     )
-    with Progress(
+    progress = _progress_bar(console) if console is not None and not args.no_progress else None
+    task = progress.add_task("train", total=cfg.steps, loss=float("nan"), tps=0.0) if progress else None
+
+    def on_step(step: int, loss: float, tps: float) -> None:
+        if progress is not None:
+            progress.update(task, completed=step, loss=loss, tps=tps)
+        elif step % 10 == 0 or step == cfg.steps:
+            say(f"step {step}/{cfg.steps}  loss {loss:.4f}  {tps:,.0f} tok/s")
+
+    def on_eval(step: int, val_loss: float) -> None:
+        say(f"step {step}: held-out loss {val_loss:.4f}")
+
+    with progress if progress is not None else contextlib.nullcontext():
+        result = train(model_cfg, cfg, splits, out=args.out, resume=resume, on_step=on_step, on_eval=on_eval)
+    say(
+        f"done: step {result.step}, train loss {result.train_loss:.4f}, held-out loss {result.val_loss:.4f}, "
+        f"{result.tokens_per_second:,.0f} tok/s; checkpoint {result.checkpoint}"
+    )
+    return 0
+
+
+def _progress_bar(console):
+    """A rich progress bar (step count, loss, tokens/s, time left) drawn on ``console``."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
         TextColumn("[bold]train"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]:.3f}  {task.fields[tps]:,.0f} tok/s"),
         TimeRemainingColumn(),
         console=console,
-        disable=args.no_progress,
-    ) as progress:
-        task = progress.add_task("train", total=cfg.steps, loss=float("nan"), tps=0.0)
-
-        def on_step(step: int, loss: float, tps: float) -> None:
-            progress.update(task, completed=step, loss=loss, tps=tps)
-            if args.no_progress and (step % 10 == 0 or step == cfg.steps):
-                console.print(f"step {step}/{cfg.steps}  loss {loss:.4f}  {tps:,.0f} tok/s")
-
-        def on_eval(step: int, val_loss: float) -> None:
-            progress.console.print(f"step {step}: held-out loss {val_loss:.4f}")
-
-        result = train(model_cfg, cfg, splits, out=args.out, resume=resume, on_step=on_step, on_eval=on_eval)
-    console.print(
-        f"done: step {result.step}, train loss {result.train_loss:.4f}, held-out loss {result.val_loss:.4f}, "
-        f"{result.tokens_per_second:,.0f} tok/s; checkpoint {result.checkpoint}"
     )
-    return 0
