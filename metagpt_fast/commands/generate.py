@@ -10,6 +10,8 @@ import torch
 from metagpt_fast.data import decode, encode
 from metagpt_fast.training import load_model
 
+HELP = "sample text from a checkpoint"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", type=Path, default=Path("runs/metagpt/ckpt.pt"))

@@ -12,6 +12,8 @@ import torch
 import metagpt_fast
 from metagpt_fast._extras import has_module
 
+HELP = "versions, device and which backends run here (and why not)"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")

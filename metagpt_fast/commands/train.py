@@ -13,6 +13,8 @@ from metagpt_fast.data import VOCAB_SIZE, Splits, read_corpus
 from metagpt_fast.model import MetaGPTConfig
 from metagpt_fast.training import TrainConfig, train
 
+HELP = "train MetaGPT (default corpus: the Python standard library's sources, byte-level)"
+
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Model-size options shared with ``profile``."""
