@@ -2,7 +2,7 @@
 ``max|fast - exact| <= 2 * max|reference under autocast - exact| + atol``, for outputs and every gradient.
 
 CPU: bfloat16 autocast with the reference and cpu backends. Interpreted Triton is left out in bfloat16 (the
-interpreter multiplies bf16 bit patterns in tl.dot; PLATFORM.md); the GPU variants cover float16 and bfloat16.
+interpreter multiplies bf16 bit patterns in tl.dot; docs/testing.md); the GPU variants cover float16 and bfloat16.
 """
 
 import copy

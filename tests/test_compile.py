@@ -2,7 +2,7 @@
 custom op of the package (with inputs recorded from real calls of the public ops).
 
 On CPU the Triton backend runs under the interpreter, which cannot run under torch.compile (the interpreter reads
-tensor data while tracing; see PLATFORM.md): its compile test runs in the GPU suite, and its ops' opcheck leaves out
+tensor data while tracing; see docs/testing.md): its compile test runs in the GPU suite, and its ops' opcheck leaves out
 the fake-tensor and AOT-dispatch checks here.
 """
 

@@ -3,7 +3,7 @@
 Outputs and dQ, dK, dV are compared with ``metagpt_fast.testing.assert_parity``: float32 against the reference run in
 float64 (1e-5 absolute and relative: the kernel reorders sums of at most a few hundred unit-scale terms), float16 by
 the parity rule against float32 and float16 reference runs. bfloat16 products are wrong under the interpreter
-(PLATFORM.md), so bfloat16 runs in tests/test_triton_attention_gpu.py. Dropout is compared by replaying the kernel's
+(docs/testing.md), so bfloat16 runs in tests/test_triton_attention_gpu.py. Dropout is compared by replaying the kernel's
 Philox mask (``reference.dropout_keep_mask``) in the reference. Shapes are a covering subset: every N in
 {1, 17, 77, 200}, every D in {16, 32, 48, 64, 80, 128}, causal and not, each mask kind, GQA and MQA, Nq != Nk.
 """
@@ -223,7 +223,7 @@ def test_custom_ops_pass_opcheck():
     q, k, v = (t.detach() for t in _inputs(1, 2, 1, 19, 23, 16, 16, torch.float32))
     mask = torch.rand(1, 1, 1, 23) > 0.2
     seed = torch.tensor([3], dtype=torch.int64)
-    # The fake-tensor and compile checks trace the op without data, which the interpreter cannot run (PLATFORM.md):
+    # The fake-tensor and compile checks trace the op without data, which the interpreter cannot run (docs/testing.md):
     # the GPU suite covers torch.compile.
     utils = ("test_schema", "test_autograd_registration")
     forward = torch.ops.metagpt_fast.triton_attention_forward.default

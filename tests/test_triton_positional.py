@@ -283,7 +283,7 @@ def test_public_ops_select_triton():
 
 
 def test_custom_ops_pass_opcheck():
-    # The fake-tensor and compile checks trace the ops without data, which the interpreter cannot run (PLATFORM.md):
+    # The fake-tensor and compile checks trace the ops without data, which the interpreter cannot run (docs/testing.md):
     # the GPU suite covers them and torch.compile.
     utils = ("test_schema", "test_autograd_registration")
     ops = torch.ops.metagpt_fast

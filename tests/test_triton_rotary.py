@@ -169,7 +169,7 @@ def test_public_op_selects_triton():
 
 
 def test_custom_ops_pass_opcheck():
-    # The fake-tensor and compile checks trace the ops without data, which the interpreter cannot run (PLATFORM.md):
+    # The fake-tensor and compile checks trace the ops without data, which the interpreter cannot run (docs/testing.md):
     # the GPU suite covers them and torch.compile.
     q = torch.randn(2, 3, 5, 12, requires_grad=True)
     k = torch.randn(2, 1, 5, 12, requires_grad=True)
