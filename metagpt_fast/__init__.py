@@ -13,7 +13,8 @@ Every op has a readable PyTorch reference and fast Triton / CUDA / C++ CPU backe
 from metagpt_fast.backends import BACKENDS, available_backends, use_backend
 from metagpt_fast.integrations.sdpa import disable_sdpa_routing, enable_sdpa_routing, sdpa_routing
 from metagpt_fast.model import MetaGPT, MetaGPTConfig
-from metagpt_fast.ops import add_positional_encoding, apply_rotary, embed_positions, scaled_dot_product_attention
+from metagpt_fast.ops import *  # noqa: F403  (every public op, listed in metagpt_fast.ops.__all__)
+from metagpt_fast.ops import __all__ as _ops_all
 from metagpt_fast.optimize import OptimizeReport, optimize
 
 __version__ = "0.1.0"
@@ -24,14 +25,11 @@ __all__ = [
     "MetaGPTConfig",
     "OptimizeReport",
     "__version__",
-    "add_positional_encoding",
-    "apply_rotary",
     "available_backends",
     "disable_sdpa_routing",
-    "embed_positions",
     "enable_sdpa_routing",
     "optimize",
-    "scaled_dot_product_attention",
     "sdpa_routing",
     "use_backend",
+    *_ops_all,
 ]

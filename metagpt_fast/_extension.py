@@ -26,6 +26,7 @@ Nothing here imports torch at module level: ``setup.py`` must work without it.
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import subprocess
@@ -219,9 +220,7 @@ def load(verbose: bool = False):
     import torch  # noqa: F401  (loads libtorch, which the extension links against)
 
     try:
-        from metagpt_fast import _C
-
-        _module = _C
+        _module = importlib.import_module(EXTENSION_NAME)
         return _module
     except ImportError as exc:
         prebuilt = f"prebuilt {EXTENSION_NAME} not importable ({exc})"

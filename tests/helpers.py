@@ -9,13 +9,12 @@ Test modules import it after conftest.py has set TRITON_INTERPRET, so ``TRITON_I
 from __future__ import annotations
 
 import contextlib
-import os
 
 import pytest
 import torch
 
 import metagpt_fast
-from metagpt_fast import backends
+from metagpt_fast import _spec, backends
 from metagpt_fast.testing import assert_parity
 
 # -------------------------------------------------------------------------------------------------------- backends
@@ -23,39 +22,48 @@ from metagpt_fast.testing import assert_parity
 AVAILABLE_BACKENDS = [name for name, reason in metagpt_fast.available_backends().items() if reason is None]
 """Names of the backends that can run in this process (``available_backends()`` gives no reason against them)."""
 
-TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+TRITON_INTERPRETED = _spec.triton_interpreted()
 """Whether Triton kernels run under the interpreter (on CPU tensors) rather than compiled for a GPU."""
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs in the GPU suite)")
-"""Skip mark of the tests that need a CUDA GPU; the GPU suite (scripts/gpu_suite.sh) picks their files by this name."""
+"""Skip mark of the tests that need a CUDA GPU (they also carry the ``gpu`` marker the GPU suite selects by)."""
+
+_DEVICES = {impl.backend: impl.devices[0] for op in backends.ops() for impl in backends.implementations(op)}
 
 
 def device_for(backend: str) -> str:
-    """The device a backend's inputs live on here: "cuda" for the cuda backend and for compiled Triton, else "cpu"."""
-    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
-        return "cuda"
-    return "cpu"
+    """The device a backend's inputs live on here (its first declared device; the reference runs on CPU)."""
+    return "cpu" if backend == "reference" else _DEVICES[backend]
+
+
+def implementation(op: str, backend: str) -> backends.Implementation:
+    """``backend``'s implementation of ``op`` (it must be available here)."""
+    (impl,) = [impl for impl in backends.implementations(op) if impl.backend == backend]
+    return impl
+
+
+def implements(op: str, backend: str) -> bool:
+    """Whether ``backend`` can run here and has an implementation of ``op``."""
+    return any(impl.backend == backend for impl in backends.implementations(op))
 
 
 def backend_params(op: str) -> list:
     """One ``pytest.param`` per available backend, skipped ("<backend> has no <op>") where it does not implement
     ``op``."""
     return [
-        pytest.param(b, marks=pytest.mark.skipif((op, b) not in backends._registry, reason=f"{b} has no {op}"))
+        pytest.param(b, marks=pytest.mark.skipif(not implements(op, b), reason=f"{b} has no {op}"))
         for b in AVAILABLE_BACKENDS
     ]
 
 
 def cpu_backend_params(triton_skip_reason: str) -> list:
-    """One ``pytest.param`` per available backend that runs CPU tensors here: never cuda, and Triton only under the
-    interpreter, where it is skipped with ``triton_skip_reason`` (that test runs on a GPU instead)."""
+    """One ``pytest.param`` per available backend that runs CPU tensors here (the reference, the cpu kernels, and
+    Triton only under the interpreter, where it is skipped with ``triton_skip_reason``: that test runs on a GPU)."""
     params = []
     for name in AVAILABLE_BACKENDS:
-        if name == "cuda" or (name == "triton" and not TRITON_INTERPRETED):  # CPU tensors
+        if device_for(name) != "cpu":
             continue
-        marks = []
-        if name == "triton":
-            marks.append(pytest.mark.skip(reason=triton_skip_reason))
+        marks = [pytest.mark.skip(reason=triton_skip_reason)] if name == "triton" else []
         params.append(pytest.param(name, marks=marks))
     return params
 

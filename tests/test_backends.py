@@ -91,11 +91,9 @@ def test_auto_falls_back_and_explicit_unsupported_raises():
     def reasons(**inputs):
         return ["head dim 8 is not supported"] if inputs["query"].shape[-1] == 8 else []
 
-    saved = dict(backends._registry), dict(backends._unavailable)
-    try:
-        backends._load("cpu")
-        backends._unavailable.pop("cpu", None)
-        backends.register("attention", "cpu", fake, reasons, priority=1000)
+    caps = backends.Capabilities(devices=("cpu",))
+    impl = backends.Implementation("attention", "cpu", fake, caps, reasons, priority=lambda inputs: 1000)
+    with backends.registered(impl):
         q, k, v = _qkv(1, 1, 4, 8)
         out = metagpt_fast.scaled_dot_product_attention(q, k, v)  # auto: cpu refuses, reference serves
         assert not calls and out.shape == q.shape
@@ -104,11 +102,6 @@ def test_auto_falls_back_and_explicit_unsupported_raises():
         q, k, v = _qkv(1, 1, 4, 16)
         metagpt_fast.scaled_dot_product_attention(q, k, v)
         assert len(calls) == 1 and calls[0]["seed"] is None
-    finally:
-        backends._registry.clear()
-        backends._registry.update(saved[0])
-        backends._unavailable.clear()
-        backends._unavailable.update(saved[1])
 
 
 @pytest.mark.parametrize(

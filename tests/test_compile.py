@@ -127,7 +127,7 @@ def _exercise_public_ops(backend, device):
 def _recorded_samples():
     samples = {}
     for backend in AVAILABLE_BACKENDS:
-        device = "cuda" if backend == "cuda" or (backend == "triton" and not TRITON_INTERPRETED) else "cpu"
+        device = device_for(backend)
         if backend == "reference" or (device == "cuda" and not torch.cuda.is_available()):
             continue
         with _Recorder(samples):

@@ -2,6 +2,8 @@
 shapes, float32 / bfloat16 / float16, dropout replayed bit-exactly, ``torch.library.opcheck`` on every op, and the
 whole model on ``backend="cpu"`` against ``backend="reference"``."""
 
+import types
+
 import pytest
 import torch
 from helpers import assert_all_parity, check_against_reference, grad_leaves, outputs_and_grads
@@ -21,10 +23,14 @@ SEED = 1234567890123
 @pytest.fixture(scope="module")
 def cpp():
     assert _extension.load() is not None, f"extension failed to load: {_extension.unavailable_reason()}"
-    from metagpt_fast.ops import cpp
+    from metagpt_fast.backends.compiled import attention, positional, rotary
+
 
     assert backends.available_backends()["cpu"] is None
-    return cpp
+    return types.SimpleNamespace(
+        ops=torch.ops.metagpt_fast, attention=attention.attention, embed_positions=positional.embed_positions,
+        add_positional_encoding=positional.add_positional_encoding, rotary=rotary.rotary,
+    )
 
 
 def _seed(p):

@@ -189,17 +189,24 @@ def test_emulated_kernels_match_reference(emulation, case, shared_per_sm):
 # --------------------------------------------------------------------------------------------------- registry
 
 
-def test_not_supported_reasons_name_the_input():
-    from metagpt_fast.ops import cuda_attention
+def _cuda_reasons(q, k, v, attn_mask):
+    from metagpt_fast import backends
 
+    impl = backends.lookup("attention", "cuda")
+    if impl is None:
+        pytest.skip("the compiled extension is not loaded: no cuda implementation registered")
+    inputs = dict(query=q, key=k, value=v, attn_mask=attn_mask, dropout_p=0.0, is_causal=False, scale=0.1)
+    return impl.not_supported_reasons(**inputs, enable_gqa=False)
+
+
+def test_not_supported_reasons_name_the_input():
     q = torch.randn(1, 2, 8, 96)
-    reasons = cuda_attention.not_supported_reasons(q, q, q, q.new_zeros(1, 1, 1, 8), 0.0, False, 0.1, False)
-    text = "; ".join(reasons)
-    for expected in ("needs CUDA tensors", "float16 and bfloat16", "head dims", "boolean masks only"):
+    text = "; ".join(_cuda_reasons(q, q, q, q.new_zeros(1, 1, 1, 8)))
+    for expected in ("takes cuda tensors", "supports float16, bfloat16", "head dims", "additive attn_mask"):
         assert expected in text, text
     q = torch.randn(1, 2, 8, 64, dtype=torch.float16)
     v = torch.randn(1, 2, 8, 32, dtype=torch.float16)
-    assert any("head dims" in r for r in cuda_attention.not_supported_reasons(q, q, v, None, 0.0, False, 0.1, False))
+    assert any("head dims" in r for r in _cuda_reasons(q, q, v, None))
 
 
 # ------------------------------------------------------------------------------------------------------- GPU
@@ -207,14 +214,17 @@ def test_not_supported_reasons_name_the_input():
 
 def _cuda_ops_or_skip():
     from metagpt_fast import backends
-    from metagpt_fast.ops import cuda_attention
 
-    backends.available_backends()  # loads metagpt_fast.ops.cpp (autograd of the op) and this backend
-    if cuda_attention._KERNELS_MISSING is not None:
-        pytest.skip(f"CUDA attention kernels unavailable: {cuda_attention._KERNELS_MISSING}")
+    reason = backends.available_backends()["cuda"]  # loads the compiled ops (their autograd) and this backend
+    if reason is not None:
+        pytest.skip(f"cuda backend unavailable: {reason}")
+    from metagpt_fast.backends.compiled import attention
+
+    if not attention._CUDA_KERNELS:
+        pytest.skip("the compiled extension was built without its CUDA attention kernels")
     if torch.cuda.get_device_capability() < (8, 0):
         pytest.skip("needs compute capability >= 8.0")
-    return cuda_attention
+    return attention
 
 
 def cuda_forward_backward(q, k, v, mask, dropout_p, causal, scale, seed, grad_out):

@@ -2,6 +2,8 @@
 vectorised and the element-wise paths, both rotary layouts, dropout replayed bit-exactly, deterministic embedding
 backward, argument errors. Skipped without a CUDA GPU (the GPU suite runs them)."""
 
+import types
+
 import pytest
 import torch
 from helpers import check_against_reference, requires_cuda
@@ -22,9 +24,13 @@ DEVICE = "cuda"
 def cpp():
     assert _extension.load() is not None, f"extension failed to load: {_extension.unavailable_reason()}"
     assert _extension.has_cuda_kernels(), "extension built without its CUDA part"
-    from metagpt_fast.ops import cpp
+    from metagpt_fast.backends.compiled import attention, positional, rotary
 
-    return cpp
+
+    return types.SimpleNamespace(
+        ops=torch.ops.metagpt_fast, attention=attention.attention, embed_positions=positional.embed_positions,
+        add_positional_encoding=positional.add_positional_encoding, rotary=rotary.rotary,
+    )
 
 
 def _seed(p):

@@ -227,9 +227,7 @@ def test_rotary_offsets_past_2_31(backend, big_dim, inplace):
 
 
 def _gpu_backends(op: str) -> list[str]:
-    return [
-        b for b in AVAILABLE_BACKENDS if b != "reference" and device_for(b) == "cuda" and (op, b) in backends._registry
-    ]
+    return [impl.backend for impl in backends.implementations(op) if "cuda" in impl.devices]
 
 
 @requires_cuda

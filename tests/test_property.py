@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, note, reject, settings
 from hypothesis import strategies as st
+from helpers import backend_params, device_for, implements
 from hypothesis_profiles import limits
 
 import metagpt_fast
-from metagpt_fast import backends
 from metagpt_fast.ops import reference
 from metagpt_fast.ops.reference.random import new_seed
 from metagpt_fast.testing import ATOL, assert_parity, max_error
@@ -38,28 +38,12 @@ LAYOUTS = ("contiguous", "transposed", "sliced", "broadcast")
 POSITION_SLACK = 2.0**-20
 
 
-def device_for(backend: str) -> str:
-    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
-        return "cuda"
-    return "cpu"
-
-
 def dtypes_for(backend: str) -> list[torch.dtype]:
     dtypes = [torch.float32, torch.float16]
     if backend == "reference" or device_for(backend) == "cuda":
         dtypes.append(torch.bfloat16)
     return dtypes
 
-
-def implements(op: str, backend: str) -> bool:
-    return (op, backend) in backends._registry
-
-
-def backend_params(op: str) -> list:
-    return [
-        pytest.param(b, marks=pytest.mark.skipif(not implements(op, b), reason=f"{b} has no {op} implementation"))
-        for b in AVAILABLE
-    ]
 
 
 def parity(fast, lo, hi, name: str, extra: float = 0.0) -> None:

@@ -22,7 +22,7 @@ pytest.importorskip("triton")
 if torch.cuda.is_available():
     pytest.skip("interpreter tests: the GPU suite runs tests/test_triton_attention_gpu.py", allow_module_level=True)
 
-from metagpt_fast.ops import triton_attention  # noqa: E402
+from metagpt_fast.backends.triton import attention as triton_attention  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
@@ -204,8 +204,8 @@ def test_backward_is_bitwise_deterministic():
 
 
 def test_registered_with_reasons():
-    impl = backends._registry[("attention", "triton")]
-    assert impl.slow and impl.priority == 20
+    impl = backends.lookup("attention", "triton")
+    assert impl.slow and impl.priority({}) == 20
     q = torch.randn(1, 2, 8, 16)
     ok = dict(query=q, key=q, value=q, attn_mask=None, dropout_p=0.0, is_causal=False, scale=0.25, enable_gqa=False)
     assert impl.not_supported_reasons(**ok) == []

@@ -24,7 +24,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _triton_attention():
-    from metagpt_fast.ops import triton_attention
+    from metagpt_fast.backends.triton import attention as triton_attention
 
     return triton_attention
 

@@ -10,6 +10,8 @@ of inv_freq (computed in float64) and one of the product, each a relative 2**-24
 (kernels/triton/positional.py); the polynomial sin/cos adds ~1e-7, inside ATOL.
 """
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -23,7 +25,9 @@ if torch.cuda.is_available():
     pytest.skip("interpreter tests: the GPU suite runs tests/test_triton_positional_gpu.py", allow_module_level=True)
 
 from metagpt_fast.kernels.triton import positional as kernels  # noqa: E402
-from metagpt_fast.ops import triton_positional  # noqa: E402
+from metagpt_fast.backends.triton import positional as triton_positional  # noqa: E402
+from metagpt_fast.ops.positional import ADD_POSITIONAL_ENCODING  # noqa: E402
+from metagpt_fast.backends.triton import rotary as triton_rotary  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
@@ -244,24 +248,33 @@ def test_registered_with_priority_reasons_and_interpreter_flag():
     for op, fn in (
         ("embed_positions", triton_positional.embed_positions),
         ("add_positional_encoding", triton_positional.add_positional_encoding),
-        ("rotary", triton_positional.rotary),
+        ("rotary", triton_rotary.rotary),
     ):
-        impl = backends._registry[(op, "triton")]
-        assert impl.fn is fn and impl.priority == 20 and impl.slow  # slow: TRITON_INTERPRET is set here
-    reasons = triton_positional.add_positional_encoding_reasons
+        impl = backends.lookup(op, "triton")
+        assert impl.fn is fn and impl.priority({}) == 30 and impl.slow  # slow: TRITON_INTERPRET is set here
+    impl = backends.lookup("add_positional_encoding", "triton")
+
+    def reasons(x, offset, dropout_p):
+        return impl.not_supported_reasons(x=x, offset=offset, dropout_p=dropout_p)
+
     assert reasons(torch.randn(1, 4, 8), 0, 0.0) == []
     assert any("float64" in r for r in reasons(torch.randn(1, 4, 8, dtype=torch.float64), 0, 0.0))
     assert any("positions up to" in r for r in reasons(torch.randn(1, 4, 8), triton_positional.MAX_POSITION, 0.0))
-    embed_reasons = triton_positional.embed_positions_reasons
+    embed = backends.lookup("embed_positions", "triton")
     tokens = torch.zeros(1, 4, dtype=torch.int64)
-    assert embed_reasons(tokens, torch.randn(3, 8), 1.0, triton_positional.MAX_POSITION, 0.0, False) == []
-    assert embed_reasons(tokens, torch.randn(3, 8), 1.0, triton_positional.MAX_POSITION, 0.0, True)
+    inputs = dict(tokens=tokens, weight=torch.randn(3, 8), scale=1.0, offset=triton_positional.MAX_POSITION)
+    assert embed.not_supported_reasons(**inputs, dropout_p=0.0, sinusoidal=False) == []
+    assert embed.not_supported_reasons(**inputs, dropout_p=0.0, sinusoidal=True)
 
 
-def test_cpu_tensors_need_the_interpreter(monkeypatch):
-    monkeypatch.setattr(triton_positional, "_INTERPRETED", False)
-    reasons = triton_positional.add_positional_encoding_reasons(torch.randn(1, 4, 8), 0, 0.0)
-    assert any("needs CUDA tensors" in r for r in reasons)
+def test_cpu_tensors_need_the_interpreter():
+    caps = backends.lookup("add_positional_encoding", "triton").capabilities
+    assert caps.devices == ("cpu",)  # TRITON_INTERPRET is set here; compiled Triton takes CUDA tensors only
+    reasons = backends.registry.generic_reasons(
+        ADD_POSITIONAL_ENCODING, "triton", dataclasses.replace(caps, devices=("cuda",)),
+        dict(x=torch.randn(1, 4, 8), offset=0, dropout_p=0.0),
+    )
+    assert any("takes cuda tensors" in r for r in reasons)
 
 
 def test_public_ops_select_triton():

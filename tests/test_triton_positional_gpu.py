@@ -25,7 +25,7 @@ BASE = 10000.0
 
 
 def _ops():
-    from metagpt_fast.ops import triton_positional
+    from metagpt_fast.backends.triton import positional as triton_positional
 
     return triton_positional
 

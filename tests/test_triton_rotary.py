@@ -20,7 +20,8 @@ pytest.importorskip("triton")
 if torch.cuda.is_available():
     pytest.skip("interpreter tests: the GPU suite runs tests/test_triton_positional_gpu.py", allow_module_level=True)
 
-from metagpt_fast.ops import triton_positional  # noqa: E402
+from metagpt_fast.backends.triton import positional as triton_positional  # noqa: E402
+from metagpt_fast.backends.triton import rotary as triton_rotary  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 BASE = 10000.0
@@ -68,7 +69,7 @@ def check_rotary(b=2, hq=4, hk=2, t=17, d=32, rotary_dim=None, dtype="fp32", int
         outs = fn(qi, ki, position_ids, offset, rotary_dim, BASE, interleaved, **kwargs)
         return [o.detach() for o in outs] + list(torch.autograd.grad(outs, (qi, ki), [g.to(dt) for g in grads]))
 
-    fast = run(triton_positional.rotary, dtype, inplace=False)
+    fast = run(triton_rotary.rotary, dtype, inplace=False)
     lowp = run(reference.apply_rotary, dtype)
     exact_dtype = torch.float64 if dtype == torch.float32 else torch.float32
     exact = run(reference.apply_rotary, exact_dtype)
@@ -108,7 +109,7 @@ def test_int32_position_ids_and_large_positions():
     b, t = 2, 6
     q, k = torch.randn(b, 2, t, 16), torch.randn(b, 1, t, 16)
     ids = torch.tensor([[0, 1, 2, 40000, 40001, 3], [9, 8, 7, 6, 5, 4]], dtype=torch.int32)
-    q_out, k_out = triton_positional.rotary(q, k, ids, 0, 16, BASE, False, False)
+    q_out, k_out = triton_rotary.rotary(q, k, ids, 0, 16, BASE, False, False)
     q_ref, k_ref = reference.apply_rotary(q.double(), k.double(), ids, 0, 16, BASE, False)
     atol = rotation_atol(40001, max(q.abs().max().item(), k.abs().max().item()), torch.float32)
     assert_parity(q_out, q_out, q_ref, name="q_out", atol=atol)
@@ -131,9 +132,9 @@ def test_inplace_matches_out_of_place_and_leaves_the_rest(interleaved):
     qk = torch.randn(2, 9, 5, 10)  # packed (B, T, H, D): q heads 0-2, k heads 3-4, strided views
     q, k = qk[:, :, :3].transpose(1, 2), qk[:, :, 3:].transpose(1, 2)
     ids = torch.randint(0, 50, (2, 9))
-    expected = triton_positional.rotary(q, k, ids, 0, 6, BASE, interleaved, False)
+    expected = triton_rotary.rotary(q, k, ids, 0, 6, BASE, interleaved, False)
     before = qk.clone()
-    q_out, k_out = triton_positional.rotary(q, k, ids, 0, 6, BASE, interleaved, True)
+    q_out, k_out = triton_rotary.rotary(q, k, ids, 0, 6, BASE, interleaved, True)
     assert q_out is q and k_out is k
     assert torch.equal(q, expected[0]) and torch.equal(k, expected[1])
     assert torch.equal(qk[..., 6:], before[..., 6:])
@@ -141,13 +142,20 @@ def test_inplace_matches_out_of_place_and_leaves_the_rest(interleaved):
 
 def test_empty_inputs():
     q, k = torch.randn(2, 3, 0, 8), torch.randn(2, 1, 0, 8)
-    q_out, k_out = triton_positional.rotary(q, k, None, 0, 8, BASE, False, False)
+    q_out, k_out = triton_rotary.rotary(q, k, None, 0, 8, BASE, False, False)
     assert q_out.shape == q.shape and k_out.shape == k.shape
 
 
 def test_reasons():
     q, k = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8)
-    reasons = triton_positional.rotary_reasons
+    impl = backends.lookup("rotary", "triton")
+
+    def reasons(q, k, position_ids, offset, rotary_dim, base, interleaved, inplace):
+        return impl.not_supported_reasons(
+            q=q, k=k, position_ids=position_ids, offset=offset, rotary_dim=rotary_dim, base=base,
+            interleaved=interleaved, inplace=inplace,
+        )  # fmt: skip
+
     assert reasons(q, k, None, 0, 8, BASE, False, False) == []
     assert any("float64" in r for r in reasons(q.double(), k.double(), None, 0, 8, BASE, False, False))
     assert any("positions up to" in r for r in reasons(q, k, None, triton_positional.MAX_POSITION, 8, BASE, False,

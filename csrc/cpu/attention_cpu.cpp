@@ -298,6 +298,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
 
 }  // namespace
 
+// The op's schema, declared beside its CPU kernel (one slice per op); the CUDA kernels register for it
+// elsewhere. The Python side (fake kernel, autograd) is the module named by set_python_module.
+TORCH_LIBRARY_FRAGMENT(metagpt_fast, m) {
+  m.set_python_module("metagpt_fast.backends.compiled.attention");
+
+  // Flash attention. q (B, Hq, Nq, D), k (B, Hk, Nk, D), v (B, Hk, Nk, Dv); Hq % Hk == 0 (GQA: query head h reads
+  // kv head h / (Hq / Hk)). attn_mask: bool (True = attend) or additive of q's dtype, broadcastable to
+  // (B, Hq, Nq, Nk); never combined with is_causal (top-left alignment). seed: 1-element int64 (Philox key) iff
+  // dropout_p > 0. out (B, Hq, Nq, Dv) of q's dtype; lse float32 (B, Hq, Nq), +inf for rows with no visible key.
+  m.def(
+      "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float dropout_p, bool is_causal, float scale, "
+      "Tensor? seed) -> (Tensor out, Tensor lse)");
+  m.def(
+      "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? attn_mask, "
+      "float dropout_p, bool is_causal, float scale, Tensor? seed) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+}
+
 TORCH_LIBRARY_IMPL(metagpt_fast, CPU, m) {
   m.impl("attention_fwd", &attention_fwd);
   m.impl("attention_bwd", &attention_bwd);

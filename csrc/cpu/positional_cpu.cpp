@@ -197,6 +197,27 @@ at::Tensor add_positional_encoding_bwd(const at::Tensor& grad_out, double dropou
 
 }  // namespace
 
+// The op's schema, declared beside its CPU kernel (one slice per op); the CUDA kernels register for it
+// elsewhere. The Python side (fake kernel, autograd) is the module named by set_python_module.
+TORCH_LIBRARY_FRAGMENT(metagpt_fast, m) {
+  m.set_python_module("metagpt_fast.backends.compiled.positional");
+
+  // dropout(weight[tokens] * scale + PE[offset : offset + T]): tokens (B, T) integer, weight (V, d); out (B, T, d)
+  // of weight's dtype. Dropout offsets: (b * T + t) * d + j.
+  m.def(
+      "embed_positions_fwd(Tensor tokens, Tensor weight, float scale, SymInt offset, float dropout_p, "
+      "bool sinusoidal, Tensor? seed) -> Tensor");
+  // Gradient of the weight (num_embeddings, d), summed in float32 in token order (deterministic).
+  m.def(
+      "embed_positions_bwd(Tensor grad_out, Tensor tokens, SymInt num_embeddings, float scale, float dropout_p, "
+      "Tensor? seed) -> Tensor");
+
+  // dropout(x + PE[offset : offset + T]) for x (B, T, d); out of x's dtype.
+  m.def("add_positional_encoding_fwd(Tensor x, SymInt offset, float dropout_p, Tensor? seed) -> Tensor");
+  // grad_out * keep / (1 - p): the gradient of x (the encoding is a constant).
+  m.def("add_positional_encoding_bwd(Tensor grad_out, float dropout_p, Tensor? seed) -> Tensor");
+}
+
 TORCH_LIBRARY_IMPL(metagpt_fast, CPU, m) {
   m.impl("embed_positions_fwd", &embed_positions_fwd);
   m.impl("embed_positions_bwd", &embed_positions_bwd);

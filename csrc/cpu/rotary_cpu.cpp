@@ -125,6 +125,22 @@ void rotary_(at::Tensor& q, at::Tensor& k, const c10::optional<at::Tensor>& posi
 
 }  // namespace
 
+// The op's schema, declared beside its CPU kernel (one slice per op); the CUDA kernels register for it
+// elsewhere. The Python side (fake kernel, autograd) is the module named by set_python_module.
+TORCH_LIBRARY_FRAGMENT(metagpt_fast, m) {
+  m.set_python_module("metagpt_fast.backends.compiled.rotary");
+
+  // Rotary embedding of q (B, Hq, T, D) and k (B, Hk, T, D) over the first rotary_dim features; positions are
+  // position_ids ((T,) or (1 | B, T)) or offset + t. conjugate=True rotates by -angle (the backward pass).
+  m.def(
+      "rotary(Tensor q, Tensor k, Tensor? position_ids, SymInt offset, int rotary_dim, float base, bool interleaved, "
+      "bool conjugate) -> (Tensor q_out, Tensor k_out)");
+  // In-place variant for inference (no autograd).
+  m.def(
+      "rotary_(Tensor(a!) q, Tensor(b!) k, Tensor? position_ids, SymInt offset, int rotary_dim, float base, "
+      "bool interleaved) -> ()");
+}
+
 TORCH_LIBRARY_IMPL(metagpt_fast, CPU, m) {
   m.impl("rotary", &rotary);
   m.impl("rotary_", &rotary_);

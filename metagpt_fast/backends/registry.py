@@ -1,19 +1,23 @@
 """Backend registry: which implementation of an op runs for a given input.
 
-Every op of the package (``attention``, ``embed_positions``, ``add_positional_encoding``, ``rotary``) has a pure
-PyTorch ``reference`` implementation and may have fast implementations in the ``triton``, ``cuda`` and ``cpu``
-backends. A backend module registers its implementations with :func:`register`; each implementation says *why* it
-cannot serve an input through ``not_supported_reasons(**inputs) -> list[str]``.
+Every op (``attention``, ``embed_positions``, ``add_positional_encoding``, ``rotary``) is declared once by its public
+module in ``metagpt_fast/ops/`` with :func:`declare_op`, which also registers its pure PyTorch ``reference``
+implementation. Fast implementations live in one module per (backend, op) under ``metagpt_fast/backends/`` and
+register with :func:`register`, declaring what they serve as :class:`Capabilities` (devices, dtypes, head dims,
+compute capability, optional features). The generic reasons against an input are derived from those; an
+implementation adds op-specific ones (grid limits, position ranges, aliasing) through ``extra_reasons``.
 
 Selection order for one call:
 
 1. the ``backend=`` argument of the op or module, if it is not ``None`` or ``"auto"``;
 2. else the innermost :func:`use_backend` context (context-local: threads and asyncio tasks do not see each other's);
 3. else the ``METAGPT_FAST_BACKEND`` environment variable;
-4. else ``"auto"``: the highest-priority available implementation with no reasons, falling back to ``reference``.
+4. else ``"auto"``: of the implementations with no reasons against the input, the one with the highest priority for
+   it (priorities depend on the device, its compute capability and the input; each is justified where it is set).
+   The reference has priority 0, so a kernel ranked below it for some input is never picked there.
 
 An explicitly requested backend that cannot serve the input raises :class:`ValueError` listing the reasons.
-``auto`` never picks an interpreted Triton kernel (``TRITON_INTERPRET=1`` is for correctness, not speed).
+``auto`` never picks a slow implementation (interpreted Triton: ``TRITON_INTERPRET=1`` is for correctness, not speed).
 """
 
 from __future__ import annotations
@@ -25,25 +29,56 @@ import importlib
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-logger = logging.getLogger(__name__)
+import torch
 
-BACKENDS = ("reference", "triton", "cuda", "cpu")
-OPS = ("attention", "embed_positions", "add_positional_encoding", "rotary")
-ENV_VAR = "METAGPT_FAST_BACKEND"
+logger = logging.getLogger("metagpt_fast.backends")
 
-# Modules that register a backend's implementations when imported. Imported lazily: triton reads TRITON_INTERPRET
-# at import time, and importing it costs seconds.
-_BACKEND_MODULES = {
-    "reference": ("metagpt_fast.ops.reference.register",),
-    "triton": ("metagpt_fast.ops.triton_backend",),
-    "cpu": ("metagpt_fast.ops.cpp",),
-    "cuda": ("metagpt_fast.ops.cpp", "metagpt_fast.ops.cuda_attention"),
+# Backend name -> the package whose import registers its implementations (or records why it cannot run). Imported
+# lazily: triton reads TRITON_INTERPRET at import time, and importing it costs seconds. ``cpu`` and ``cuda`` are the
+# compiled extension's ops on two devices; the reference is registered by each op's declaration.
+BACKEND_PACKAGES: dict[str, str | None] = {
+    "reference": None,
+    "triton": "metagpt_fast.backends.triton",
+    "cuda": "metagpt_fast.backends.compiled",
+    "cpu": "metagpt_fast.backends.compiled",
 }
+BACKENDS = tuple(BACKEND_PACKAGES)
+ENV_VAR = "METAGPT_FAST_BACKEND"
+REFERENCE_PRIORITY = 0
 
 _requested: contextvars.ContextVar[str | None] = contextvars.ContextVar("metagpt_fast_backend", default=None)
+
+
+# ------------------------------------------------------------------------------------------------------ declarations
+
+
+@dataclasses.dataclass(frozen=True)
+class OpSpec:
+    """What the registry knows of an op, to derive the generic reasons from an implementation's capabilities."""
+
+    name: str
+    # The input whose device and dtype decide (every other floating input must match it; the public op checks).
+    primary: str
+    # The head dims an input has (query/key and value for attention), or None when the op has none.
+    head_dims: Callable[[Mapping[str, Any]], tuple[int, ...]] | None = None
+    # Optional features of an input: name -> (what it is, whether an input uses it). An implementation lists the
+    # ones it serves; an input using another one is refused with the description.
+    features: Mapping[str, tuple[str, Callable[[Mapping[str, Any]], bool]]] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+    """What an implementation serves. Every field is checked by :func:`generic_reasons`."""
+
+    devices: tuple[str, ...]  # device types whose tensors it takes here ("cpu", "cuda")
+    dtypes: tuple[torch.dtype, ...] | None = None  # None: any floating dtype
+    min_compute_capability: tuple[int, int] | None = None  # on CUDA devices
+    max_head_dim: int | None = None
+    head_dims: tuple[int, ...] | None = None  # exactly these (compiled kernels), all of an input's head dims equal
+    features: frozenset[str] = frozenset()  # the op's optional features it serves; an input using another is refused
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,44 +86,133 @@ class Implementation:
     op: str
     backend: str
     fn: Callable[..., Any]
-    # Returns why this implementation cannot serve these inputs; empty means it can.
-    not_supported_reasons: Callable[..., list[str]]
-    # Higher runs first under ``auto``.
-    priority: int = 0
-    # True when the implementation is correct but slow (interpreted Triton): never picked by ``auto``.
+    capabilities: Capabilities
+    # Op-specific reasons on top of the generic ones (same keyword inputs as ``fn`` less ``seed``).
+    extra_reasons: Callable[..., list[str]] | None = None
+    # auto's ranking for an input: higher runs first; the reference is 0.
+    priority: Callable[[Mapping[str, Any]], int] = lambda inputs: 0
+    # Correct but slow (interpreted Triton): never picked by ``auto``.
     slow: bool = False
 
+    @property
+    def devices(self) -> tuple[str, ...]:
+        return self.capabilities.devices
 
+    def not_supported_reasons(self, **inputs: Any) -> list[str]:
+        """Why this implementation cannot serve ``inputs``; empty when it can."""
+        reasons = generic_reasons(_ops[self.op], self.backend, self.capabilities, inputs)
+        if self.extra_reasons is not None:
+            reasons += self.extra_reasons(**inputs)
+        return reasons
+
+
+_ops: dict[str, OpSpec] = {}
 _registry: dict[tuple[str, str], Implementation] = {}
 _unavailable: dict[str, str | None] = {}
 _loaded: set[str] = set()
 _lock = threading.RLock()
+
+ANY_DEVICE = ("cpu", "cuda", "mps", "xpu", "meta")
+
+
+def declare_op(spec: OpSpec, reference: Callable[..., Any]) -> OpSpec:
+    """Declares an op and registers its reference implementation (serves every valid input, on every device)."""
+    with _lock:
+        _ops[spec.name] = spec
+        _registry[(spec.name, "reference")] = Implementation(
+            spec.name, "reference", reference, Capabilities(devices=ANY_DEVICE, features=frozenset(spec.features)),
+            priority=lambda inputs: REFERENCE_PRIORITY,
+        )  # fmt: skip
+    return spec
 
 
 def register(
     op: str,
     backend: str,
     fn: Callable[..., Any],
-    not_supported_reasons: Callable[..., list[str]] | None = None,
+    capabilities: Capabilities,
+    extra_reasons: Callable[..., list[str]] | None = None,
     *,
-    priority: int = 0,
+    priority: int | Callable[[Mapping[str, Any]], int],
     slow: bool = False,
-) -> None:
-    """Registers ``fn`` as ``backend``'s implementation of ``op`` (called by backend modules on import)."""
-    if op not in OPS:
-        raise ValueError(f"op must be one of {OPS}, got {op!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+) -> Implementation:
+    """Registers ``fn`` as ``backend``'s implementation of ``op`` (called by backend modules on import); returns it.
+
+    ``priority`` is a number, or a function of the inputs for rankings that depend on the device or the shape.
+    """
+    if op not in _ops:
+        raise ValueError(f"op must be one of {tuple(_ops)}, got {op!r}")
+    if backend not in BACKENDS or backend == "reference":
+        raise ValueError(f"backend must be one of {BACKENDS[1:]}, got {backend!r}")
+    unknown = capabilities.features - set(_ops[op].features)
+    if unknown:
+        raise ValueError(f"{op!r} has no features {sorted(unknown)}; it has {sorted(_ops[op].features)}")
+    rank = priority if callable(priority) else (lambda inputs, value=priority: value)
+    impl = Implementation(op, backend, fn, capabilities, extra_reasons, rank, slow)
     with _lock:
-        _registry[(op, backend)] = Implementation(
-            op, backend, fn, not_supported_reasons or (lambda **_: []), priority, slow
-        )
+        _registry[(op, backend)] = impl
+    return impl
+
+
+@contextlib.contextmanager
+def registered(impl: Implementation) -> Iterator[Implementation]:
+    """Puts ``impl`` in the registry for the ``with`` block, then restores what was there (tests, experiments)."""
+    _load(impl.backend)
+    key = (impl.op, impl.backend)
+    with _lock:
+        previous, unavailable = _registry.get(key), _unavailable.pop(impl.backend, None)
+        _registry[key] = impl
+    try:
+        yield impl
+    finally:
+        with _lock:
+            if previous is None:
+                _registry.pop(key, None)
+            else:
+                _registry[key] = previous
+            if unavailable is not None:
+                _unavailable[impl.backend] = unavailable
 
 
 def mark_unavailable(backend: str, reason: str) -> None:
     """Records why ``backend`` cannot run at all on this machine (shown by ``metagpt-fast info``)."""
     with _lock:
-        _unavailable[backend] = reason
+        _unavailable.setdefault(backend, reason)
+
+
+# ---------------------------------------------------------------------------------------------------------- reasons
+
+
+def _names(dtypes: tuple[torch.dtype, ...]) -> str:
+    return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+
+
+def generic_reasons(spec: OpSpec, backend: str, caps: Capabilities, inputs: Mapping[str, Any]) -> list[str]:
+    """The reasons ``caps`` gives against ``inputs``: device, compute capability, dtype, head dims, features."""
+    reasons = []
+    tensor = inputs[spec.primary]
+    device = tensor.device
+    if device.type not in caps.devices:
+        reasons.append(f"{spec.primary} is on {device}; the {backend} backend takes {' or '.join(caps.devices)} tensors")
+    elif device.type == "cuda" and caps.min_compute_capability is not None:
+        capability = torch.cuda.get_device_capability(device)
+        if capability < caps.min_compute_capability:
+            reasons.append(f"needs compute capability >= {caps.min_compute_capability}, got {capability}")
+    if caps.dtypes is not None and tensor.dtype not in caps.dtypes:
+        reasons.append(f"{spec.primary} has dtype {tensor.dtype}; {backend} supports {_names(caps.dtypes)}")
+    if spec.head_dims is not None and (caps.max_head_dim is not None or caps.head_dims is not None):
+        dims = spec.head_dims(inputs)
+        if caps.max_head_dim is not None and max(dims) > caps.max_head_dim:
+            reasons.append(f"head dims up to {caps.max_head_dim}, got {dims}")
+        if caps.head_dims is not None and (dims[0] not in caps.head_dims or len(set(dims)) > 1):
+            reasons.append(f"head dims in {caps.head_dims}, all equal, got {dims}")
+    for feature, (description, used) in spec.features.items():
+        if feature not in caps.features and used(inputs):
+            reasons.append(f"{description}: not served by {backend}")
+    return reasons
+
+
+# -------------------------------------------------------------------------------------------------------- selection
 
 
 def _load(backend: str) -> None:
@@ -98,12 +222,14 @@ def _load(backend: str) -> None:
         if backend in _loaded:
             return
         _loaded.add(backend)
-        for module in _BACKEND_MODULES[backend]:
-            try:
-                importlib.import_module(module)
-            except Exception as exc:  # a missing toolchain must never break the package
-                logger.debug("backend %s failed to load: %r", backend, exc)
-                _unavailable.setdefault(backend, f"{module} failed to import: {type(exc).__name__}: {exc}")
+        package = BACKEND_PACKAGES[backend]
+        if package is None:
+            return
+        try:
+            importlib.import_module(package)
+        except Exception as exc:  # a missing toolchain must never break the package
+            logger.debug("backend %s failed to load: %r", backend, exc)
+            _unavailable.setdefault(backend, f"{package} failed to import: {type(exc).__name__}: {exc}")
 
 
 def available_backends() -> dict[str, str | None]:
@@ -117,6 +243,25 @@ def available_backends() -> dict[str, str | None]:
                 reason = "no op implementations registered"
         result[backend] = reason
     return result
+
+
+def ops() -> tuple[str, ...]:
+    """The declared ops."""
+    return tuple(_ops)
+
+
+def lookup(op: str, backend: str) -> Implementation | None:
+    """``backend``'s registered implementation of ``op``, whether or not the backend can run here."""
+    _load(backend)
+    return _registry.get((op, backend))
+
+
+def implementations(op: str) -> list[Implementation]:
+    """The implementations of ``op`` on the backends that can run here, in :data:`BACKENDS` order."""
+    if op not in _ops:
+        raise ValueError(f"op must be one of {tuple(_ops)}, got {op!r}")
+    available = available_backends()
+    return [_registry[(op, b)] for b in BACKENDS if available[b] is None and (op, b) in _registry]
 
 
 def _check_name(name: str, what: str) -> str:
@@ -148,15 +293,6 @@ def requested_backend(backend: str | None = None) -> str:
     return "auto"
 
 
-def candidates(op: str) -> list[Implementation]:
-    """Implementations of ``op`` on available backends, fastest first."""
-    for backend in BACKENDS:
-        _load(backend)
-    # Reads without the lock (dict reads are atomic): torch.compile traces select() and cannot trace a lock.
-    impls = [impl for (o, b), impl in _registry.items() if o == op and _unavailable.get(b) is None]
-    return sorted(impls, key=lambda impl: -impl.priority)
-
-
 def select(op: str, backend: str | None = None, **inputs: Any) -> Implementation:
     """Returns the implementation of ``op`` that serves ``inputs`` under the current backend request."""
     name = requested_backend(backend)
@@ -172,14 +308,23 @@ def select(op: str, backend: str | None = None, **inputs: Any) -> Implementation
         if reasons:
             raise ValueError(f"backend {name!r} cannot run {op!r} on these inputs: " + "; ".join(reasons))
         return impl
-    for impl in candidates(op):
-        if impl.slow or impl.backend == "reference":
+    for backend_name in BACKENDS:
+        _load(backend_name)
+    # Reads without the lock (dict reads are atomic): torch.compile traces select() and cannot trace a lock.
+    best = _registry[(op, "reference")]
+    best_priority = REFERENCE_PRIORITY
+    for (o, b), impl in _registry.items():
+        if o != op or b == "reference" or impl.slow or _unavailable.get(b) is not None:
+            continue
+        priority = impl.priority(inputs)
+        if priority <= best_priority:
             continue
         reasons = impl.not_supported_reasons(**inputs)
-        if not reasons:
-            return impl
-        logger.debug("auto: %s/%s skipped: %s", op, impl.backend, "; ".join(reasons))
-    return _registry[(op, "reference")]
+        if reasons:
+            logger.debug("auto: %s/%s skipped: %s", op, b, "; ".join(reasons))
+            continue
+        best, best_priority = impl, priority
+    return best
 
 
 def explain(op: str, **inputs: Any) -> dict[str, list[str]]:

@@ -190,7 +190,7 @@ def functional(
 def registry_providers(op: str, device: str, setup: Callable[[str, Case, dict], Prepared]) -> list[Provider]:
     """One provider per backend of the registry: runnable ones, and the others with the reason they cannot run."""
     available = backends.available_backends()
-    impls = {impl.backend: impl for impl in backends.candidates(op)}
+    impls = {impl.backend: impl for impl in backends.implementations(op)}
     providers = []
     for name in backends.BACKENDS:
         if available[name] is not None:
@@ -198,9 +198,8 @@ def registry_providers(op: str, device: str, setup: Callable[[str, Case, dict], 
         elif name not in impls:
             providers.append(Provider(name, "backend", None, unavailable=f"no implementation of {op}"))
         else:
-            # On a CPU-only machine Triton can only be interpreted: checked for parity, never timed as if fast.
-            slow = impls[name].slow or (name == "triton" and not torch.cuda.is_available())
-            providers.append(Provider(name, "backend", _bind(setup, name), slow=slow))
+            # Interpreted Triton (the only Triton a CPU-only machine has): checked for parity, never timed as if fast.
+            providers.append(Provider(name, "backend", _bind(setup, name), slow=impls[name].slow))
     return providers
 
 

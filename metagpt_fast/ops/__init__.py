@@ -1,4 +1,8 @@
-"""Public functional ops; each validates its inputs, asks the backend registry for an implementation and runs it."""
+"""Public functional ops; each validates its inputs, asks the backend registry for an implementation and runs it.
+
+Each module declares its op (``backends.declare_op``, with its reference implementation) and defines the public
+function; every name in ``__all__`` is also exported by the package root.
+"""
 
 from metagpt_fast.ops.attention import scaled_dot_product_attention
 from metagpt_fast.ops.positional import add_positional_encoding, embed_positions

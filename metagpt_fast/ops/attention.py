@@ -7,9 +7,44 @@ import math
 import torch
 
 from metagpt_fast import backends
+from metagpt_fast.ops import reference
 from metagpt_fast.ops import validation as check
 from metagpt_fast.ops.ranges import op_range
 from metagpt_fast.ops.reference.random import new_seed
+
+
+def _reference(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, seed):
+    # The reference draws dropout from torch's generator: replaying a kernel's Philox mask is a test-only path
+    # (``dropout_mask=``), too slow for training.
+    return reference.attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+
+
+def _is_mask(kind):
+    def used(inputs):
+        mask = inputs["attn_mask"]
+        return mask is not None and (mask.dtype == torch.bool) == (kind == "bool")
+
+    return used
+
+
+OP = backends.declare_op(
+    backends.OpSpec(
+        "attention",
+        primary="query",
+        head_dims=lambda inputs: (inputs["query"].shape[-1], inputs["value"].shape[-1]),
+        features={
+            "dropout": ("dropout_p > 0", lambda inputs: inputs["dropout_p"] > 0.0),
+            "bool_mask": ("a boolean attn_mask", _is_mask("bool")),
+            "additive_mask": ("an additive attn_mask", _is_mask("additive")),
+            "mask_grad": (
+                "attn_mask requires grad (the fused kernels give no mask gradient; the reference does)",
+                lambda inputs: inputs["attn_mask"] is not None and inputs["attn_mask"].requires_grad,
+            ),
+            "gqa": ("grouped-query attention", lambda inputs: inputs["key"].shape[1] != inputs["query"].shape[1]),
+        },
+    ),
+    _reference,
+)
 
 
 def scaled_dot_product_attention(

@@ -5,9 +5,28 @@ from __future__ import annotations
 import torch
 
 from metagpt_fast import backends
+from metagpt_fast.ops import reference
 from metagpt_fast.ops import validation as check
 from metagpt_fast.ops.ranges import op_range
 from metagpt_fast.ops.reference.random import new_seed
+
+_DROPOUT = {"dropout": ("dropout_p > 0", lambda inputs: inputs["dropout_p"] > 0.0)}
+
+
+def _reference_embed_positions(tokens, weight, scale, offset, dropout_p, sinusoidal, seed):
+    return reference.embed_positions(tokens, weight, scale, offset, dropout_p, sinusoidal)
+
+
+def _reference_add_positional_encoding(x, offset, dropout_p, seed):
+    return reference.add_positional_encoding(x, offset, dropout_p)
+
+
+EMBED_POSITIONS = backends.declare_op(
+    backends.OpSpec("embed_positions", primary="weight", features=_DROPOUT), _reference_embed_positions
+)
+ADD_POSITIONAL_ENCODING = backends.declare_op(
+    backends.OpSpec("add_positional_encoding", primary="x", features=_DROPOUT), _reference_add_positional_encoding
+)
 
 
 def embed_positions(

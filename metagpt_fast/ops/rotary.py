@@ -5,9 +5,20 @@ from __future__ import annotations
 import torch
 
 from metagpt_fast import backends
+from metagpt_fast._spec import DEFAULT_BASE
+from metagpt_fast.ops import reference
 from metagpt_fast.ops import validation as check
 from metagpt_fast.ops.ranges import op_range
-from metagpt_fast.ops.reference.positional import DEFAULT_BASE
+
+
+def _reference(q, k, position_ids, offset, rotary_dim, base, interleaved, inplace):
+    q_out, k_out = reference.apply_rotary(q, k, position_ids, offset, rotary_dim, base, interleaved)
+    if inplace:
+        return q.copy_(q_out), k.copy_(k_out)
+    return q_out, k_out
+
+
+OP = backends.declare_op(backends.OpSpec("rotary", primary="q"), _reference)
 
 
 def apply_rotary(

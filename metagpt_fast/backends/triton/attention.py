@@ -1,4 +1,4 @@
-"""Triton backend of the attention op: forward and backward custom ops joined by ``register_autograd``.
+"""Triton attention: forward and backward custom ops joined by the attention autograd formula.
 
 ``metagpt_fast::triton_attention_forward`` returns the output and the per-row base-2 log-sum-exp the backward needs;
 ``metagpt_fast::triton_attention_backward`` returns (dQ, dK, dV). Both are ``torch.library.triton_op``s whose kernels
@@ -6,18 +6,15 @@ launch through ``wrap_triton``, so ``torch.compile`` traces them (and Inductor s
 Gradients flow to query, key and value; an additive ``attn_mask`` is treated as a constant.
 """
 
-import os
 from typing import Optional
 
 import torch
 from torch.library import triton_op, wrap_triton
 
-from metagpt_fast import backends
+from metagpt_fast._spec import MAX_GRID_YZ
+from metagpt_fast.backends import autograd
+from metagpt_fast.backends import triton as triton_backend
 from metagpt_fast.kernels.triton import attention as kernels
-
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MAX_GRID_YZ = 65535  # CUDA's limit on the 2nd and 3rd grid dimensions (heads, batch)
 
 
 @triton_op("metagpt_fast::triton_attention_forward", mutates_args=())
@@ -67,25 +64,7 @@ def attention_backward(
     return dq, dk, dv
 
 
-def _setup_context(ctx, inputs, output):
-    query, key, value, attn_mask, dropout_p, is_causal, scale, seed = inputs
-    out, lse = output
-    ctx.save_for_backward(query, key, value, out, lse, attn_mask, seed)
-    ctx.dropout_p, ctx.is_causal, ctx.scale = dropout_p, is_causal, scale
-    ctx.mark_non_differentiable(lse)
-
-
-def _backward(ctx, grad_out, grad_lse):
-    query, key, value, out, lse, attn_mask, seed = ctx.saved_tensors
-    dq, dk, dv = attention_backward(
-        grad_out, query, key, value, out, lse, attn_mask, ctx.dropout_p, ctx.is_causal, ctx.scale, seed
-    )
-    return dq, dk, dv, None, None, None, None, None
-
-
-torch.library.register_autograd(
-    "metagpt_fast::triton_attention_forward", _backward, setup_context=_setup_context
-)
+autograd.attention("metagpt_fast::triton_attention_forward", attention_backward)
 
 
 def attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, seed):
@@ -95,29 +74,20 @@ def attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
     return out
 
 
-def not_supported_reasons(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> list[str]:
-    reasons = []
-    device = query.device.type
-    if _INTERPRETED:
-        if device != "cpu":
-            reasons.append(f"TRITON_INTERPRET=1 runs Triton on CPU tensors only, got {device}")
-    elif device != "cuda":
-        reasons.append(f"needs CUDA tensors, got {device}")
-    elif torch.cuda.get_device_capability(query.device) < (8, 0):
-        reasons.append(f"needs compute capability >= 8.0, got {torch.cuda.get_device_capability(query.device)}")
-    if query.dtype not in _DTYPES:
-        reasons.append(f"supports float16, bfloat16 and float32, got {query.dtype}")
-    elif query.dtype == torch.bfloat16 and _INTERPRETED:
-        reasons.append("bfloat16 products are wrong under TRITON_INTERPRET (triton issue #11584)")
-    d, dv = query.shape[-1], value.shape[-1]
-    if d > kernels.MAX_HEAD_DIM or dv > kernels.MAX_HEAD_DIM:
-        reasons.append(f"head dims up to {kernels.MAX_HEAD_DIM}, got query/key {d} and value {dv}")
+def extra_reasons(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> list[str]:
+    reasons = triton_backend.interpreter_reasons(query)
     b, hq = query.shape[0], query.shape[1]
-    if b > _MAX_GRID_YZ or max(hq, key.shape[1]) > _MAX_GRID_YZ:
-        reasons.append(f"batch and heads up to {_MAX_GRID_YZ} (CUDA grid limit), got batch {b}, heads {hq}")
-    if attn_mask is not None and attn_mask.requires_grad:
-        reasons.append("no gradient with respect to attn_mask (it is read as a constant)")
+    if b > MAX_GRID_YZ or max(hq, key.shape[1]) > MAX_GRID_YZ:
+        reasons.append(f"batch and heads up to {MAX_GRID_YZ} (CUDA grid limit), got batch {b}, heads {hq}")
     return reasons
 
 
-backends.register("attention", "triton", attention, not_supported_reasons, priority=20, slow=_INTERPRETED)
+# Priority 20: above the cpu kernels (which never take CUDA tensors anyway) and, on sm_90, above the mma.sync CUDA
+# kernel, whose static figures (254 registers, 3+ shared-memory wavefronts per mma) put it below Triton's wgmma
+# kernels there; see backends/compiled/attention.py for the ranking on sm_80.
+triton_backend.register(
+    "attention", attention,
+    triton_backend.capabilities(min_compute_capability=triton_backend.MIN_COMPUTE_CAPABILITY, max_head_dim=kernels.MAX_HEAD_DIM, features=frozenset(
+        {"dropout", "bool_mask", "additive_mask", "gqa"})),
+    extra_reasons, priority=20,
+)  # fmt: skip
