@@ -116,7 +116,6 @@ def test_auto_prefers_the_reference_where_the_cpu_kernel_measured_slower():
 
     long = torch.randn(1, ADD_PE_CPU_MAX_T, 8, requires_grad=True)
     assert backends.select("add_positional_encoding", x=long, offset=0, dropout_p=0.0).backend == "reference"
-    with torch.no_grad():
-        assert backends.select("add_positional_encoding", x=long, offset=0, dropout_p=0.0).backend == "cpu"
+    assert backends.select("add_positional_encoding", x=long, offset=0, dropout_p=0.1).backend == "cpu"
     short = torch.randn(1, 16, 8, requires_grad=True)
     assert backends.select("add_positional_encoding", x=short, offset=0, dropout_p=0.0).backend == "cpu"
