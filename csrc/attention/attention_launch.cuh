@@ -1,8 +1,9 @@
 // Launch templates: tile sizes per head dim and architecture, grids, and the order of the backward kernels.
 //
-// ``launch(kernel, shape, params)`` is supplied by the caller: the CUDA launcher in attention_launch.cu (dynamic
-// shared memory opt-in, <<<>>> on the given stream, launch error returned) or the CPU emulation in tests. It returns
-// 0 or an error code, and the first error stops a sequence of launches.
+// ``launch(kernel, shape, params)`` is supplied by the caller: the CUDA launcher ``CudaLaunch`` in
+// attention_cuda_launch.cuh (dynamic shared memory opt-in, <<<>>> on the given stream, launch error returned) or the
+// CPU emulation's launcher in attention_emulation.cc (tests). It returns 0 or an error code, and the first error stops
+// a sequence of launches.
 #pragma once
 
 #include "attention_kernels.cuh"
