@@ -36,7 +36,7 @@ def _load_config():
 
 def _extension_kwargs() -> dict:
     config = _load_config()
-    force_cuda = config._flag("METAGPT_FAST_FORCE_CUDA_BUILD")
+    force_cuda = config.flag("METAGPT_FAST_FORCE_CUDA_BUILD")
     root = config.csrc_dir()
     if root is None:
         _log("no csrc/ sources: installing without the compiled extension")
@@ -50,14 +50,9 @@ def _extension_kwargs() -> dict:
         _log("torch is not importable at build time (use pip install --no-build-isolation): no compiled extension")
         return {}
 
-    cuda_home, archs, why_no_cuda = None, [], None
-    if config._flag("METAGPT_FAST_SKIP_CUDA_BUILD"):
-        why_no_cuda = "METAGPT_FAST_SKIP_CUDA_BUILD is set"
-    elif torch.version.cuda is None:
-        why_no_cuda = "this torch build has no CUDA"
-    elif (cuda_home := config.find_cuda_home()) is None:
-        why_no_cuda = "nvcc not found (set CUDA_HOME)"
-    else:
+    cuda_home, why_no_cuda = config.cuda_part_wanted()
+    archs = []
+    if cuda_home is not None:
         os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension when it is imported below
         try:
             archs = config.cuda_archs(cuda_home)

@@ -46,7 +46,8 @@ _reason: str | None = None
 _attempted = False
 
 
-def _flag(name: str) -> bool:
+def flag(name: str) -> bool:
+    """Whether the environment variable ``name`` is set to something other than 0/false/no/off."""
     return os.environ.get(name, "0").strip().lower() not in ("", "0", "false", "no", "off")
 
 
@@ -61,15 +62,15 @@ def csrc_dir() -> Path | None:
     return None
 
 
-def _is_cuda_binding(path: Path) -> bool:
-    """A .cpp that binds CUDA kernels: named ``*_cuda.cpp`` or next to .cu files. Left out of CPU-only builds."""
-    return path.name.endswith("_cuda.cpp") or any(path.parent.glob("*.cu"))
-
-
 def sources(root: Path, with_cuda: bool) -> list[str]:
-    """Every csrc/**/*.cpp (less the CUDA bindings in a CPU-only build) and, with CUDA, every csrc/**/*.cu."""
-    cpp = sorted(p for p in root.rglob("*.cpp") if with_cuda or not _is_cuda_binding(p))
-    cu = sorted(root.rglob("*.cu")) if with_cuda else []
+    """By folder: ``ops.cpp`` and ``cpu/*.cpp`` always (the schemas and CPU kernels); with CUDA, the ``.cpp``
+    bindings and ``.cu`` kernels of every other folder (``attention/``, ``positional/``). ``include/`` holds headers."""
+    cpp = [root / "ops.cpp", *sorted((root / "cpu").glob("*.cpp"))]
+    cu = []
+    if with_cuda:
+        for folder in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in ("cpu", "include")):
+            cpp += sorted(folder.glob("*.cpp"))
+            cu += sorted(folder.glob("*.cu"))
     return [str(p) for p in cpp + cu]
 
 
@@ -120,7 +121,7 @@ def cuda_archs(cuda_home: str, requested: str | None = None) -> list[str]:
 
 
 def debug() -> bool:
-    return _flag("METAGPT_FAST_DEBUG")
+    return flag("METAGPT_FAST_DEBUG")
 
 
 def cxx_flags(with_cuda: bool) -> list[str]:
@@ -153,11 +154,11 @@ def include_dirs(root: Path) -> list[str]:
 # --------------------------------------------------------------------------------------------------------- loading
 
 
-def _cuda_part_wanted() -> tuple[str | None, str | None]:
-    """(cuda_home, None) when the JIT build should include CUDA kernels, else (None, why not)."""
+def cuda_part_wanted() -> tuple[str | None, str | None]:
+    """(cuda_home, None) when a build (setup.py or JIT) should include the CUDA kernels, else (None, why not)."""
     import torch
 
-    if _flag("METAGPT_FAST_SKIP_CUDA_BUILD"):
+    if flag("METAGPT_FAST_SKIP_CUDA_BUILD"):
         return None, "METAGPT_FAST_SKIP_CUDA_BUILD is set"
     if torch.version.cuda is None:
         return None, "this torch build has no CUDA"
@@ -176,7 +177,7 @@ def _jit_build(verbose: bool):
         raise RuntimeError("the csrc/ sources are not available (installed without them)")
     if find_cxx() is None:
         raise RuntimeError("no C++ compiler found (set CXX)")
-    cuda_home, no_cuda = _cuda_part_wanted()
+    cuda_home, no_cuda = cuda_part_wanted()
     archs: list[str] = []
     if cuda_home is not None:
         os.environ.setdefault("CUDA_HOME", cuda_home)
@@ -224,7 +225,7 @@ def load(verbose: bool = False):
         return _module
     except ImportError as exc:
         prebuilt = f"prebuilt {EXTENSION_NAME} not importable ({exc})"
-    if _flag("METAGPT_FAST_NO_JIT"):
+    if flag("METAGPT_FAST_NO_JIT"):
         _reason = f"{prebuilt}; JIT build disabled by METAGPT_FAST_NO_JIT"
         return None
     try:
