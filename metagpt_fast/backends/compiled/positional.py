@@ -39,12 +39,9 @@ autograd.add_positional_encoding(
 )
 
 
-def embed_positions(tokens, weight, scale, offset, dropout_p, sinusoidal, seed):
-    return torch.ops.metagpt_fast.embed_positions_fwd(tokens, weight, scale, offset, dropout_p, sinusoidal, seed)
-
-
-def add_positional_encoding(x, offset, dropout_p, seed):
-    return torch.ops.metagpt_fast.add_positional_encoding_fwd(x, offset, dropout_p, seed)
+# The ops' arguments are the registry's contract: registered as they are.
+embed_positions = torch.ops.metagpt_fast.embed_positions_fwd
+add_positional_encoding = torch.ops.metagpt_fast.add_positional_encoding_fwd
 
 
 # Without dropout the op is one add, memory-bound either way, and the kernel's only edge (computing the table in
