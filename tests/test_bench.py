@@ -397,6 +397,7 @@ def test_attention_suite_includes_torch_sdpa_baselines():
 # ---------------------------------------------------------------------------------------------------------- CLI
 
 
+@pytest.mark.slow  # the whole quick suite, every op and provider
 def test_bench_quick_cli_end_to_end(tmp_path, capsys):
     """What CI runs: every op, every provider, the quick CPU suite."""
     rc = cli.main(["bench", "--quick", "--out", str(tmp_path)])

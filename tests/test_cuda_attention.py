@@ -170,6 +170,7 @@ EMULATED = [(c, SM90) for c in CASES] + [(c, SM86) for c in CASES if CASES[c][5]
 EMULATED_IDS = [f"{c}-{'sm90' if s == SM90 else 'sm86'}-tiles" for c, s in EMULATED]
 
 
+@pytest.mark.slow  # builds the emulation with g++, then runs each CUDA thread as a fiber
 @pytest.mark.parametrize("case,shared_per_sm", EMULATED, ids=EMULATED_IDS)
 def test_emulated_kernels_match_reference(emulation, case, shared_per_sm):
     b, hq, hk, nq, nk, d, dtype, causal, mask_kind, dropout_p, transposed = CASES[case]

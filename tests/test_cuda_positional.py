@@ -13,7 +13,7 @@ from metagpt_fast.ops import reference
 from metagpt_fast.ops.reference.random import dropout_keep_mask
 from metagpt_fast.testing import assert_parity
 
-pytestmark = requires_cuda
+pytestmark = [pytest.mark.gpu, requires_cuda]
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SEED = 987654321987

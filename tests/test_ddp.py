@@ -14,7 +14,11 @@ from metagpt_fast.testing import assert_parity
 
 AVAILABLE = [name for name, reason in metagpt_fast.available_backends().items() if reason is None]
 WORLD, GLOBAL_BATCH, T = 2, 4, 9
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+# slow: spawns two ranks per configuration.
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo"),
+]
 
 
 def backends():
