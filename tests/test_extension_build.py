@@ -1,16 +1,14 @@
 """The compiled extension: it loads, declares every op, and its CUDA kernels were compiled for sm_80 and sm_90
-without spilling (``cuobjdump --dump-resource-usage`` on the built library; registers are printed)."""
+without spilling (``cuobjdump --dump-resource-usage`` on the built library, read by ``metagpt_fast.devtools.sass``;
+registers are printed)."""
 
 import os
-import re
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 
 from metagpt_fast import _extension
+from metagpt_fast.devtools import sass
 
 OPS = (
     "attention_fwd",
@@ -70,57 +68,23 @@ def _cuda_build_expected() -> bool:
     )
 
 
-def _cuobjdump() -> str | None:
-    candidates = [Path(_extension.find_cuda_home() or "/nonexistent") / "bin" / "cuobjdump", shutil.which("cuobjdump")]
-    try:
-        import triton
-
-        candidates.append(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
-    except ImportError:
-        pass
-    return next((str(c) for c in candidates if c and Path(c).exists()), None)
-
-
-def _resource_usage(library: str, tool: str) -> dict[str, list[dict]]:
-    """{arch: [{function, REG, STACK, SHARED, LOCAL}, ...]} parsed from cuobjdump --dump-resource-usage."""
-    text = subprocess.run([tool, "--dump-resource-usage", library], capture_output=True, text=True, check=True).stdout
-    usage: dict[str, list[dict]] = {}
-    arch = None
-    function = None
-    for line in text.splitlines():
-        if m := re.search(r"arch = (sm_\d+a?)", line):
-            arch = m.group(1)
-            usage.setdefault(arch, [])
-        elif m := re.match(r"\s*Function (\S+):", line):
-            function = m.group(1)
-        elif function and arch and "REG:" in line:
-            fields = {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", line)}
-            usage[arch].append({"function": function, **fields})
-            function = None
-    return usage
-
-
 def test_cuda_kernels_compiled_for_sm80_sm90_without_spills(extension):
     if not _cuda_build_expected():
         pytest.skip("no CUDA part expected: torch without CUDA, no nvcc, or METAGPT_FAST_SKIP_CUDA_BUILD")
     assert _extension.has_cuda_kernels(), "torch has CUDA and nvcc is present, but the extension has no CUDA kernels"
     for name in CUDA_POSITIONAL_OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"metagpt_fast::{name}", "CUDA"), name
-    tool = _cuobjdump()
+    tool = sass.find_cuobjdump(_extension.find_cuda_home())
     if tool is None:
-        pytest.skip("cuobjdump not found (CUDA toolkit bin/ or triton's bundled copy)")
-    usage = _resource_usage(extension.__file__, tool)
+        pytest.skip("cuobjdump not found (CUDA toolkit bin/, triton's bundled copy or PATH)")
+    usage = sorted(sass.resource_usage(extension.__file__, tool), key=lambda k: k.arch or "")
+    archs = {k.arch for k in usage}
     for arch in REQUIRED_ARCHS:
-        assert usage.get(arch), f"no kernels for {arch} in {extension.__file__} (found {sorted(usage)})"
+        assert arch in archs, f"no kernels for {arch} in {extension.__file__} (found {sorted(archs)})"
     problems = []
-    for arch, kernels in sorted(usage.items()):
-        for k in kernels:
-            print(
-                f"{arch} REG={k['REG']:3d} STACK={k['STACK']:4d} LOCAL={k['LOCAL']:4d} SHARED={k['SHARED']:6d} "
-                f"{k['function']}"
-            )
-            local = max(k["STACK"], k["LOCAL"])
-            allowed = next((b for name, b in JUSTIFIED_LOCAL_BYTES.items() if name in k["function"]), 0)
-            if local > allowed:
-                problems.append(f"{arch} {k['function']}: STACK={k['STACK']} LOCAL={k['LOCAL']} (spills)")
+    for k in usage:
+        print(f"{k.arch} REG={k.registers:3d} STACK={k.stack:4d} LOCAL={k.local:4d} SHARED={k.shared:6d} {k.function}")
+        allowed = next((b for name, b in JUSTIFIED_LOCAL_BYTES.items() if name in k.function), 0)
+        if k.spill_bytes > allowed:
+            problems.append(f"{k.arch} {k.function}: STACK={k.stack} LOCAL={k.local} (spills)")
     assert not problems, "\n".join(problems)
