@@ -1,6 +1,6 @@
-"""Triton AOT statistics in parallel: every kernel module's ``AOT_CASES`` compiled for sm_80 and sm_90.
+"""Triton AOT statistics in parallel: every case of ``metagpt_fast.devtools.aot`` compiled for sm_80 and sm_90.
 
-Same JSON lines as ``python -m metagpt_fast.kernels.triton.aot`` (one object per case and arch: registers, stack,
+Same JSON lines as ``python -m metagpt_fast.devtools.aot`` (one object per case and arch: registers, stack,
 local and shared memory, spill bytes, wgmma use, or the compile error), but spread over worker processes (one shard
 of the cases each) so the GPU suite's time box covers every case. Each line is printed as soon as its compile ends,
 so a cut run keeps what finished; a summary (spills over the allowance, missing wgmma, errors) goes to stderr.
@@ -11,7 +11,6 @@ so a cut run keeps what finished; a summary (spills over the allowance, missing 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import selectors
@@ -25,24 +24,13 @@ sys.path.insert(0, str(ROOT))  # the source tree's package, installed or not
 
 def compile_shard(shard: int, shards: int) -> None:
     """Compiles the cases whose index is ``shard`` modulo ``shards``, printing one JSON line per (case, arch)."""
-    from metagpt_fast.kernels.triton.aot import ARCHS, compile_case, discover_cases
+    from metagpt_fast.devtools.aot import ARCHS, all_cases, stats_row
 
-    for index, case in enumerate(discover_cases()):
+    for index, case in enumerate(all_cases()):
         if index % shards != shard:
             continue
         for arch in ARCHS:
-            row = {
-                "label": case.label,
-                "arch": arch,
-                "allowed_spill_bytes": case.allowed_spill_bytes,
-                "expect_wgmma": case.expect_wgmma,
-            }
-            try:
-                row.update(dataclasses.asdict(compile_case(case, arch)))
-                row["spill_bytes"] = max(row["stack_bytes"], row["local_bytes"])
-            except Exception as exc:  # noqa: BLE001  (reported in the row, like the module's own runner)
-                row["error"] = f"{type(exc).__name__}: {exc}"
-            print(json.dumps(row), flush=True)
+            print(json.dumps(stats_row(case, arch)), flush=True)
 
 
 def run_shards(jobs: int) -> list[dict]:

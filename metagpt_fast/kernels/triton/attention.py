@@ -19,7 +19,7 @@ bitwise deterministic):
 
 Dropout keeps element (b, h, i, j) of P by the shared Philox stream (kernels/triton/dropout.py) at offset
 ``((b * Hq + h) * Nq + i) * Nk + j``; the backward regenerates the same decisions, so no mask is stored, and
-``ops.reference.dropout_keep_mask`` rebuilds it exactly for tests.
+the reference ``dropout_keep_mask`` rebuilds it exactly for tests.
 
 Masking: causal (query ``i`` sees keys ``j <= i``, torch's top-left alignment when ``Nq != Nk``) only costs work in
 the blocks that straddle the diagonal; fully-masked blocks are skipped. ``attn_mask`` (bool or additive) is read
@@ -29,21 +29,19 @@ row vector per key block. Batch and head offsets are int64. fp32 matmuls use ``i
 
 import functools
 import math
-import os
 import warnings
 
 import torch
 import triton
 import triton.language as tl
 
-from metagpt_fast.kernels.triton.aot import AotCase
+from metagpt_fast._spec import dropout_threshold, triton_interpreted
 from metagpt_fast.kernels.triton.dropout import dropout_keep
-from metagpt_fast.ops.reference.random import dropout_threshold
 
 LOG2E = tl.constexpr(1.4426950408889634)
 FLT_MAX = tl.constexpr(3.4028234663852886e38)
 MAX_HEAD_DIM = 256
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+INTERPRETED = triton_interpreted()
 
 MASK_NONE, MASK_BOOL, MASK_ADDITIVE = 0, 1, 2
 
@@ -57,8 +55,10 @@ warnings.filterwarnings("ignore", message="tl.make_block_ptr is deprecated")
 
 
 @triton.jit
-def _load_block(base, start, n, stride_n, stride_d, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                CHECK_ROWS: tl.constexpr):
+def _load_block(
+    base, start, n, stride_n, stride_d,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_ROWS: tl.constexpr,
+):  # fmt: skip
     """Loads rows ``[start, start + BLOCK_N)`` of an (n, D) matrix as a (BLOCK_N, BLOCK_D) tile; rows past ``n`` and
     columns past ``D`` (padding of a non-power-of-2 head dim) read 0.
 
@@ -319,13 +319,15 @@ def _attn_fwd(
         acc, l_i, m_i, q, k_base, v_base, mask_base, seed, drop_base, rows, start_m * BLOCK_M, 0, full_end,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Nq, Nk, qk_scale, dropout_threshold,
         dropout_scale,
-        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, IS_CAUSAL, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N,
+        False, IS_CAUSAL, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
     )  # fmt: skip
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, mask_base, seed, drop_base, rows, start_m * BLOCK_M, full_end, hi,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Nq, Nk, qk_scale, dropout_threshold,
         dropout_scale,
-        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, IS_CAUSAL, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N,
+        True, IS_CAUSAL, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
     )  # fmt: skip
 
     # A row whose every key is masked has l = 0 and acc = 0: output 0, LSE = +inf (so the backward's P is 0).
@@ -360,7 +362,6 @@ def _attn_bwd_preprocess(
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_dv = tl.arange(0, BLOCK_DV)
     o_base = Out + b * stride_ob + h * stride_oh
     do_base = DOut + b * stride_dob + h * stride_doh
     start = start_m * BLOCK_M
@@ -477,10 +478,12 @@ def _attn_bwd_dkdv(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
 
-    k = _load_block(K + b * stride_kb + hk * stride_kh, start_n, Nk, stride_kn, stride_kd, HEAD_DIM, BLOCK_N, BLOCK_D,
-                    True)
-    v = _load_block(V + b * stride_vb + hk * stride_vh, start_n, Nk, stride_vn, stride_vd, HEAD_DIM_V, BLOCK_N,
-                    BLOCK_DV, True)
+    k = _load_block(
+        K + b * stride_kb + hk * stride_kh, start_n, Nk, stride_kn, stride_kd, HEAD_DIM, BLOCK_N, BLOCK_D, True
+    )
+    v = _load_block(
+        V + b * stride_vb + hk * stride_vh, start_n, Nk, stride_vn, stride_vd, HEAD_DIM_V, BLOCK_N, BLOCK_DV, True
+    )
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     if HAS_DROPOUT:
@@ -502,16 +505,20 @@ def _attn_bwd_dkdv(
         row_base = (b * Hq + h) * Nq
         mask_base = Mask + b * stride_mb + h * stride_mh
         dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, q_base, do_base, Lse + row_base, lse_split, Delta + row_base, mask_base, seed, row_base * Nk, cols,
-            start_n, lo, tl.minimum(full_start, Nq), stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, Nq, Nk,
+            dk, dv, k, v, q_base, do_base, Lse + row_base, lse_split, Delta + row_base, mask_base, seed,
+            row_base * Nk, cols, start_n, lo, tl.minimum(full_start, Nq),
+            stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, Nq, Nk,
             qk_scale, dropout_threshold, dropout_scale,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, IS_CAUSAL, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N,
+            IS_CAUSAL, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
         )  # fmt: skip
         dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, q_base, do_base, Lse + row_base, lse_split, Delta + row_base, mask_base, seed, row_base * Nk, cols,
-            start_n, full_start, Nq, stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, Nq, Nk,
+            dk, dv, k, v, q_base, do_base, Lse + row_base, lse_split, Delta + row_base, mask_base, seed,
+            row_base * Nk, cols, start_n, full_start, Nq,
+            stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, Nq, Nk,
             qk_scale, dropout_threshold, dropout_scale,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N,
+            False, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
         )  # fmt: skip
 
     dk_ptrs = DK + b * stride_dkb + hk * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
@@ -623,9 +630,12 @@ def _attn_bwd_dq(
     mask_base = Mask + b * stride_mb + h * stride_mh
     row_base = (b * Hq + h) * Nq
     start = start_m * BLOCK_M
-    q = _load_block(Q + b * stride_qb + h * stride_qh, start, Nq, stride_qm, stride_qd, HEAD_DIM, BLOCK_M, BLOCK_D, True)
-    do = _load_block(DOut + b * stride_dob + h * stride_doh, start, Nq, stride_dom, stride_dod, HEAD_DIM_V, BLOCK_M,
-                     BLOCK_DV, True)
+    q = _load_block(
+        Q + b * stride_qb + h * stride_qh, start, Nq, stride_qm, stride_qd, HEAD_DIM, BLOCK_M, BLOCK_D, True
+    )
+    do = _load_block(
+        DOut + b * stride_dob + h * stride_doh, start, Nq, stride_dom, stride_dod, HEAD_DIM_V, BLOCK_M, BLOCK_DV, True
+    )
     m, log_l = _load_lse(Lse + row_base, rows, Nq, lse_split, MASK_KIND == 2)
     delta = tl.load(Delta + row_base + rows, mask=rows < Nq, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -641,16 +651,20 @@ def _attn_bwd_dq(
         hi = Nk
         full_end = Nk // BLOCK_N * BLOCK_N
     dq = _attn_bwd_dq_inner(
-        dq, q, do, m, log_l, delta, k_base, v_base, mask_base, seed, row_base * Nk, rows, start_m * BLOCK_M, 0, full_end,
+        dq, q, do, m, log_l, delta, k_base, v_base, mask_base, seed,
+        row_base * Nk, rows, start_m * BLOCK_M, 0, full_end,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Nq, Nk, qk_scale, dropout_threshold,
         dropout_scale,
-        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, IS_CAUSAL, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N,
+        False, IS_CAUSAL, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
     )  # fmt: skip
     dq = _attn_bwd_dq_inner(
-        dq, q, do, m, log_l, delta, k_base, v_base, mask_base, seed, row_base * Nk, rows, start_m * BLOCK_M, full_end, hi,
+        dq, q, do, m, log_l, delta, k_base, v_base, mask_base, seed,
+        row_base * Nk, rows, start_m * BLOCK_M, full_end, hi,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Nq, Nk, qk_scale, dropout_threshold,
         dropout_scale,
-        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, IS_CAUSAL, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N,
+        True, IS_CAUSAL, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
     )  # fmt: skip
     dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
     _store_tile(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), rows, Nq, offs_d, HEAD_DIM, BLOCK_D)
@@ -676,7 +690,7 @@ DKDV_TILES = {  # BLOCK_M is the streamed query block, BLOCK_N the resident key 
     (16, 64): [(32, 128, 8, 3)],  # 64x64 with 4 warps spilled 184 B
     (16, 128): [(32, 64, 8, 2)],  # 32x64 with 4 warps spilled 264 / 360 B
     # dK and dV of 64 keys x 256 dims (128 fp32 registers a thread at 8 warps) plus resident K and V spill 448 B on
-    # sm_90 under wgmma's 64-row tiles; 32 keys per program run on mma.sync instead (see aot_case).
+    # sm_90 under wgmma's 64-row tiles; 32 keys per program run on mma.sync instead (see the AOT cases).
     (16, 256): [(16, 32, 8, 1)],
     (32, 64): [(32, 32, 4, 2)],
     (32, 128): [(16, 16, 8, 1)],  # 4 warps spilled 8 B with mask and dropout on sm_80
@@ -709,7 +723,9 @@ TILES = {"fwd": FWD_TILES, "dkdv": DKDV_TILES, "dq": DQ_TILES}
 # diagonal bookkeeping are exercised.
 INTERPRETER_TILES = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
 
-_KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
+# The kernels by role; "preprocess" is never autotuned. Tooling that compiles them ahead of time
+# (``metagpt_fast/devtools/aot.py``) reads this and the tile tables.
+KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq, "preprocess": _attn_bwd_preprocess}
 _TUNING_KEY = ["Nq", "Nk", "GROUP", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "MASK_KIND", "MASK_ROW_BCAST", "HAS_DROPOUT"]
 
 
@@ -736,14 +752,14 @@ def _autotuned(kind: str, family: tuple[int, int, bool]):
     configs = [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles(kind, family)
     ]
-    return triton.autotune(configs=configs, key=_TUNING_KEY)(_KERNELS[kind])
+    return triton.autotune(configs=configs, key=_TUNING_KEY)(KERNELS[kind])
 
 
 def _kernel(kind: str, family: tuple[int, int], launch):
     """The kernel to launch and its fixed meta-parameters (none when the autotuner chooses them)."""
     if INTERPRETED:
         m, n, w, s = INTERPRETER_TILES[kind]
-        return launch(_KERNELS[kind]), {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
+        return launch(KERNELS[kind]), {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
     return launch(_autotuned(kind, family)), {}
 
 
@@ -846,86 +862,3 @@ def lse_rows(attn_mask) -> int:
 def preprocess_block_m(head_dim_v: int) -> int:
     # O and dO tiles in fp32 registers: 64 x 128 x 2 over 128 threads is 128 registers per thread.
     return 64 if block_dim(head_dim_v) <= 128 else 32
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# ahead-of-time compile cases (tests/test_aot.py): every tile of every family, for the family's widest head dim
-
-_TRITON_DTYPE = {16: "bf16", 32: "fp32"}
-_FLOAT_ARGS = ("qk_scale", "sm_scale", "dropout_scale")
-_POINTER_ARGS = ("Q", "K", "V", "Mask", "Out", "Lse", "Seed", "DOut", "Delta", "DQ", "DK", "DV")
-_UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_dod", "stride_dkd", "stride_dvd",
-                 "stride_dqd", "stride_mn")  # fmt: skip
-
-
-def aot_case(kind, family, tile, *, is_causal, mask_kind, has_dropout) -> AotCase:
-    """One compile of kernel ``kind`` for ``family`` (bits, head-dim bucket) with ``tile`` (M, N, warps, stages).
-
-    Contiguous last dims are passed as the constant 1, as Triton's launcher specialises them at run time.
-    """
-    bits, width = family
-    block_m, block_n, num_warps, num_stages = tile
-    kernel = _KERNELS[kind]
-    constexprs = dict(
-        HEAD_DIM=width, HEAD_DIM_V=width, BLOCK_D=width, BLOCK_DV=width, IS_CAUSAL=is_causal, MASK_KIND=mask_kind,
-        MASK_ROW_BCAST=False, HAS_DROPOUT=has_dropout, BLOCK_M=block_m, BLOCK_N=block_n,
-    )  # fmt: skip
-    constexprs.update({name: 1 for name in _UNIT_STRIDES if name in kernel.arg_names})
-    return AotCase(
-        kernel, _aot_signature(kernel, bits, mask_kind, constexprs), constexprs, num_warps, num_stages,
-        # Hopper's wgmma needs 64 rows per warpgroup in the left operand (keys for dK/dV, queries otherwise); the
-        # few smaller tiles (D=256 backward, to avoid spills) run on mma.sync.
-        expect_wgmma=bits == 16 and (block_n if kind == "dkdv" else block_m) >= 64,
-        allowed_spill_bytes=FP32_DKDV_256_SPILL if (kind, bits, width) == ("dkdv", 32, 256) else 0,
-        divisible_by_16=_aot_aligned(kernel, constexprs),
-    )  # fmt: skip
-
-
-def _aot_signature(kernel, bits, mask_kind, constexprs):
-    data = "*" + _TRITON_DTYPE[bits]
-    pointers = {"Lse": "*fp32", "Delta": "*fp32", "Seed": "*i64", "Mask": "*u8" if mask_kind == MASK_BOOL else data}
-    signature = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in _POINTER_ARGS:
-            signature[name] = pointers.get(name, data)
-        else:
-            signature[name] = "fp32" if name in _FLOAT_ARGS else "i32"
-    return signature
-
-
-def _aot_aligned(kernel, constexprs):
-    """Arguments Triton sees as multiples of 16 for contiguous inputs with D = 64/128/256 (pointers, strides)."""
-    aligned = []
-    for name in kernel.arg_names:
-        if name in constexprs or name in _FLOAT_ARGS or name in ("Seed", "GROUP", "dropout_threshold"):
-            continue
-        if name in _POINTER_ARGS or name.startswith("stride_") and not name.startswith("stride_m"):
-            aligned.append(name)
-    return tuple(aligned)
-
-
-def _aot_cases() -> list[AotCase]:
-    cases = []
-    for kind, table in TILES.items():
-        for (bits, width), plain in table.items():
-            # The training default (causal, nothing else) and the heaviest variant (dense additive mask + Philox
-            # dropout) of every tile the autotuner may pick.
-            family = (bits, width)
-            for tile in plain:
-                cases.append(aot_case(kind, family, tile, is_causal=True, mask_kind=MASK_NONE, has_dropout=False))
-            for tile in tiles(kind, (bits, width, bits == 16)):
-                cases.append(aot_case(kind, family, tile, is_causal=False, mask_kind=MASK_ADDITIVE, has_dropout=True))
-    for width in (64, 128, 256):
-        for bits in (16, 32):
-            constexprs = dict(HEAD_DIM_V=width, BLOCK_DV=width, BLOCK_M=preprocess_block_m(width), stride_od=1,
-                              stride_dod=1)  # fmt: skip
-            cases.append(AotCase(
-                _attn_bwd_preprocess, _aot_signature(_attn_bwd_preprocess, bits, MASK_NONE, constexprs), constexprs,
-                num_warps=4, num_stages=1, divisible_by_16=_aot_aligned(_attn_bwd_preprocess, constexprs),
-            ))  # fmt: skip
-    return cases
-
-
-AOT_CASES = _aot_cases()

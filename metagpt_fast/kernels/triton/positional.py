@@ -6,16 +6,11 @@ Forward, one pass over memory (each input byte read once, each output byte writt
     src          = W[tokens[b, t]]   (embed_positions)   or   x   (add_positional_encoding)
     PE[pos, 2i]  = sin(pos * base^(-2i/d)),   PE[pos, 2i+1] = cos(pos * base^(-2i/d))   (Vaswani et al. 2017, 3.5)
 
-The sinusoid is computed in registers in float32 (no table in memory), once per (t, j) tile, and reused for every
-batch row a program handles: each program loops over a slice of the batch, so the transcendental cost per element
-falls with the batch size and the kernel stays memory-bound even for 2-byte dtypes. sin and cos come from one
-Cody-Waite reduction by pi/2 and two short polynomials (``_sincos``): libdevice's ``sinf`` falls back to a
-Payne-Hanek reduction that keeps an array on the stack (32 bytes: spills in the AOT check).
-
-Accuracy: the inverse frequency ``base^(-2i/d)`` is computed in float64 and rounded once to float32 (relative error
-<= 2**-24), and the angle ``pos * inv_freq`` is one float32 product (another 2**-24): the angle is off by at most
-``2 * pos * 2**-24`` radians, so is the encoding, against the exact (float64) table. ``_sincos`` adds at most 2 ulp
-of its result for ``|angle| <= 2**21``.
+The sinusoid is computed in registers in float32 (no table in memory; ``sinusoid.py``: sin/cos without stack
+memory, accuracy), once per (t, j) tile, and reused for every batch row a program handles: each program loops over a
+slice of the batch, so the transcendental cost per element falls with the batch size and the kernel stays
+memory-bound even for 2-byte dtypes. The encoding is off by at most ``2 * pos * 2**-24`` against the exact (float64)
+table.
 
 Backward:
     add_positional_encoding: dx = dropout replayed on dy (this same kernel with SINUSOIDAL=False).
@@ -32,33 +27,13 @@ Dropout: element (b, t, j) is kept iff the shared Philox stream at linear index 
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from metagpt_fast.kernels.triton.aot import AotCase
+from metagpt_fast._spec import DEFAULT_BASE, dropout_threshold, triton_interpreted
 from metagpt_fast.kernels.triton.dropout import dropout_keep
-from metagpt_fast.ops.reference.positional import DEFAULT_BASE
-from metagpt_fast.ops.reference.random import dropout_threshold
-
-# pi/2 split in three float32 parts (C1 + C2 + C3 = pi/2 to 1e-23): with fused multiply-adds the reduced angle
-# r = a - k*pi/2 keeps ~1 ulp accuracy while k*C1 stays exact in float32 (|a| up to ~2**21).
-_PIO2_1 = tl.constexpr(1.5707963705062866)
-_PIO2_2 = tl.constexpr(-4.371138828673793e-08)
-_PIO2_3 = tl.constexpr(-1.7151245100058819e-15)
-_TWO_OVER_PI = tl.constexpr(0.6366197466850281)
-# Taylor coefficients up to r**9 (sin) and r**10 (cos): truncation error < 2e-9 on |r| <= pi/4, below float32's ulp.
-_S3 = tl.constexpr(-1.0 / 6.0)
-_S5 = tl.constexpr(1.0 / 120.0)
-_S7 = tl.constexpr(-1.0 / 5040.0)
-_S9 = tl.constexpr(1.0 / 362880.0)
-_C2 = tl.constexpr(-0.5)
-_C4 = tl.constexpr(1.0 / 24.0)
-_C6 = tl.constexpr(-1.0 / 720.0)
-_C8 = tl.constexpr(1.0 / 40320.0)
-_C10 = tl.constexpr(-1.0 / 3628800.0)
+from metagpt_fast.kernels.triton.sinusoid import inverse_frequency, sincos, small_column_stride
 
 # Tiles of 1024 elements, 8 per thread at 4 warps: the dropout variant (Philox state per element) takes 48-56
 # registers as launched (AOT check), ~9 programs per SM; 2048-element tiles took 72-79, about the same bytes in
@@ -73,49 +48,17 @@ SORTED_CHUNK = 32
 COMBINE_ROWS = 16
 
 
-def interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _sincos(angle):
-    """(sin, cos) of a float32 tensor, within 2 ulp for |angle| <= 2**21, using no stack memory."""
-    k = tl.floor(angle * _TWO_OVER_PI + 0.5)
-    r = tl.fma(k, -_PIO2_1, angle)
-    r = tl.fma(k, -_PIO2_2, r)
-    r = tl.fma(k, -_PIO2_3, r)  # r in [-pi/4, pi/4] (a hair beyond when k rounds the other way)
-    r2 = r * r
-    s = r + r * r2 * (_S3 + r2 * (_S5 + r2 * (_S7 + r2 * _S9)))
-    c = 1.0 + r2 * (_C2 + r2 * (_C4 + r2 * (_C6 + r2 * (_C8 + r2 * _C10))))
-    # angle = k*pi/2 + r: quadrant q = k mod 4 maps (sin r, cos r) to (sin, cos) of the angle.
-    q = k.to(tl.int32) & 3
-    swap = (q & 1) != 0
-    sin = tl.where(swap, c, s)
-    cos = tl.where(swap, s, c)
-    sin = tl.where((q & 2) != 0, -sin, sin)
-    cos = tl.where(((q + 1) & 2) != 0, -cos, cos)
-    return sin, cos
-
-
-@triton.jit
-def _inverse_frequency(two_i, base, width):
-    """base^(-2i/width) correctly rounded to float32: computed in float64 (once per program, so its cost is nil),
-    so the float32 angle pos * inv_freq carries two roundings only (a float32 exp2 would add ~2-4 ulp)."""
-    log2_base = tl.log2(tl.cast(base, tl.float64))
-    return tl.exp2(-two_i.to(tl.float64) * log2_base / width).to(tl.float32)
-
-
-@triton.jit
 def _sinusoid(pos, j, base, D):
     """PE tile (len(pos), len(j)): sin for even features, cos for odd ones, of pos * base^(-2i/d), 2i = j - j % 2."""
-    inv_freq = _inverse_frequency(j - (j & 1), base, D)
+    inv_freq = inverse_frequency(j - (j & 1), base, D)
     angle = pos.to(tl.float32)[:, None] * inv_freq[None, :]
-    sin, cos = _sincos(angle)
+    sin, cos = sincos(angle)
     return tl.where(((j & 1) != 0)[None, :], cos, sin)
 
 
@@ -334,6 +277,15 @@ def _embed_grad_combine_kernel(
         )
 
 
+# The kernels by role, for tooling that compiles them ahead of time (``metagpt_fast/devtools/aot.py``).
+KERNELS = {
+    "forward": _positional_fwd_kernel,
+    "grad_atomic": _embed_grad_atomic_kernel,
+    "grad_sorted": _embed_grad_sorted_kernel,
+    "grad_combine": _embed_grad_combine_kernel,
+}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------------------
@@ -345,22 +297,19 @@ def _identity(kernel):
 
 def _tile(d: int) -> tuple[int, int]:
     """(BLOCK_T, BLOCK_D): features per program capped at 128 (512-byte float32 rows), positions fill the tile."""
-    if interpreted():
+    if triton_interpreted():
         return 16, 32  # one small configuration: several tiles and masked edges at test shapes
     block_d = min(128, max(32, triton.next_power_of_2(d)))
     return TILE_ELEMENTS // block_d, block_d
 
 
-def _sorted_warps(block_d: int) -> int:
+# Every BLOCK_D that _tile (and embed_grad_sorted) picks on a GPU: the AOT check compiles each.
+GPU_BLOCK_D = (32, 64, 128)
+
+
+def sorted_warps(block_d: int) -> int:
     # The deterministic kernels work on one (BLOCK_D,) row at a time: one warp per 64 features keeps lanes busy.
     return max(1, block_d // 64)
-
-
-def small_column_stride(t: torch.Tensor) -> torch.Tensor:
-    """``t`` itself when its last-dim offsets fit the kernels' 32-bit column offsets, else a contiguous copy."""
-    if t.dim() and (t.shape[-1] - 1) * t.stride(-1) >= 2**31:
-        return t.contiguous()
-    return t
 
 
 def _dropout_args(dropout_p: float, seed: torch.Tensor | None, like: torch.Tensor):
@@ -380,7 +329,7 @@ def _launch_forward(
     block_t, block_d = _tile(d)
     tiles = triton.cdiv(t, block_t) * triton.cdiv(d, block_d)
     # Split the batch so there are enough programs to fill the GPU; each program reuses its PE tile for its slice.
-    batch_splits = 1 if interpreted() else max(1, min(b, TARGET_PROGRAMS // tiles))
+    batch_splits = 1 if triton_interpreted() else max(1, min(b, TARGET_PROGRAMS // tiles))
     batches_per_program = triton.cdiv(b, batch_splits)
     seed_arg, keep_scale, threshold = _dropout_args(dropout_p, seed, out)
     grid = (triton.cdiv(t, block_t), triton.cdiv(d, block_d), triton.cdiv(b, batches_per_program))
@@ -516,11 +465,11 @@ def embed_grad_sorted(grad, tokens, vocab_size, weight_dtype, scale, dropout_p, 
     if n == 0 or d == 0:
         return grad_weight
     sorted_ids, order = torch.sort(tokens.reshape(-1), stable=True)
-    chunk = 4 if interpreted() else SORTED_CHUNK  # small under the interpreter: runs cross chunks at test sizes
+    chunk = 4 if triton_interpreted() else SORTED_CHUNK  # small under the interpreter: runs cross chunks at test sizes
     chunks = triton.cdiv(n, chunk)
     partial = torch.empty((2 * chunks, d), dtype=torch.float32, device=grad.device)
-    block_d = 32 if interpreted() else min(128, max(32, triton.next_power_of_2(d)))
-    num_warps = _sorted_warps(block_d)
+    block_d = 32 if triton_interpreted() else min(128, max(32, triton.next_power_of_2(d)))
+    num_warps = sorted_warps(block_d)
     seed_arg, keep_scale, threshold = _dropout_args(dropout_p, seed, partial)
     launch(_embed_grad_sorted_kernel)[(chunks, triton.cdiv(d, block_d))](
         grad,
@@ -554,51 +503,3 @@ def embed_grad_sorted(grad, tokens, vocab_size, weight_dtype, scale, dropout_p, 
             num_warps=num_warps,
         )
     return grad_weight
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Ahead-of-time compile cases (tests/test_aot.py): every tile configuration the launchers pick on a GPU, with the
-# heaviest variant (gather + sinusoid + dropout) in bfloat16 and the add variant in float32. Contiguous last dims are
-# the constant 1 and pointers / other strides / d multiples of 16, as Triton's launcher specialises them at run time.
-# ----------------------------------------------------------------------------------------------------------------
-
-_GPU_BLOCK_D = (32, 64, 128)
-
-
-def _aot(kernel, types: dict[str, str], constexprs: dict, num_warps: int) -> AotCase:
-    unit = {name: 1 for name in kernel.arg_names if name.startswith("stride_") and name.endswith("d")}
-    constexprs = {**constexprs, **unit}
-    signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in kernel.arg_names}
-    aligned = tuple(
-        name for name in kernel.arg_names
-        if name not in constexprs and (signature[name].startswith("*") or name.startswith("stride_") or name == "D")
-    )  # fmt: skip
-    return AotCase(kernel, signature, constexprs, num_warps=num_warps, divisible_by_16=aligned)
-
-
-def _aot_cases() -> list[AotCase]:
-    floats = {"scale": "fp32", "base": "fp32", "keep_scale": "fp32", "grad_scale": "fp32"}
-    cases = []
-    for block_d in _GPU_BLOCK_D:
-        block_t = TILE_ELEMENTS // block_d
-        for dtype, gather in (("bf16", True), ("fp32", False)):
-            types = {**floats, "src_ptr": f"*{dtype}", "tokens_ptr": "*i64", "out_ptr": f"*{dtype}", "seed_ptr": "*i64"}
-            constexprs = {
-                "GATHER": gather, "SINUSOIDAL": True, "HAS_DROPOUT": True, "BLOCK_T": block_t, "BLOCK_D": block_d,
-            }  # fmt: skip
-            cases.append(_aot(_positional_fwd_kernel, types, constexprs, NUM_WARPS))
-        types = {**floats, "grad_ptr": "*bf16", "tokens_ptr": "*i64", "acc_ptr": "*fp32", "seed_ptr": "*i64"}
-        constexprs = {"HAS_DROPOUT": True, "BLOCK_T": block_t, "BLOCK_D": block_d}
-        cases.append(_aot(_embed_grad_atomic_kernel, types, constexprs, NUM_WARPS))
-        types = {
-            **floats, "grad_ptr": "*bf16", "sorted_ptr": "*i64", "order_ptr": "*i64", "grad_weight_ptr": "*bf16",
-            "partial_ptr": "*fp32", "seed_ptr": "*i64",
-        }  # fmt: skip
-        warps = _sorted_warps(block_d)
-        cases.append(_aot(_embed_grad_sorted_kernel, types, {"HAS_DROPOUT": True, "BLOCK_D": block_d}, warps))
-        constexprs = {"COMBINE_ROWS": COMBINE_ROWS, "BLOCK_D": block_d}
-        cases.append(_aot(_embed_grad_combine_kernel, types, constexprs, warps))
-    return cases
-
-
-AOT_CASES = _aot_cases()

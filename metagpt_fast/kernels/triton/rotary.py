@@ -11,7 +11,7 @@ layout; features past R are copied through (or left untouched in place). The bac
 (``theta -> -theta``): the same kernel with ``sin_sign = -1``.
 
 One program owns BLOCK_T positions of one sequence and a group of heads taken from q's heads followed by k's. It
-computes cos/sin for a block of HALF_BLOCK frequencies once, in registers (``_sincos``: no table, no stack), and
+computes cos/sin for a block of HALF_BLOCK frequencies once, in registers (``sinusoid.sincos``: no table, no stack), and
 rotates that block for every head of its group, so q and k are each read and written exactly once and the
 transcendental cost is shared by the heads. Positions come from ``offset + t`` or from ``position_ids`` (T,), (1, T)
 or (B, T) read through a batch stride (0 when shared).
@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from metagpt_fast.kernels.triton.aot import AotCase
-from metagpt_fast.kernels.triton.positional import _inverse_frequency, _sincos, interpreted, small_column_stride
+from metagpt_fast._spec import triton_interpreted
+from metagpt_fast.kernels.triton.sinusoid import inverse_frequency, sincos, small_column_stride
 
 NUM_WARPS = 4
 # A (BLOCK_T, HALF_BLOCK) block of 512 pairs (1024 elements, 8 per thread at 4 warps) per head step: 40-48
@@ -82,9 +82,7 @@ def _rotate_block(
 
 
 @triton.jit
-def _copy_rest(
-    x_ptr, y_ptr, stride_xt, stride_xd, stride_yt, stride_yd, t64, t_mask, R, D, BLOCK: tl.constexpr
-):
+def _copy_rest(x_ptr, y_ptr, stride_xt, stride_xd, stride_yt, stride_yd, t64, t_mask, R, D, BLOCK: tl.constexpr):
     """Copies the features [R, D) of one head that rotary leaves unchanged (partial rotary_dim)."""
     x_rows = x_ptr + t64 * stride_xt
     y_rows = y_ptr + t64 * stride_yt
@@ -154,8 +152,8 @@ def _rotary_kernel(
     for i0 in range(0, HALF, HALF_BLOCK):
         i0 = tl.multiple_of(i0, HALF_BLOCK)  # aligned blocks: vector loads when the features are contiguous
         i = i0 + tl.arange(0, HALF_BLOCK)
-        inv_freq = _inverse_frequency(2 * i, base, 2 * HALF)
-        sin, cos = _sincos(pos[:, None] * inv_freq[None, :])  # (BLOCK_T, HALF_BLOCK), shared by the group's heads
+        inv_freq = inverse_frequency(2 * i, base, 2 * HALF)
+        sin, cos = sincos(pos[:, None] * inv_freq[None, :])  # (BLOCK_T, HALF_BLOCK), shared by the group's heads
         sin = sin * sin_sign
         for h in range(h0, q_end):
             h64 = tl.cast(h, tl.int64)
@@ -190,16 +188,24 @@ def _rotary_kernel(
             )  # fmt: skip
 
 
+# The kernel, for tooling that compiles it ahead of time (``metagpt_fast/devtools/aot.py``).
+KERNELS = {"rotary": _rotary_kernel}
+
+
 def _identity(kernel):
     return kernel
 
 
 def _config(rotary_dim: int) -> tuple[int, int]:
     """(BLOCK_T, HALF_BLOCK): up to 64 pairs per block (128 features: a whole Llama head), positions fill the tile."""
-    if interpreted():
+    if triton_interpreted():
         return 8, 8  # one small configuration: several position blocks and frequency blocks at test shapes
     half_block = min(64, max(16, triton.next_power_of_2(rotary_dim // 2)))
     return TILE_PAIRS // half_block, half_block
+
+
+# Every HALF_BLOCK that _config picks on a GPU: the AOT check compiles each.
+GPU_HALF_BLOCKS = (16, 32, 64)
 
 
 def rotary_launch(
@@ -230,7 +236,7 @@ def rotary_launch(
     block_t, half_block = _config(rotary_dim)
     position_blocks = triton.cdiv(t, block_t) * b
     if heads_per_program is None:
-        if interpreted():
+        if triton_interpreted():
             heads_per_program = 3  # groups that straddle the q/k boundary at test head counts
         else:
             heads_per_program = triton.cdiv(hq + hk, max(1, min(hq + hk, TARGET_PROGRAMS // position_blocks)))
@@ -289,32 +295,3 @@ def rotary_forward(
         q, k, q_out, k_out, position_ids, offset, rotary_dim, base, interleaved, conjugate, False, launch=launch
     )
     return q_out, k_out
-
-
-# Ahead-of-time compile cases (tests/test_aot.py): every (HALF_BLOCK, layout) the launcher picks on a GPU, with
-# position ids and the pass-through copy (the heaviest variant), in bfloat16. Contiguous last dims are the constant 1
-# and pointers / other strides / head sizes multiples of 16, as Triton's launcher specialises them at run time.
-_GPU_HALF_BLOCKS = (16, 32, 64)
-
-
-def _aot_case(half_block: int, interleaved: bool) -> AotCase:
-    kernel = _rotary_kernel
-    constexprs = {
-        "HAS_POSITION_IDS": True, "INTERLEAVED": interleaved, "COPY_REST": True,
-        "BLOCK_T": TILE_PAIRS // half_block, "HALF_BLOCK": half_block,
-    }  # fmt: skip
-    constexprs.update({name: 1 for name in kernel.arg_names if name.startswith("stride_") and name.endswith("d")})
-    types = {"pos_ptr": "*i64", "base": "fp32", "sin_sign": "fp32"}
-    signature = {
-        name: "constexpr" if name in constexprs else types.get(name, "*bf16" if name.endswith("_ptr") else "i32")
-        for name in kernel.arg_names
-    }
-    aligned = tuple(
-        name for name in kernel.arg_names
-        if name not in constexprs
-        and (name.endswith("_ptr") or name in ("HALF", "D") or (name.startswith("stride_") and name != "stride_pt"))
-    )  # fmt: skip
-    return AotCase(kernel, signature, constexprs, num_warps=NUM_WARPS, divisible_by_16=aligned)
-
-
-AOT_CASES = [_aot_case(h, interleaved) for h in _GPU_HALF_BLOCKS for interleaved in (False, True)]
