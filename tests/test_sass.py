@@ -131,3 +131,27 @@ def test_opcode_families_count_modifiers_but_not_longer_opcodes():
     ampere = sass.count_opcodes(by_kernel[("sm_80", "_attn_fwd")], ("HMMA", "HGMMA", "MUFU.EX2"))
     assert ampere == {"HMMA": 2, "HGMMA": 0, "MUFU.EX2": 1}
     assert sass.count_opcodes(SASS, ("LDG", "EXIT")) == {"LDG": 2, "EXIT": 2}
+
+
+# `nvcc -Xptxas -v` for two architectures; `big` is a device function that was not inlined.
+PTXAS = """
+ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function '_Z5spillPfi' for 'sm_80'
+ptxas info    : Function properties for _Z3bigi
+    256 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Function properties for _Z5spillPfi
+    8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads
+ptxas info    : Used 29 registers, used 0 barriers, 364 bytes cmem[0]
+ptxas info    : Compile time = 20.186 ms
+ptxas info    : Compiling entry function '_Z3addPfPKfi' for 'sm_90'
+ptxas info    : Function properties for _Z3addPfPKfi
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 12 registers, used 1 barriers, 1024 bytes smem
+"""
+
+
+def test_ptxas_log_reports_each_entry_function():
+    assert sass.parse_ptxas(PTXAS) == [
+        sass.PtxasKernel("sm_80", "_Z5spillPfi", registers=29, stack=8, spill_stores=4, spill_loads=4, shared=0),
+        sass.PtxasKernel("sm_90", "_Z3addPfPKfi", registers=12, stack=0, spill_stores=0, spill_loads=0, shared=1024),
+    ]

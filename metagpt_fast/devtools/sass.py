@@ -7,6 +7,9 @@ extension), where every kernel comes once per architecture:
   stack or local bytes mean register spills;
 - :func:`sass` — the disassembly (``-sass``); :func:`functions` splits it into the opcodes of each kernel and
   :func:`count_opcodes` counts opcode families in it (tensor-core ``HGMMA``/``HMMA``, ``LDSM``, ``LDGSTS``, ...).
+
+:func:`parse_ptxas` reads the same numbers from ``ptxas -v`` (``nvcc -Xptxas -v``) while compiling, with the spill
+stores and loads apart.
 """
 
 from __future__ import annotations
@@ -27,6 +30,10 @@ _ARCH = re.compile(r"^\s*(?:arch =|code for|\.target)\s+(sm_\w+)")
 _USAGE_FUNCTION = re.compile(r"^\s*Function (\S+):\s*$")
 _FIELDS = ("REG", "STACK", "SHARED", "LOCAL")  # KernelResources order
 _USAGE_FIELD = re.compile(r"\b(REG|STACK|SHARED|LOCAL):(\d+)")
+_PTXAS_ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\w+)'")
+_PTXAS_PROPERTIES = re.compile(r"Function properties for (\S+)")
+_PTXAS_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTXAS_USED = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
 _SASS_FUNCTION = re.compile(r"^\s*Function : (\S+)\s*$")
 # "/*0090*/   @!P0 LDG.E.128 R4, desc[UR6][R2.64] ;" -> "LDG.E.128" (an optional predicate, then the opcode).
 # Instructions predicated on "@!PT" never run (ptxas pads with them) and are left out.
@@ -47,6 +54,17 @@ class KernelResources:
     @property
     def spill_bytes(self) -> int:
         return max(self.stack, self.local)
+
+
+@dataclasses.dataclass(frozen=True)
+class PtxasKernel:
+    arch: str  # "sm_90"
+    function: str
+    registers: int
+    stack: int  # stack frame bytes
+    spill_stores: int
+    spill_loads: int
+    shared: int  # static shared memory bytes
 
 
 def find_cuobjdump(cuda_home: str | os.PathLike | None = None) -> str | None:
@@ -84,6 +102,24 @@ def parse_resource_usage(text: str) -> list[KernelResources]:
             kernels.append(KernelResources(arch, function, *(int(fields.get(k, 0)) for k in _FIELDS)))
             function = None
     return kernels
+
+
+def parse_ptxas(text: str) -> list[PtxasKernel]:
+    """The kernels of a ``ptxas -v`` log, in log order. Stack and spills are those ptxas reports for the entry
+    function itself (not for the device functions it calls)."""
+    kernels: list[dict] = []
+    properties_of = None
+    for line in text.splitlines():
+        if m := _PTXAS_ENTRY.search(line):
+            counts = dict.fromkeys(("registers", "stack", "spill_stores", "spill_loads", "shared"), 0)
+            kernels.append({"arch": m.group(2), "function": m.group(1), **counts})
+        elif m := _PTXAS_PROPERTIES.search(line):
+            properties_of = m.group(1)
+        elif kernels and (m := _PTXAS_FRAME.search(line)) and properties_of == kernels[-1]["function"]:
+            kernels[-1].update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
+        elif kernels and (m := _PTXAS_USED.search(line)):
+            kernels[-1].update(registers=int(m.group(1)), shared=int(m.group(2) or 0))
+    return [PtxasKernel(**k) for k in kernels]
 
 
 def resource_usage(binary: str | os.PathLike, tool: str | None = None) -> list[KernelResources]:
