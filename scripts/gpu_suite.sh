@@ -6,9 +6,9 @@
 # Stages, each time-boxed with `timeout` so a hang cannot eat the budget (the boxes add up to 465 s; a stage never
 # gets more than what is left of them):
 #   env      nvidia-smi, versions                                        -> OUTDIR/summary.txt
-#   build    the CUDA extension (JIT via metagpt_fast/_extension.py, else setup.py in place)  -> OUTDIR/build.log
+#   build    the CUDA extension (JIT, metagpt_fast/_extension.py)         -> OUTDIR/build.log
 #   info     backends and why any is unavailable                         -> OUTDIR/summary.txt
-#   tests    GPU and parity tests, in fp16, in bf16, then the rest       -> OUTDIR/tests.log
+#   tests    the tests marked gpu, in fp16, in bf16, then the rest       -> OUTDIR/tests.log
 #   bench    metagpt-fast bench --quick against torch SDPA               -> OUTDIR/bench.log, OUTDIR/bench/
 #   aot      Triton AOT register/spill/shared-memory stats (sm_80, sm_90) -> OUTDIR/aot.jsonl (+ summary)
 #   profile  a few profiled training steps (top kernels, peak memory)    -> OUTDIR/profile.txt
@@ -130,7 +130,7 @@ if [ $HAVE_GPU -eq 0 ]; then
     # prebuilt metagpt_fast._C if there is one, and never start a build.
     export METAGPT_FAST_NO_JIT=1
     skip build "no CUDA GPU (the extension's CPU build is covered by the test suite)"
-elif [ -f metagpt_fast/_extension.py ]; then
+else
     : > "$BUILD_LOG"
     if ! stage build 150 "$BUILD_LOG" "$PY" -c "
 import sys, time
@@ -144,12 +144,6 @@ sys.exit(0 if module is not None else 1)
 "; then
         export METAGPT_FAST_NO_JIT=1  # a failed or cut build must not restart inside every later stage
     fi
-elif grep -q "CUDAExtension" setup.py 2> /dev/null; then
-    : > "$BUILD_LOG"
-    stage build 150 "$BUILD_LOG" "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e . ||
-        export METAGPT_FAST_NO_JIT=1
-else
-    skip build "no metagpt_fast/_extension.py and no CUDAExtension in setup.py"
 fi
 
 # --------------------------------------------------------------------------------------------------------- info
@@ -158,31 +152,23 @@ stage info 20 "$SUMMARY" "$PY" -m metagpt_fast.cli info
 # -------------------------------------------------------------------------------------------------------- tests
 TESTS_LOG=$OUT/tests.log
 : > "$TESTS_LOG"
-# GPU files (named so, or holding tests marked `gpu` / `requires_cuda`, which skip without CUDA) and the files that
-# check the GPU backends against the reference.
-mapfile -t GPU_FILES < <({
-    ls tests/test_*gpu*.py tests/test_cuda_*.py 2> /dev/null
-    grep -l -E "requires_cuda|mark\.gpu" tests/test_*.py 2> /dev/null
-} | sort -u)
-mapfile -t PARITY_FILES < <(ls tests/test_triton_*.py tests/test_model_backends.py tests/test_attention*.py \
-    tests/test_positional*.py tests/test_rotary*.py tests/test_parity*.py 2> /dev/null | sort -u)
-PYTEST=("$PY" -m pytest -q -rfE -p no:cacheprovider)
-if [ $HAVE_GPU -eq 1 ]; then
-    mapfile -t FILES < <(printf '%s\n' "${GPU_FILES[@]}" "${PARITY_FILES[@]}" | grep -v '^$' | sort -u)
-    if [ ${#FILES[@]} -eq 0 ]; then
-        skip tests "no GPU or parity test files found" "$TESTS_LOG"
-    else
-        echo "files: ${FILES[*]}" >> "$TESTS_LOG"
-        # pytest -k matches substrings of test ids: "float16" is also in "bfloat16", hence the exclusions.
-        stage tests-fp16 45 "$TESTS_LOG" "${PYTEST[@]}" "${FILES[@]}" -k "(float16 and not bfloat16) or fp16"
-        stage tests-bf16 45 "$TESTS_LOG" "${PYTEST[@]}" "${FILES[@]}" -k "bfloat16 or bf16"
-        stage tests-rest 30 "$TESTS_LOG" "${PYTEST[@]}" "${FILES[@]}" -k "not (float16 or fp16 or bf16)"
-    fi
+# Every test that needs a CUDA GPU carries the `gpu` marker (docs/testing.md). Collecting imports every test module,
+# so it runs once; the dtype stages then load only the files that hold GPU tests.
+PYTEST=("$PY" -m pytest -q -rfE -p no:cacheprovider -m gpu)
+GPU_IDS=$SCRATCH/gpu_tests.txt
+stage tests-collect 20 "$TESTS_LOG" bash -o pipefail -c '"${@:2}" --collect-only -q tests | tee "$1"' _ "$GPU_IDS" \
+    "${PYTEST[@]}"
+mapfile -t FILES < <(grep -o '^tests/[^:]*\.py' "$GPU_IDS" 2> /dev/null | sort -u)
+if [ $HAVE_GPU -eq 0 ]; then
+    # Without a GPU only collection is checked (imports, parametrisation); the CPU suite is CI's job.
+    echo "no CUDA GPU: the tests marked gpu were collected, not run" >> "$TESTS_LOG"
+elif [ ${#FILES[@]} -eq 0 ]; then
+    skip tests "no test marked gpu was collected" "$TESTS_LOG"
 else
-    # Without a GPU only collection is checked (imports, parametrisation); running them is CI's job on the CPU.
-    echo "no CUDA GPU: collecting the GPU and parity test files without running them" >> "$TESTS_LOG"
-    mapfile -t FILES < <(printf '%s\n' "${GPU_FILES[@]}" "${PARITY_FILES[@]}" | grep -v '^$' | sort -u)
-    stage tests-collect 45 "$TESTS_LOG" "${PYTEST[@]}" --collect-only "${FILES[@]}"
+    # pytest -k matches substrings of test ids: "float16" is also in "bfloat16", hence the exclusions.
+    stage tests-fp16 40 "$TESTS_LOG" "${PYTEST[@]}" "${FILES[@]}" -k "(float16 and not bfloat16) or fp16"
+    stage tests-bf16 40 "$TESTS_LOG" "${PYTEST[@]}" "${FILES[@]}" -k "bfloat16 or bf16"
+    stage tests-rest 20 "$TESTS_LOG" "${PYTEST[@]}" "${FILES[@]}" -k "not (float16 or fp16 or bf16)"
 fi
 
 # -------------------------------------------------------------------------------------------------------- bench
