@@ -111,7 +111,7 @@ def _mask_scores(
 
     ``s`` is (BLOCK_R, BLOCK_C) — queries ``rows = row_start + arange`` by keys ``cols`` — or its transpose when
     ``TRANSPOSED``. The mask is read through block pointers (a per-element pointer tile spilled: 504 B on sm_80 for
-    the forward with D=128, 128x64 tiles, 8 warps).
+    the forward with D=128, 128x64 tiles, 8 warps). With every flag off it returns ``s`` as it is.
     """
     if TRANSPOSED:
         r = rows[None, :]
@@ -229,16 +229,11 @@ def _attn_fwd_inner(
         cols = start_n + offs_n
         k = _load_block(k_base, start_n, Nk, stride_kn, stride_kd, HEAD_DIM, BLOCK_N, BLOCK_D, BOUNDARY)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # (BLOCK_M, BLOCK_N), base 2
-        if BOUNDARY:
-            s = _mask_scores(
-                s, rows, cols, row_start, start_n, mask_base, stride_mm, stride_mn, Nq, Nk, BLOCK_M, BLOCK_N,
-                IS_CAUSAL, True, MASK_KIND, MASK_ROW_BCAST, False,
-            )  # fmt: skip
-        elif MASK_KIND != 0:
-            s = _mask_scores(
-                s, rows, cols, row_start, start_n, mask_base, stride_mm, stride_mn, Nq, Nk, BLOCK_M, BLOCK_N,
-                False, False, MASK_KIND, MASK_ROW_BCAST, False,
-            )  # fmt: skip
+        # Causal and key-bound masks only in BOUNDARY blocks, attn_mask in every block; nothing when none applies.
+        s = _mask_scores(
+            s, rows, cols, row_start, start_n, mask_base, stride_mm, stride_mn, Nq, Nk, BLOCK_M, BLOCK_N,
+            IS_CAUSAL and BOUNDARY, BOUNDARY, MASK_KIND, MASK_ROW_BCAST, False,
+        )  # fmt: skip
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with no visible key so far has m = -inf: subtract 0 instead so exp2 gives 0, not NaN.
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -420,16 +415,11 @@ def _attn_bwd_dkdv_inner(
         # Rows past Nq read LSE = +inf, so their P is 0 and they contribute nothing.
         m, log_l = _load_lse(lse_ptr, rows, Nq, lse_split, MASK_KIND == 2)
         s_t = tl.dot(k, tl.trans(q), input_precision="ieee") * qk_scale  # (BLOCK_N, BLOCK_M)
-        if CAUSAL:
-            s_t = _mask_scores(
-                s_t, rows, cols, start_m, col_start, mask_base, stride_mm, stride_mn, Nq, Nk, BLOCK_M, BLOCK_N,
-                True, False, MASK_KIND, MASK_ROW_BCAST, True,
-            )  # fmt: skip
-        elif MASK_KIND != 0:
-            s_t = _mask_scores(
-                s_t, rows, cols, start_m, col_start, mask_base, stride_mm, stride_mn, Nq, Nk, BLOCK_M, BLOCK_N,
-                False, False, MASK_KIND, MASK_ROW_BCAST, True,
-            )  # fmt: skip
+        # Keys past Nk need no mask here: their dK/dV rows are never stored. Nothing when no mask applies.
+        s_t = _mask_scores(
+            s_t, rows, cols, start_m, col_start, mask_base, stride_mm, stride_mn, Nq, Nk, BLOCK_M, BLOCK_N,
+            CAUSAL, False, MASK_KIND, MASK_ROW_BCAST, True,
+        )  # fmt: skip
         p_t = _probabilities(s_t, m, log_l, MASK_KIND == 2, True)
         do = _load_block(do_base, start_m, Nq, stride_dom, stride_dod, HEAD_DIM_V, BLOCK_M, BLOCK_DV, True)
         dp_t = tl.dot(v, tl.trans(do), input_precision="ieee")  # (BLOCK_N, BLOCK_M)
@@ -575,16 +565,11 @@ def _attn_bwd_dq_inner(
         k = _load_block(k_base, start_n, Nk, stride_kn, stride_kd, HEAD_DIM, BLOCK_N, BLOCK_D, BOUNDARY)
         v = _load_block(v_base, start_n, Nk, stride_vn, stride_vd, HEAD_DIM_V, BLOCK_N, BLOCK_DV, BOUNDARY)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # (BLOCK_M, BLOCK_N)
-        if BOUNDARY:
-            s = _mask_scores(
-                s, rows, cols, row_start, start_n, mask_base, stride_mm, stride_mn, Nq, Nk, BLOCK_M, BLOCK_N,
-                IS_CAUSAL, True, MASK_KIND, MASK_ROW_BCAST, False,
-            )  # fmt: skip
-        elif MASK_KIND != 0:
-            s = _mask_scores(
-                s, rows, cols, row_start, start_n, mask_base, stride_mm, stride_mn, Nq, Nk, BLOCK_M, BLOCK_N,
-                False, False, MASK_KIND, MASK_ROW_BCAST, False,
-            )  # fmt: skip
+        # Causal and key-bound masks only in BOUNDARY blocks, attn_mask in every block; nothing when none applies.
+        s = _mask_scores(
+            s, rows, cols, row_start, start_n, mask_base, stride_mm, stride_mn, Nq, Nk, BLOCK_M, BLOCK_N,
+            IS_CAUSAL and BOUNDARY, BOUNDARY, MASK_KIND, MASK_ROW_BCAST, False,
+        )  # fmt: skip
         p = _probabilities(s, m, log_l, MASK_KIND == 2, False)
         dp = tl.dot(do, tl.trans(v), input_precision="ieee")
         if HAS_DROPOUT:
