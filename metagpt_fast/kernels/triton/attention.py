@@ -89,24 +89,10 @@ def _store_tile(ptrs, tile, idx, n, offs_d, D: tl.constexpr, BLOCK_D: tl.constex
 
 @triton.jit
 def _mask_scores(
-    s,
-    rows,
-    cols,
-    row_start,
-    col_start,
-    mask_base,
-    stride_mm,
-    stride_mn,
-    Nq,
-    Nk,
-    BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    KEY_BOUND: tl.constexpr,
-    MASK_KIND: tl.constexpr,
-    MASK_ROW_BCAST: tl.constexpr,
-    TRANSPOSED: tl.constexpr,
-):
+    s, rows, cols, row_start, col_start, mask_base, stride_mm, stride_mn, Nq, Nk,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, CAUSAL: tl.constexpr, KEY_BOUND: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr, TRANSPOSED: tl.constexpr,
+):  # fmt: skip
     """Applies causal / key-bound / attn_mask masking to a score tile in base-2 units.
 
     ``s`` is (BLOCK_R, BLOCK_C) — queries ``rows = row_start + arange`` by keys ``cols`` — or its transpose when
@@ -185,42 +171,13 @@ def _probabilities(s, m, log_l, SPLIT_LSE: tl.constexpr, TRANSPOSED: tl.constexp
 
 @triton.jit
 def _attn_fwd_inner(
-    acc,
-    l_i,
-    m_i,
-    q,
-    k_base,
-    v_base,
-    mask_base,
-    seed,
-    drop_base,
-    rows,
-    row_start,
-    lo,
-    hi,
-    stride_kn,
-    stride_kd,
-    stride_vn,
-    stride_vd,
-    stride_mm,
-    stride_mn,
-    Nq,
-    Nk,
-    qk_scale,
-    dropout_threshold,
-    dropout_scale,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_V: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BOUNDARY: tl.constexpr,
-    IS_CAUSAL: tl.constexpr,
-    MASK_KIND: tl.constexpr,
-    MASK_ROW_BCAST: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
-):
+    acc, l_i, m_i, q, k_base, v_base, mask_base, seed, drop_base, rows, row_start, lo, hi,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Nq, Nk,
+    qk_scale, dropout_threshold, dropout_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BOUNDARY: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+):  # fmt: skip
     """Online softmax over key blocks ``[lo, hi)``. ``BOUNDARY`` blocks straddle the causal diagonal or the end of
     the keys and are masked; the others are known to be fully visible and in bounds (no per-element work)."""
     offs_n = tl.arange(0, BLOCK_N)
@@ -367,44 +324,13 @@ def _attn_bwd_preprocess(
 
 @triton.jit
 def _attn_bwd_dkdv_inner(
-    dk,
-    dv,
-    k,
-    v,
-    q_base,
-    do_base,
-    lse_ptr,
-    lse_split,
-    delta_ptr,
-    mask_base,
-    seed,
-    drop_base,
-    cols,
-    col_start,
-    lo,
-    hi,
-    stride_qm,
-    stride_qd,
-    stride_dom,
-    stride_dod,
-    stride_mm,
-    stride_mn,
-    Nq,
-    Nk,
-    qk_scale,
-    dropout_threshold,
-    dropout_scale,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_V: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    MASK_KIND: tl.constexpr,
-    MASK_ROW_BCAST: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
-):
+    dk, dv, k, v, q_base, do_base, lse_ptr, lse_split, delta_ptr, mask_base, seed, drop_base, cols, col_start, lo, hi,
+    stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, Nq, Nk,
+    qk_scale, dropout_threshold, dropout_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+):  # fmt: skip
     """Accumulates dK, dV of one key block over the query blocks ``[lo, hi)`` of one query head, in the transposed
     (keys by queries) layout so both products accumulate without transposing the accumulators."""
     offs_m = tl.arange(0, BLOCK_M)
@@ -519,44 +445,13 @@ def _attn_bwd_dkdv(
 
 @triton.jit
 def _attn_bwd_dq_inner(
-    dq,
-    q,
-    do,
-    m,
-    log_l,
-    delta,
-    k_base,
-    v_base,
-    mask_base,
-    seed,
-    drop_base,
-    rows,
-    row_start,
-    lo,
-    hi,
-    stride_kn,
-    stride_kd,
-    stride_vn,
-    stride_vd,
-    stride_mm,
-    stride_mn,
-    Nq,
-    Nk,
-    qk_scale,
-    dropout_threshold,
-    dropout_scale,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_V: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BOUNDARY: tl.constexpr,
-    IS_CAUSAL: tl.constexpr,
-    MASK_KIND: tl.constexpr,
-    MASK_ROW_BCAST: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
-):
+    dq, q, do, m, log_l, delta, k_base, v_base, mask_base, seed, drop_base, rows, row_start, lo, hi,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Nq, Nk,
+    qk_scale, dropout_threshold, dropout_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BOUNDARY: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+):  # fmt: skip
     """Accumulates dQ of one query block over the key blocks ``[lo, hi)`` (``BOUNDARY`` as in the forward)."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
