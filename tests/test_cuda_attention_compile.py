@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from metagpt_fast.devtools import sass
+
 ROOT = Path(__file__).resolve().parents[1]
 ATTENTION = ROOT / "csrc" / "attention"
 INCLUDE = ROOT / "csrc" / "include"
@@ -33,11 +35,6 @@ def _nvcc() -> str | None:
 NVCC = _nvcc()
 # slow: nvcc compiles every kernel for two architectures (over a minute on 2 cores).
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(NVCC is None, reason="nvcc not found (set CUDA_HOME)")]
-
-_ENTRY = re.compile(r"Compiling entry function '(\w+)' for 'sm_(\d+)'")
-_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
-_USAGE = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
-
 
 def _demangle(names: list[str]) -> dict[str, str]:
     cxxfilt = shutil.which("c++filt")
@@ -65,16 +62,11 @@ def _compile(source: Path) -> tuple[Path, str, float]:
 
 
 def _parse(ptxas: str) -> list[dict]:
-    rows, current = [], None
-    for line in ptxas.splitlines():
-        if m := _ENTRY.search(line):
-            current = {"kernel": m.group(1), "arch": int(m.group(2))}
-            rows.append(current)
-        elif current is not None and (m := _SPILL.search(line)):
-            current.update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
-        elif current is not None and (m := _USAGE.search(line)):
-            current.update(registers=int(m.group(1)), static_smem=int(m.group(2) or 0))
-    return rows
+    return [
+        dict(kernel=k.function, arch=int(k.arch.removeprefix("sm_")), registers=k.registers, static_smem=k.shared,
+             stack=k.stack, spill_stores=k.spill_stores, spill_loads=k.spill_loads)
+        for k in sass.parse_ptxas(ptxas)
+    ]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
