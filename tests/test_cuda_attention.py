@@ -24,7 +24,7 @@ from helpers import requires_cuda
 
 from metagpt_fast.ops.reference.attention import attention as reference_attention
 from metagpt_fast.ops.reference.random import dropout_keep_mask
-from metagpt_fast.testing import assert_parity
+from metagpt_fast.testing import assert_all_parity, oracle_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 20240611
@@ -60,9 +60,9 @@ def make_mask(kind, b, hq, nq, nk, device):
 
 
 def references(q, k, v, mask, dropout_p, causal, scale, grad_out, keep):
-    """(out, dq, dk, dv) of the reference run in q's dtype and in float32."""
+    """(out, dq, dk, dv) of the reference run in q's dtype ("lowp") and one precision up ("oracle")."""
     results = {}
-    for name, dtype in (("lowp", q.dtype), ("fp32", torch.float32)):
+    for name, dtype in (("lowp", q.dtype), ("oracle", oracle_dtype(q.dtype))):
         leaves = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
         out = reference_attention(
             *leaves, mask, dropout_p, causal, scale, q.shape[1] != k.shape[1], dropout_mask=keep
@@ -73,11 +73,12 @@ def references(q, k, v, mask, dropout_p, causal, scale, grad_out, keep):
 
 
 def check_parity(fast, refs, label):
-    errors = {}
-    for i, name in enumerate(("out", "dq", "dk", "dv")):
-        assert torch.isfinite(fast[i]).all(), f"{label} {name}: non-finite values"
-        errors[name] = assert_parity(fast[i], refs["lowp"][i], refs["fp32"][i], name=f"{label} {name}")
-    return errors
+    """The parity rule (metagpt_fast.testing) for the output and the three gradients; returns their errors."""
+    names = ("out", "dq", "dk", "dv")
+    for name, f in zip(names, fast, strict=True):
+        assert torch.isfinite(f).all(), f"{label} {name}: non-finite values"
+    errors = assert_all_parity(fast, refs["lowp"], refs["oracle"], [f"{label} {n}" for n in names])
+    return dict(zip(names, errors, strict=True))
 
 
 # Cases shared by both runs: (b, hq, hk, nq, nk, d, dtype, causal, mask, dropout_p, transposed).

@@ -1,8 +1,8 @@
 """Triton fused attention (forward + backward) against the reference, under TRITON_INTERPRET=1 on CPU.
 
-Outputs and dQ, dK, dV are compared with ``metagpt_fast.testing.assert_parity``: float32 against the reference run in
-float64 (1e-5 absolute and relative: the kernel reorders sums of at most a few hundred unit-scale terms), float16 by
-the parity rule against float32 and float16 reference runs. bfloat16 products are wrong under the interpreter
+Outputs and dQ, dK, dV follow the parity rule of ``metagpt_fast.testing``: at most twice as far from the reference
+run one precision up (float64 for float32, float32 for float16) as the reference run in the kernel's own precision,
+plus a flash backward's own roundings (``attention_backward_slack``). bfloat16 products are wrong under the interpreter
 (docs/testing.md), so bfloat16 runs in tests/test_triton_attention_gpu.py. Dropout is compared by replaying the kernel's
 Philox mask (``reference.dropout_keep_mask``) in the reference. Shapes are a covering subset: every N in
 {1, 17, 77, 200}, every D in {16, 32, 48, 64, 80, 128}, causal and not, each mask kind, GQA and MQA, Nq != Nk.
@@ -16,7 +16,7 @@ import torch
 from metagpt_fast import backends
 from metagpt_fast.ops.reference import attention as reference_attention
 from metagpt_fast.ops.reference import dropout_keep_mask
-from metagpt_fast.testing import assert_parity
+from metagpt_fast.testing import assert_all_parity, assert_parity, attention_backward_slack, oracle_dtype
 
 pytest.importorskip("triton")
 if torch.cuda.is_available():
@@ -74,12 +74,15 @@ def check_attention(
     args = dict(attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=hq != hk)
     fast = _run(triton_attention.attention, q, k, v, grad_out, seed=seed, **args)
     args["dropout_mask"] = keep
-    exact_dtype = torch.float64 if dtype == torch.float32 else torch.float32
-    exact = _reference(q, k, v, grad_out, exact_dtype, **args)
+    exact = _reference(q, k, v, grad_out, oracle_dtype(dtype), **args)
     lowp = _reference(q, k, v, grad_out, dtype, **args)
-    for name, f, lo, ex in zip(("out", "dq", "dk", "dv"), fast, lowp, exact):
+    for name, f in zip(("out", "dq", "dk", "dv"), fast, strict=True):
         assert f.dtype == dtype and torch.isfinite(f).all(), name
-        assert_parity(f, lo, ex.to(torch.float32) if dtype != torch.float32 else ex.float(), name=name)
+    slack = attention_backward_slack(
+        q, k, v, exact[0], grad_out, scale=scale, attn_mask=attn_mask, is_causal=is_causal, dropout_mask=keep,
+        dropout_p=dropout_p,
+    )  # fmt: skip
+    assert_all_parity(fast, lowp, exact, ("out", "dq", "dk", "dv"), (0.0, *slack))
     return fast
 
 
@@ -244,6 +247,6 @@ def test_public_api_selects_triton():
     q, k, v = _inputs(1, 2, 2, 21, 21, 16, 16, torch.float32)
     out = metagpt_fast.scaled_dot_product_attention(q, k, v, is_causal=True, backend="triton")
     expected = reference_attention(q.double(), k.double(), v.double(), is_causal=True)
-    assert_parity(out, out, expected.float(), name="out")
+    assert_parity(out, reference_attention(q, k, v, is_causal=True), expected, name="out")
     with pytest.raises(ValueError, match="float64"):
         metagpt_fast.scaled_dot_product_attention(q.double(), k.double(), v.double(), backend="triton")
