@@ -17,7 +17,13 @@ import torch
 
 from metagpt_fast import backends
 from metagpt_fast.bench.timing import Timing
-from metagpt_fast.testing import ATOL, RTOL, max_error
+from metagpt_fast.testing import (
+    ATOL,
+    RTOL,
+    max_error,
+    oracle_dtype,  # noqa: F401 (the benches take the oracle's precision from here)
+    parity_atol,
+)
 
 BASELINE_SDPA = "torch-sdpa"
 
@@ -95,7 +101,9 @@ class Measurement:
     work: float | None = None  # FLOPs, bytes or tokens per call, in the op's throughput unit
     max_err: float | None = None  # max over errors
     errors: list[float] | None = None  # max |output - oracle| per output / gradient, in the parity order
-    within_tolerance: bool | None = None  # float32/float64: every element within the test suite's atol + rtol
+    atols: list[float] | None = None  # the parity rule's floor per tensor (metagpt_fast.testing.parity_atol)
+    # float32/float64: every element within the fixed atol + rtol that the rule falls back on without a reference
+    within_tolerance: bool | None = None
     parity_violation: bool = False  # set by the runner's parity rule; parity_note says which bound was passed
     parity_note: str = ""
     slack: float = 0.0  # the op's extra absolute tolerance in the parity rule
@@ -118,18 +126,18 @@ def compare(
         if out.shape != ref.shape:
             raise AssertionError(f"output shape {tuple(out.shape)} != reference {tuple(ref.shape)}")
     m.errors = [max_error(out, ref) for out, ref in zip(outputs, oracle)]
+    m.atols = [parity_atol(ref, dtype) for ref in oracle]
     m.slack = slack
     m.max_err = max(m.errors, default=0.0)
-    if dtype in (torch.float32, torch.float64):  # the test suite's fixed tolerances for full precision
+    if dtype in (torch.float32, torch.float64):  # the fixed tolerance, for a run without a reference measurement
         m.within_tolerance = all(
-            bool(torch.isclose(out.double(), ref.double(), rtol=RTOL[dtype], atol=ATOL[dtype] + slack, equal_nan=True).all())
+            bool(
+                torch.isclose(
+                    out.double(), ref.double(), rtol=RTOL[dtype], atol=ATOL[dtype] + slack, equal_nan=True
+                ).all()
+            )
             for out, ref in zip(outputs, oracle)
         )
-
-
-def oracle_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Parity oracle precision: float32 for half types (the parity rule), float64 for float32 inputs."""
-    return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
 
 
 def grad_outputs(outputs: Sequence[torch.Tensor], round_to: torch.dtype | None = None) -> list[torch.Tensor]:
