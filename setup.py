@@ -44,9 +44,7 @@ def _extension_kwargs() -> dict:
     if config.find_cxx() is None:
         _log("no C++ compiler found: installing without the compiled extension (metagpt-fast info says so)")
         return {}
-    try:
-        import torch
-    except ImportError:
+    if importlib.util.find_spec("torch") is None:
         _log("torch is not importable at build time (use pip install --no-build-isolation): no compiled extension")
         return {}
 

@@ -68,7 +68,16 @@ class MetaGPT(nn.Module):
     ):
         super().__init__()
         cfg = MetaGPTConfig(
-            vocab_size, embed_size, num_layers, num_heads, dropout, max_seq_length, positional, backend, bias, tie_weights
+            vocab_size,
+            embed_size,
+            num_layers,
+            num_heads,
+            dropout,
+            max_seq_length,
+            positional,
+            backend,
+            bias,
+            tie_weights,
         )
         self.config = cfg
         rotary = cfg.positional == "rotary"

@@ -102,7 +102,7 @@ def outputs_and_grads(fn, inputs, device: str = "cpu") -> list[torch.Tensor]:
 def assert_all_parity(fast_outs, lowp_outs, fp32_outs, names) -> None:
     """The parity rule for each of ``names``: the fast result against the reference in the same precision (``None``
     in float32) and in float32."""
-    for name, fast, lowp, exact in zip(names, fast_outs, lowp_outs, fp32_outs):
+    for name, fast, lowp, exact in zip(names, fast_outs, lowp_outs, fp32_outs, strict=True):
         assert fast is not None, f"{name}: no gradient"
         assert_parity(fast, lowp.to(fast.dtype) if lowp is not None else None, exact, name=name)
 

@@ -48,7 +48,9 @@ def test_layers_import_only_downwards(layer):
 
 def test_the_checker_sees_a_violation(tmp_path):
     source = tmp_path / "k.py"
-    source.write_text("from metagpt_fast import model\nimport metagpt_fast.ops.attention\nfrom metagpt_fast._spec import X\n")
+    source.write_text(
+        "from metagpt_fast import model\nimport metagpt_fast.ops.attention\nfrom metagpt_fast._spec import X\n"
+    )
     assert _imports(source) == ["metagpt_fast.model", "metagpt_fast.ops.attention", "metagpt_fast._spec"]
 
 

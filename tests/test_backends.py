@@ -124,7 +124,7 @@ def test_auto_falls_back_and_explicit_unsupported_raises():
     ],
 )
 def test_attention_validation_names_the_argument(kwargs, error, match):
-    inputs = dict(zip(("query", "key", "value"), _qkv(2, 2, 5, 8)))
+    inputs = dict(zip(("query", "key", "value"), _qkv(2, 2, 5, 8), strict=True))
     inputs.update(kwargs)
     with pytest.raises(error, match=match):
         metagpt_fast.scaled_dot_product_attention(**inputs)

@@ -8,7 +8,7 @@ the fake-tensor and AOT-dispatch checks here.
 
 import pytest
 import torch
-from helpers import AVAILABLE_BACKENDS, TRITON_INTERPRETED, cpu_backend_params, requires_cuda
+from helpers import AVAILABLE_BACKENDS, TRITON_INTERPRETED, cpu_backend_params, device_for, requires_cuda
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import metagpt_fast

@@ -25,11 +25,13 @@ def cpp():
     assert _extension.load() is not None, f"extension failed to load: {_extension.unavailable_reason()}"
     from metagpt_fast.backends.compiled import attention, positional, rotary
 
-
     assert backends.available_backends()["cpu"] is None
     return types.SimpleNamespace(
-        ops=torch.ops.metagpt_fast, attention=attention.attention, embed_positions=positional.embed_positions,
-        add_positional_encoding=positional.add_positional_encoding, rotary=rotary.rotary,
+        ops=torch.ops.metagpt_fast,
+        attention=attention.attention,
+        embed_positions=positional.embed_positions,
+        add_positional_encoding=positional.add_positional_encoding,
+        rotary=rotary.rotary,
     )
 
 

@@ -36,13 +36,14 @@ NVCC = _nvcc()
 # slow: nvcc compiles every kernel for two architectures (over a minute on 2 cores).
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(NVCC is None, reason="nvcc not found (set CUDA_HOME)")]
 
+
 def _demangle(names: list[str]) -> dict[str, str]:
     cxxfilt = shutil.which("c++filt")
     if cxxfilt is None:
         return {n: n for n in names}
     out = subprocess.run([cxxfilt], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
     short = [re.sub(r"metagpt_fast::attention::|\(.*\)$|void ", "", s) for s in out]
-    return dict(zip(names, short))
+    return dict(zip(names, short, strict=True))
 
 
 def _compile(source: Path) -> tuple[Path, str, float]:
@@ -52,9 +53,22 @@ def _compile(source: Path) -> tuple[Path, str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         proc = subprocess.run(
-            [NVCC, "-std=c++17", "-O3", f"-I{INCLUDE}", *gencode, "-Xptxas", "-v", "-c", str(source), "-o",
-             os.path.join(tmp, "kernel.o")],
-            capture_output=True, text=True, timeout=900,
+            [
+                NVCC,
+                "-std=c++17",
+                "-O3",
+                f"-I{INCLUDE}",
+                *gencode,
+                "-Xptxas",
+                "-v",
+                "-c",
+                str(source),
+                "-o",
+                os.path.join(tmp, "kernel.o"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=900,
         )
         elapsed = time.perf_counter() - start
     assert proc.returncode == 0, f"{source.name} failed to compile:\n{proc.stderr[-4000:]}"
@@ -92,8 +106,12 @@ def test_every_kernel_compiles_for_sm80_and_sm90(ptxas_report):
     kernels = {r["kernel"] for r in ptxas_report}
     for kernel in kernels:
         assert {r["arch"] for r in ptxas_report if r["kernel"] == kernel} == set(ARCHS), kernel
-    for family in ("attention_forward_kernel", "attention_backward_dkdv_kernel", "attention_backward_dq_kernel",
-                   "attention_backward_delta_kernel"):
+    for family in (
+        "attention_forward_kernel",
+        "attention_backward_dkdv_kernel",
+        "attention_backward_dq_kernel",
+        "attention_backward_delta_kernel",
+    ):
         assert any(family in k for k in kernels), f"no {family} instantiated"
     # {fp16, bf16} x {64, 128} x {wide, narrow} forward tiles, {fp16, bf16} x {64, 128} dK/dV and dQ, 2 delta.
     assert len(kernels) == 8 + 4 + 4 + 2
@@ -142,9 +160,21 @@ def test_launch_shapes_fit_shared_memory():
         src, exe = Path(tmp) / "shapes.cc", Path(tmp) / "shapes"
         src.write_text(_SHAPES_PROGRAM)
         subprocess.run(
-            [cxx, "-std=c++17", "-O0", "-DMGF_ATTENTION_EMULATION", f"-I{ATTENTION}", f"-I{INCLUDE}",
-             f"-I{cuda_include}", str(src), "-o", str(exe)],
-            check=True, capture_output=True, timeout=300,
+            [
+                cxx,
+                "-std=c++17",
+                "-O0",
+                "-DMGF_ATTENTION_EMULATION",
+                f"-I{ATTENTION}",
+                f"-I{INCLUDE}",
+                f"-I{cuda_include}",
+                str(src),
+                "-o",
+                str(exe),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=300,
         )
         for part, smem in SHARED_PER_SM.items():
             out = subprocess.run([str(exe), str(smem)], check=True, capture_output=True, text=True).stdout

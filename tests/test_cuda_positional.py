@@ -26,10 +26,12 @@ def cpp():
     assert _extension.has_cuda_kernels(), "extension built without its CUDA part"
     from metagpt_fast.backends.compiled import attention, positional, rotary
 
-
     return types.SimpleNamespace(
-        ops=torch.ops.metagpt_fast, attention=attention.attention, embed_positions=positional.embed_positions,
-        add_positional_encoding=positional.add_positional_encoding, rotary=rotary.rotary,
+        ops=torch.ops.metagpt_fast,
+        attention=attention.attention,
+        embed_positions=positional.embed_positions,
+        add_positional_encoding=positional.add_positional_encoding,
+        rotary=rotary.rotary,
     )
 
 

@@ -48,7 +48,7 @@ def repeat(fn, runs: int = RUNS):
         torch.manual_seed(1234)  # the dropout seed is drawn from torch's generator
         results.append([t.detach().clone() for t in fn()])
     for run in results[1:]:
-        for i, (a, b) in enumerate(zip(results[0], run)):
+        for i, (a, b) in enumerate(zip(results[0], run, strict=True)):
             assert a.dtype == b.dtype and a.shape == b.shape
             assert torch.equal(bits(a), bits(b)), f"result {i} differs between runs"
     return results[0]

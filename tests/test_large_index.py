@@ -38,7 +38,7 @@ class Storage:
 
     def view(self, shape, strides, offset: int = 0, fill: bool = True) -> torch.Tensor:
         t = self.base.as_strided(shape, strides, PAD + offset)
-        last = offset + sum((n - 1) * s for n, s in zip(shape, strides))
+        last = offset + sum((n - 1) * s for n, s in zip(shape, strides, strict=True))
         assert last > INT32_MAX, f"view {shape} {strides} never passes 2**31 ({last})"
         if fill:
             if t.dtype == torch.bool:
@@ -120,7 +120,7 @@ def test_attention_offsets_past_2_31(backend, case, masking):
         ref_kwargs = {k_: (v_.contiguous() if isinstance(v_, torch.Tensor) else v_) for k_, v_ in kwargs.items()}
         ref = reference.attention(*small, **ref_kwargs)
         refs.append([ref, *grads_of(ref, small, grad_out.to(dtype))])
-    for name, f, lo, hi in zip(("output", "dq", "dk", "dv"), fast, *refs):
+    for name, f, lo, hi in zip(("output", "dq", "dk", "dv"), fast, *refs, strict=True):
         compare(f"attention {name}", f, lo, hi)
 
 
@@ -208,7 +208,7 @@ def test_rotary_offsets_past_2_31(backend, big_dim, inplace):
     if inplace:
         with torch.no_grad():
             out = run(metagpt_fast.apply_rotary, backend, q, k, inplace=True, **kwargs)
-        for name, f, view, lo, hi in zip("qk", out, (q, k), refs[0][0], refs[1][0]):
+        for name, f, view, lo, hi in zip("qk", out, (q, k), refs[0][0], refs[1][0], strict=True):
             compare(f"rotary {name} (in place)", view, lo, hi)
             assert torch.equal(f, view)
         return
@@ -257,7 +257,7 @@ def test_gpu_attention_past_2_31_elements_and_dropout_offsets_past_2_32(backend)
         small = [t.detach()[-1:, -1:].to(dtype).requires_grad_() for t in (q, k, v)]
         ref = reference.attention(*small, dropout_p=p, is_causal=True, dropout_mask=keep)
         refs.append([ref, *grads_of(ref, small, grad_out[-1:, -1:].to(dtype))])
-    for name, f, lo, hi in zip(("output", "dq", "dk", "dv"), fast, *refs):
+    for name, f, lo, hi in zip(("output", "dq", "dk", "dv"), fast, *refs, strict=True):
         compare(f"attention {name} (last block)", f, lo, hi)
 
 

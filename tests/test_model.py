@@ -120,7 +120,7 @@ def test_token_positional_embedding_and_rotary_modules():
     rope = RotaryEmbedding(8, rotary_dim=4)
     q, k = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
     expected = reference.apply_rotary(q, k, rotary_dim=4)
-    for got, want in zip(rope(q, k), expected):
+    for got, want in zip(rope(q, k), expected, strict=True):
         torch.testing.assert_close(got, want)
     with pytest.raises(ValueError, match="rotary_dim must be even"):
         RotaryEmbedding(8, rotary_dim=3)

@@ -123,7 +123,7 @@ def test_rotary_position_ids_equal_offset():
     q, k = torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
     by_offset = reference.apply_rotary(q, k, offset=7)
     by_ids = reference.apply_rotary(q, k, position_ids=torch.arange(7, 12).expand(2, 5))
-    for a, b in zip(by_offset, by_ids):
+    for a, b in zip(by_offset, by_ids, strict=True):
         torch.testing.assert_close(a, b)
 
 

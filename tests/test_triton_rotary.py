@@ -75,7 +75,7 @@ def check_rotary(b=2, hq=4, hk=2, t=17, d=32, rotary_dim=None, dtype="fp32", int
     exact = run(reference.apply_rotary, exact_dtype)
     magnitude = max(x.abs().max().item() for x in (q, k, *grads))
     atol = rotation_atol(last, magnitude, dtype)
-    for name, f, lo, ex in zip(("q_out", "k_out", "dq", "dk"), fast, lowp, exact):
+    for name, f, lo, ex in zip(("q_out", "k_out", "dq", "dk"), fast, lowp, exact, strict=True):
         assert f.dtype == dtype and torch.isfinite(f).all(), name
         assert_parity(f, lo, ex.float() if dtype != torch.float32 else ex, name=name, atol=atol)
     return fast

@@ -193,7 +193,9 @@ def generic_reasons(spec: OpSpec, backend: str, caps: Capabilities, inputs: Mapp
     tensor = inputs[spec.primary]
     device = tensor.device
     if device.type not in caps.devices:
-        reasons.append(f"{spec.primary} is on {device}; the {backend} backend takes {' or '.join(caps.devices)} tensors")
+        reasons.append(
+            f"{spec.primary} is on {device}; the {backend} backend takes {' or '.join(caps.devices)} tensors"
+        )
     elif device.type == "cuda" and caps.min_compute_capability is not None:
         capability = torch.cuda.get_device_capability(device)
         if capability < caps.min_compute_capability:

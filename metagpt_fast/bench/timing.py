@@ -129,7 +129,7 @@ def _time_cuda_events(fn, budget: TimingBudget, grad_to_none) -> Timing:
         fn()
         ends[i].record()
     torch.cuda.synchronize()
-    return Timing.from_samples([s.elapsed_time(e) for s, e in zip(starts, ends)])
+    return Timing.from_samples([s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)])
 
 
 def time_fn(

@@ -72,7 +72,7 @@ def integer(name: str, value, *, minimum: int | None = None) -> int:
 
 def broadcastable(name: str, shape: torch.Size, target: tuple[int, ...]) -> None:
     ok = len(shape) <= len(target) and all(
-        s == 1 or s == t for s, t in zip(reversed(tuple(shape)), reversed(target))
+        s == 1 or s == t for s, t in zip(reversed(tuple(shape)), reversed(target), strict=False)
     )
     if not ok:
         raise ValueError(f"{name} of shape {tuple(shape)} is not broadcastable to {target}")
@@ -92,7 +92,7 @@ def token_ids(name: str, tokens, vocab_size: int) -> torch.Tensor:
 
 def writable(name: str, t: torch.Tensor) -> None:
     """For in-place outputs: every element of ``t`` must have its own memory (no expanded, stride-0 dimension)."""
-    if any(stride == 0 and size > 1 for size, stride in zip(t.shape, t.stride())):
+    if any(stride == 0 and size > 1 for size, stride in zip(t.shape, t.stride(), strict=True)):
         raise ValueError(
             f"{name} is written in place but has a broadcast (stride 0) dimension, shape {tuple(t.shape)} strides "
             f"{t.stride()}: pass a tensor whose elements do not share memory (e.g. .clone())"

@@ -85,9 +85,9 @@ def extra_reasons(query, key, value, attn_mask, dropout_p, is_causal, scale, ena
 # Priority 20: above the cpu kernels (which never take CUDA tensors anyway) and, on sm_90, above the mma.sync CUDA
 # kernel, whose static figures (254 registers, 3+ shared-memory wavefronts per mma) put it below Triton's wgmma
 # kernels there; see backends/compiled/attention.py for the ranking on sm_80.
-triton_backend.register(
-    "attention", attention,
-    triton_backend.capabilities(min_compute_capability=triton_backend.MIN_COMPUTE_CAPABILITY, max_head_dim=kernels.MAX_HEAD_DIM, features=frozenset(
-        {"dropout", "bool_mask", "additive_mask", "gqa"})),
-    extra_reasons, priority=20,
-)  # fmt: skip
+CAPABILITIES = triton_backend.capabilities(
+    min_compute_capability=triton_backend.MIN_COMPUTE_CAPABILITY,
+    max_head_dim=kernels.MAX_HEAD_DIM,
+    features=frozenset({"dropout", "bool_mask", "additive_mask", "gqa"}),
+)
+triton_backend.register("attention", attention, CAPABILITIES, extra_reasons, priority=20)

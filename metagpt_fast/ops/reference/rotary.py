@@ -1,6 +1,7 @@
 """Reference rotary position embedding (Su et al. 2021, "RoFormer"), applied to queries and keys.
 
-For the first ``rotary_dim`` features of each head, pair ``(x1, x2)`` rotates by ``theta = pos * base^(-2i/rotary_dim)``:
+For the first ``rotary_dim`` features of each head, pair ``(x1, x2)`` rotates by
+``theta = pos * base^(-2i/rotary_dim)``:
 
     x1' = x1 cos(theta) - x2 sin(theta)
     x2' = x2 cos(theta) + x1 sin(theta)
@@ -28,9 +29,7 @@ def rotary_angles(
     return torch.cos(angle).to(dtype), torch.sin(angle).to(dtype)
 
 
-def positions_for(
-    seq_len: int, offset: int = 0, position_ids: torch.Tensor | None = None, device=None
-) -> torch.Tensor:
+def positions_for(seq_len: int, offset: int = 0, position_ids: torch.Tensor | None = None, device=None) -> torch.Tensor:
     """Positions ``(T,)`` from an offset, or the given ``position_ids`` (``(T,)`` or ``(B, T)``)."""
     if position_ids is not None:
         return position_ids
