@@ -1,5 +1,5 @@
-"""Helpers shared by several test modules: which backends run here and on which device, skip marks, and the
-output-and-gradient comparison of the C++ / CUDA kernel tests.
+"""Helpers shared by several test modules: which backends run here and on which device (from the registry's public
+``implementations()``), skip marks, and the output-and-gradient comparison of ``metagpt_fast.testing``.
 
 A plain module, imported as ``from helpers import ...``: tests/ has no ``__init__.py``, so pytest's default
 ("prepend") import mode puts tests/ on ``sys.path`` when it loads tests/conftest.py, as for hypothesis_profiles.
@@ -15,7 +15,12 @@ import torch
 
 import metagpt_fast
 from metagpt_fast import _spec, backends
-from metagpt_fast.testing import assert_parity
+from metagpt_fast.testing import (  # noqa: F401  (re-exported: the kernel tests import them from here)
+    assert_all_parity,
+    check_against_reference,
+    grad_leaves,
+    outputs_and_grads,
+)
 
 # -------------------------------------------------------------------------------------------------------- backends
 
@@ -78,40 +83,3 @@ def backend_or_skip(name: str):
             if "cannot run" in str(exc):
                 pytest.skip(f"{name}: {exc}")
             raise
-
-
-# ------------------------------------------------------------------------------- kernel ops against the reference
-
-
-def grad_leaves(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    """Detached copies of ``tensors`` that require grad: fresh leaves for one run of an op."""
-    return [t.detach().clone().requires_grad_(True) for t in tensors]
-
-
-def outputs_and_grads(fn, inputs, device: str = "cpu") -> list[torch.Tensor]:
-    """Outputs of ``fn(*inputs)`` and the gradients of the inputs that require grad, for a fixed random upstream
-    gradient (seed 7, drawn on ``device``)."""
-    out = fn(*inputs)
-    outs = out if isinstance(out, tuple) else (out,)
-    gen = torch.Generator(device=device).manual_seed(7)
-    grads_out = [torch.randn(o.shape, generator=gen, device=device).to(o.dtype) for o in outs]
-    grads = torch.autograd.grad(outs, [t for t in inputs if t.requires_grad], grads_out)
-    return [o.detach() for o in outs] + list(grads)
-
-
-def assert_all_parity(fast_outs, lowp_outs, fp32_outs, names) -> None:
-    """The parity rule for each of ``names``: the fast result against the reference in the same precision (``None``
-    in float32) and in float32."""
-    for name, fast, lowp, exact in zip(names, fast_outs, lowp_outs, fp32_outs, strict=True):
-        assert fast is not None, f"{name}: no gradient"
-        assert_parity(fast, lowp.to(fast.dtype) if lowp is not None else None, exact, name=name)
-
-
-def check_against_reference(fast, ref, inputs, names, device: str = "cpu") -> None:
-    """Runs ``fast`` and ``ref`` on ``inputs`` (all of one dtype) and, for ref, on their float32 copies; asserts the
-    parity rule for every output and input gradient, named ``names`` in that order."""
-    dtype = inputs[0].dtype
-    got = outputs_and_grads(fast, grad_leaves(*inputs), device)
-    lowp = outputs_and_grads(ref, grad_leaves(*inputs), device) if dtype != torch.float32 else [None] * len(names)
-    exact = outputs_and_grads(ref, grad_leaves(*(t.float() for t in inputs)), device)
-    assert_all_parity(got, lowp, exact, names)

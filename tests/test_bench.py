@@ -311,27 +311,28 @@ def test_parity_rule_in_half_precision_is_relative_to_the_reference():
     assert far.parity_note.startswith("tensor 1:")
 
 
-def test_parity_rule_in_float32_accepts_the_test_suites_tolerance_or_the_relative_bound():
+def test_parity_rule_in_float32_is_relative_to_the_reference():
     case = _case()
     # Two outputs (say an output and a gradient), unit-scale and large.
     oracle = [torch.tensor([1.0], dtype=torch.float64), torch.tensor([100.0], dtype=torch.float64)]
 
     def measured(name, delta_small, delta_large):
         m = Measurement(case, name, "backend", "ok")
-        outputs = [oracle[0].float() + delta_small, oracle[1].float() + delta_large]
-        compare(outputs, oracle, torch.float32, m)
+        compare([oracle[0].float() + delta_small, oracle[1].float() + delta_large], oracle, torch.float32, m)
         return m
 
-    ref = measured("reference", 0.0, 2e-3)  # a long float32 reduction: outside atol + rtol, but it is the bar
-    within = measured("within", 5e-6, 5e-4)  # inside 1e-5 + 1e-5 x |oracle|
-    relative = measured("relative", 0.0, 4e-3)  # outside the fixed tolerance, inside 2 x reference + atol
-    bad = measured("bad", 5e-5, 0.0)  # outside both on the first output
-    apply_parity_rule([ref, within, relative, bad])
-    assert ref.within_tolerance is False and not ref.parity_violation
-    assert within.within_tolerance and not within.parity_violation
-    assert relative.within_tolerance is False and not relative.parity_violation
-    assert bad.parity_violation and "tensor 0" in bad.parity_note and "rtol" in bad.parity_note
-    assert within.max_err == pytest.approx(5e-4, rel=0.02)
+    ref = measured("reference", 0.0, 2e-3)  # a long float32 reduction: its own error is the bar
+    relative = measured("relative", 0.0, 4e-3)  # within 2 x the reference's error
+    floor = measured("floor", 4 * 2**-24, 0.0)  # a few roundoffs: inside the rule's floor
+    small = measured("small", 5e-6, 0.0)  # 80 roundoffs of a unit output the reference gets exactly: flagged
+    bad = measured("bad", 0.0, 7e-3)  # more than twice the reference's error on the large output
+    apply_parity_rule([ref, relative, floor, small, bad])
+    assert not (ref.parity_violation or relative.parity_violation or floor.parity_violation)
+    assert small.parity_violation and small.parity_note.startswith("tensor 0:")
+    assert bad.parity_violation and bad.parity_note.startswith("tensor 1:")
+    alone = measured("alone", 5e-5, 0.0)
+    apply_parity_rule([alone])
+    assert alone.parity_violation and "no reference measurement" in alone.parity_note
 
 
 def test_runner_rows_speedups_and_plot_panels(tmp_path):
