@@ -83,3 +83,31 @@ def backend_or_skip(name: str):
             if "cannot run" in str(exc):
                 pytest.skip(f"{name}: {exc}")
             raise
+
+
+def kernel_params(op: str, cases: dict) -> list:
+    """One ``pytest.param(backend, device, case)`` per fast implementation of ``op`` here (the registry's
+    ``implementations``, less the reference), per device it takes, per case that ``cases[(backend, device)]`` (a dict
+    id -> case) lists for it; id ``backend-device-case``. Params on a "cuda" device carry the ``gpu`` marker and skip
+    without a GPU; a backend that cannot run here has no params."""
+    params = []
+    for impl in backends.implementations(op):
+        if impl.backend == "reference":
+            continue
+        for device in impl.devices:
+            marks = [pytest.mark.gpu, requires_cuda] if device == "cuda" else []
+            for case_id, case in cases.get((impl.backend, device), {}).items():
+                params.append(
+                    pytest.param(impl.backend, device, case, marks=marks, id=f"{impl.backend}-{device}-{case_id}")
+                )
+    return params
+
+
+def skip_unless_supported(op: str, backend: str, **inputs) -> backends.Implementation:
+    """``backend``'s implementation of ``op``; skips the test with its reasons when it declares ``inputs``
+    unsupported (bfloat16 under the Triton interpreter, for one)."""
+    impl = implementation(op, backend)
+    reasons = impl.not_supported_reasons(**inputs)
+    if reasons:
+        pytest.skip(f"{backend} cannot run these inputs: {'; '.join(reasons)}")
+    return impl
