@@ -6,8 +6,8 @@ dtypes (float32 and float16; bfloat16 on CUDA only: the Triton interpreter's bf1
 fast kernel's Philox mask is replayed in the reference with ``dropout_keep_mask``) and GQA ratios. Outputs and every
 gradient must satisfy the parity rule (``metagpt_fast.testing.assert_parity``, with the documented slacks of a
 flash-style backward and of float32 angles) and inputs must be left untouched. The reference backend is not run
-against itself: that comparison cannot fail. An input a backend declares unsupported must raise a ValueError listing the reasons when that backend
-is requested explicitly and be served by ``auto``; nothing may raise anything else.
+against itself: that comparison cannot fail. An input a backend declares unsupported must raise a ValueError listing
+the reasons when that backend is requested explicitly and be served by ``auto``; nothing may raise anything else.
 
 Profiles (``HYPOTHESIS_PROFILE``): tests/hypothesis_profiles.py.
 """
@@ -21,9 +21,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import backend_params, device_for, implements
 from hypothesis import given, note, reject, settings
 from hypothesis import strategies as st
-from helpers import backend_params, device_for, implements
 from hypothesis_profiles import limits
 
 import metagpt_fast
@@ -92,7 +92,7 @@ def upcast(t: torch.Tensor | None, dtype: torch.dtype):
 def grads(outputs, inputs, grad_outputs):
     """Gradients of ``outputs`` (a tensor or a tuple) w.r.t. ``inputs``; unused inputs get zeros."""
     gs = torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True)
-    return [torch.zeros_like(x) if g is None else g for g, x in zip(gs, inputs)]
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(gs, inputs, strict=True)]
 
 
 def seeded_call(fn, seed: int, device: str):
@@ -185,7 +185,7 @@ def attention_cases(draw, backend: str):
     group = draw(st.sampled_from([1, 1, 2, 3]))
     enable_gqa = group > 1 or draw(st.booleans())
     zero = draw(ZERO)
-    b, hk, nq, nk, dv = (0 if zero == z else v for z, v in zip(ZERO_NAMES, (b, hk, nq, nk, dv)))
+    b, hk, nq, nk, dv = (0 if zero == z else v for z, v in zip(ZERO_NAMES, (b, hk, nq, nk, dv), strict=True))
     if hk == 0:
         enable_gqa, group = False, 1  # 0 key heads "dividing" 0 query heads is refused like torch refuses it
     mask = draw(st.sampled_from(["none", "none", "causal", "bool", "key_padding", "additive"]))
@@ -264,7 +264,7 @@ def check_attention(backend: str, case: AttentionCase) -> bool:
     gen = torch.Generator().manual_seed(case.seed)
     b, hq, hk = case.b, case.hk * case.group, case.hk
     shapes = ((b, hq, case.nq, case.d), (b, hk, case.nk, case.d), (b, hk, case.nk, case.dv))
-    q, k, v = (make(s, lay, gen, case.dtype, device) for s, lay in zip(shapes, case.layouts))
+    q, k, v = (make(s, lay, gen, case.dtype, device) for s, lay in zip(shapes, case.layouts, strict=True))
     mask = attention_mask(case, gen, device)
     if case.rank3:
         q, k, v = (t.squeeze(1) for t in (q, k, v))
@@ -285,7 +285,7 @@ def check_attention(backend: str, case: AttentionCase) -> bool:
     )
     if out is None:
         return False
-    for before, after in zip(saved, (q, k, v, mask)):
+    for before, after in zip(saved, [t for t in (q, k, v, mask) if t is not None], strict=True):
         assert torch.equal(before, after), "attention modified its inputs"
     assert out.dtype == case.dtype and out.device == q.device
     keep = None
@@ -337,7 +337,7 @@ def positional_cases(draw, backend: str, embedding: bool):
     lim = limits()
     b, t, d = draw(lengths(1, lim.batch + 1)), draw(lengths(1, lim.seq)), draw(lengths(1, lim.head_dim))
     zero = draw(ZERO)
-    b, t, d = (0 if zero == z else v for z, v in zip(("batch", "rows", "features"), (b, t, d)))
+    b, t, d = (0 if zero == z else v for z, v in zip(("batch", "rows", "features"), (b, t, d), strict=True))
     case = PositionalCase(
         dtype=draw(st.sampled_from(dtypes_for(backend))),
         b=b,
@@ -472,7 +472,7 @@ def rotary_cases(draw, backend: str):
     b, hq, hk, t = (draw(lengths(1, n)) for n in (lim.batch, lim.heads + 1, lim.heads, lim.seq))
     d = draw(lengths(2, lim.head_dim))
     zero = draw(ZERO)
-    b, hq, t = (0 if zero == z else v for z, v in zip(("batch", "heads", "rows"), (b, hq, t)))
+    b, hq, t = (0 if zero == z else v for z, v in zip(("batch", "heads", "rows"), (b, hq, t), strict=True))
     hk = 0 if zero == "keys" else hk
     rotary_dim = draw(st.one_of(st.none(), st.integers(1, d // 2).map(lambda r: 2 * r)))
     if rotary_dim is None and d % 2:

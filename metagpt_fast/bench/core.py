@@ -122,10 +122,10 @@ def compare(
     the op's documented extra absolute tolerance (``OpBench.parity_slack``)."""
     if len(outputs) != len(oracle):
         raise AssertionError(f"returned {len(outputs)} tensors, the reference {len(oracle)}")
-    for out, ref in zip(outputs, oracle):
+    for out, ref in zip(outputs, oracle, strict=True):
         if out.shape != ref.shape:
             raise AssertionError(f"output shape {tuple(out.shape)} != reference {tuple(ref.shape)}")
-    m.errors = [max_error(out, ref) for out, ref in zip(outputs, oracle)]
+    m.errors = [max_error(out, ref) for out, ref in zip(outputs, oracle, strict=True)]
     m.atols = [parity_atol(ref, dtype) for ref in oracle]
     m.slack = slack
     m.max_err = max(m.errors, default=0.0)
@@ -136,7 +136,7 @@ def compare(
                     out.double(), ref.double(), rtol=RTOL[dtype], atol=ATOL[dtype] + slack, equal_nan=True
                 ).all()
             )
-            for out, ref in zip(outputs, oracle)
+            for out, ref in zip(outputs, oracle, strict=True)
         )
 
 
@@ -165,12 +165,14 @@ def functional(
         return Prepared(run=lambda: forward(inputs), parity=lambda: [o.detach() for o in forward(inputs)])
     x = dict(inputs)
     leaves = [x[name].detach().requires_grad_() for name in diff]
-    x.update(zip(diff, leaves))
+    x.update(zip(diff, leaves, strict=True))
 
     def parity() -> list[torch.Tensor]:
         outs = list(forward(x))
         grads = torch.autograd.grad(outs, leaves, grad_outputs(outs, grad_round_to), allow_unused=True)
-        return [o.detach() for o in outs] + [torch.zeros_like(v) if g is None else g for v, g in zip(leaves, grads)]
+        return [o.detach() for o in outs] + [
+            torch.zeros_like(v) if g is None else g for v, g in zip(leaves, grads, strict=True)
+        ]
 
     state: dict[str, Any] = {}  # output gradients made once, outside the timed work
 

@@ -195,7 +195,7 @@ def apply_parity_rule(measurements: Sequence[Measurement]) -> None:
                 )
             continue
         floors = m.atols if m.atols is not None else [ATOL[dtype]] * len(m.errors)
-        for i, (err, ref_err, floor) in enumerate(zip(m.errors, ref.errors, floors)):
+        for i, (err, ref_err, floor) in enumerate(zip(m.errors, ref.errors, floors, strict=True)):
             if not err <= rule_bound(ref_err, floor, m.slack):
                 m.parity_violation = True
                 slack = f" + slack {m.slack:.2e}" if m.slack else ""
