@@ -46,6 +46,7 @@ def check_compiled_matches_eager(backend, positional, compiler, device="cpu"):
         assert_parity(got[2][name], got[2][name], expected[2][name], name=name)
 
 
+@pytest.mark.slow  # Inductor's cold compile of the whole model: about a minute on 2 cores
 @pytest.mark.parametrize("backend", compile_params())
 def test_metagpt_compiles_fullgraph_inductor(backend):
     check_compiled_matches_eager(backend, "sinusoidal", "inductor")
