@@ -109,6 +109,10 @@ class Measurement:
     slack: float = 0.0  # the op's extra absolute tolerance in the parity rule
     peak_bytes: int | None = None
     extra: dict = dataclasses.field(default_factory=dict)  # e.g. {"mfu": 0.41, "tflops": 120.0}
+    # Interleaved timing: speedup metric ("speedup_vs_reference", ...) -> per-round ratio estimate with its interval
+    ratios: dict = dataclasses.field(default_factory=dict)
+    noisy: list[str] = dataclasses.field(default_factory=list)  # the ratio metrics whose interval stayed > ±tolerance
+    rounds: int | None = None  # interleaved rounds the timing took
 
 
 def compare(

@@ -106,11 +106,10 @@ def _cells(result: OpResult, m: Measurement, ratios: dict) -> list[str]:
             m.provider,
             f"{t.median_ms:.4g} [{t.p20_ms:.3g}–{t.p80_ms:.3g}]",
             _fmt_throughput(throughput(bench, m.case, t.median_ms), bench.unit),
-            _fmt(ratios.get("speedup_vs_reference"), ".2f") + ("x" if "speedup_vs_reference" in ratios else ""),
+            _ratio_cell(m, ratios, "speedup_vs_reference"),
         ]
     if bench.sdpa_baseline:
-        key = "speedup_vs_torch_sdpa"
-        cells.append(_fmt(ratios.get(key), ".2f") + "x" if key in ratios else "—" if m.timing else "")
+        cells.append(_ratio_cell(m, ratios, "speedup_vs_torch_sdpa") if m.timing else "")
     if bench.op == "train_step":
         cells.append(_fmt(m.extra.get("tflops"), ".3g") if m.timing else "")
         mfu = m.extra.get("mfu")
@@ -121,12 +120,26 @@ def _cells(result: OpResult, m: Measurement, ratios: dict) -> list[str]:
     return cells
 
 
+def _ratio_cell(m: Measurement, ratios: dict, key: str) -> str:
+    """``1.23x ±3%`` (the 95% interval of the per-round ratios); a noisy ratio shows its interval instead, in
+    yellow, never as a clean number; ``—`` without a baseline."""
+    if key not in ratios:
+        return "—"
+    est = m.ratios.get(key)
+    if est is None:
+        return f"{ratios[key]:.2f}x"
+    if key in m.noisy:
+        return f"[yellow]noisy {est.ci_low:.2f}–{est.ci_high:.2f}x[/]"
+    return f"{est.median:.2f}x ±{100 * est.half_width:.0f}%"
+
+
 def _caption(result: OpResult, oracles: list[str], never: dict[str, str]) -> str:
     lines = [
         (
             f"max err: max |output − reference in {'/'.join(oracles)}| over the outputs and every input gradient, "
             "same inputs (! = outside the test suite's parity rule); "
-            "vs ref / vs SDPA: median-time speedups."
+            "vs ref / vs SDPA: median of the per-round speedups (providers timed interleaved, round by round) ± "
+            "its 95% interval; noisy a–b: the interval stayed wider than ±5% until the time cap."
         )
     ]
     if result.plan.bench.op == "train_step":

@@ -2,7 +2,8 @@
 
 Columns (every line has all of them):
 
-    op, backend, mode, shape, dtype, metric, value, p20, p80, device, versions, git_revision, timestamp, note
+    op, backend, mode, shape, dtype, metric, value, p20, p80, device, versions, git_revision, timestamp, note,
+    ci_low, ci_high, rounds, noisy, threads, machine
 
 - ``shape``: the case's dimensions and flags as an object, e.g. ``{"B": 2, "H": 8, "N": 1024, "D": 64,
   "causal": true}``; ``versions``: ``{"python", "torch", "triton", "cuda", "metagpt_fast"}``.
@@ -10,6 +11,11 @@ Columns (every line has all of them):
   ``tokens_per_s`` (p20/p80 from the time percentiles: the p20 time gives the p80 throughput), ``mfu``,
   ``peak_mem_mib``, ``max_abs_err`` (against the float32/float64 reference), ``speedup_vs_reference``,
   ``speedup_vs_torch_sdpa``, and ``status`` (value null, ``note`` says why a backend did not run or was not timed).
+- Interleaved timing (``metagpt_fast.bench.interleave``): ``time_ms`` and the speedups carry ``ci_low``/``ci_high``
+  (the 95% bootstrap interval of the median; for a speedup, of the median of the per-round ratios, whose p20/p80 are
+  in ``p20``/``p80``), ``rounds`` (the rounds timed) and, on speedups, ``noisy`` (true: the interval stayed wider
+  than the tolerance until the time cap). Null where they do not apply.
+- ``threads``: torch's CPU threads during the run; ``machine``: ``{"node", "system", "cpu", "cores", "gpu"}``.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import datetime
 import functools
 import json
 import math
+import os
 import platform
 import subprocess
 from collections.abc import Iterable
@@ -40,6 +47,12 @@ COLUMNS = (
     "git_revision",
     "timestamp",
     "note",
+    "ci_low",
+    "ci_high",
+    "rounds",
+    "noisy",
+    "threads",
+    "machine",
 )
 RESULTS_FILE = "results.jsonl"
 
@@ -84,6 +97,18 @@ def versions() -> dict[str, str | None]:
 
 
 @functools.cache
+def machine() -> dict[str, str | int | None]:
+    """The machine the numbers come from: host name, OS, CPU model, logical cores and GPU (None without one)."""
+    return {
+        "node": platform.node(),
+        "system": f"{platform.system()} {platform.release()}",
+        "cpu": _cpu_model() or platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+
+
+@functools.cache
 def git_revision() -> str:
     """``git describe --always --dirty`` of the source tree the package runs from, or "unknown"."""
     root = Path(__file__).resolve().parents[2]
@@ -118,6 +143,10 @@ def make_row(
     p20: float | None = None,
     p80: float | None = None,
     note: str = "",
+    ci_low: float | None = None,
+    ci_high: float | None = None,
+    rounds: int | None = None,
+    noisy: bool | None = None,
 ) -> dict:
     """One line of the results file; non-finite numbers become null (JSON has no NaN)."""
     return {
@@ -135,6 +164,12 @@ def make_row(
         "git_revision": git_revision(),
         "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "note": note,
+        "ci_low": _finite(ci_low),
+        "ci_high": _finite(ci_high),
+        "rounds": rounds,
+        "noisy": noisy,
+        "threads": torch.get_num_threads(),
+        "machine": machine(),
     }
 
 
@@ -151,6 +186,7 @@ class ResultsFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.written: list[dict] = []  # the rows this object appended (this run's, for --compare)
 
     def append(self, rows: Iterable[dict]) -> None:
         lines = []
@@ -160,6 +196,7 @@ class ResultsFile:
                 raise ValueError(f"results row lacks columns {sorted(missing)}")
             lines.append(json.dumps({c: row[c] for c in COLUMNS}, sort_keys=False))
         if lines:
+            self.written += [json.loads(line) for line in lines]
             with self.path.open("a", encoding="utf-8") as f:
                 f.write("\n".join(lines) + "\n")
 

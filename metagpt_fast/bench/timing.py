@@ -1,5 +1,8 @@
 """Timing of a zero-argument callable: median and 20th/80th percentiles of per-call times.
 
+The benchmark runner times the providers of a case together, interleaved (``metagpt_fast.bench.interleave``, which
+reads the round rules of :class:`TimingBudget`); the functions here time one callable alone.
+
 - CUDA: ``triton.testing.do_bench`` (CUDA events around each call, the L2 cache flushed in between, gradients of
   ``grad_to_none`` reset) when triton can run natively; otherwise CUDA events directly, with the same protocol.
 - CPU: wall-clock ``time.perf_counter`` per call after a warm-up, repeated until a time budget or a repeat cap is
@@ -26,6 +29,9 @@ class Timing:
     p20_ms: float
     p80_ms: float
     repeats: int
+    # 95% bootstrap interval of the median (interleaved timing; None when timed alone)
+    ci_low_ms: float | None = None
+    ci_high_ms: float | None = None
 
     @classmethod
     def from_samples(cls, samples_ms: Sequence[float]) -> Timing:
@@ -47,10 +53,25 @@ class TimingBudget:
     max_s: float = 3.0
     # Warm-up calls at least (CPU); 0 when the caller has just run the work once anyway (a slow kernel's parity run).
     min_warmup: int = 1
+    # Interleaved rounds of one case (metagpt_fast.bench.interleave): at least min_rounds, then until every ratio's
+    # 95% interval is within ±tolerance of its median, or max_rounds, or case_max_s seconds of timed rounds.
+    tolerance: float = 0.05
+    min_rounds: int = 10
+    max_rounds: int = 400
+    case_max_s: float = 15.0
 
     @classmethod
     def quick(cls) -> TimingBudget:
-        return cls(warmup_s=0.02, measure_s=0.1, min_repeats=3, max_repeats=50, max_s=1.0)
+        return cls(
+            warmup_s=0.02,
+            measure_s=0.1,
+            min_repeats=3,
+            max_repeats=50,
+            max_s=1.0,
+            min_rounds=5,
+            max_rounds=200,
+            case_max_s=3.0,
+        )
 
 
 def _reset_grads(tensors: Sequence[torch.Tensor]) -> None:

@@ -54,7 +54,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-seconds", type=float, help="stop starting new cases after this many seconds (tables keep what ran)"
     )
     parser.add_argument("--no-plot", action="store_true", help="do not draw throughput.png")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads for torch (default: torch's choice; 1 when the load average is at least the core count)",
+    )
+    parser.add_argument(
+        "--compare",
+        type=Path,
+        metavar="OLD.jsonl",
+        help="after the run, print each case's time change against this earlier results file, with its significance",
+    )
+    parser.add_argument(
+        "--fail-on-regression",
+        type=float,
+        metavar="PCT",
+        help="with --compare: exit 1 when a backend of the package is significantly slower by more than PCT percent",
+    )
     parser.add_argument(
         "--strict-parity", action="store_true", help="exit 1 when a backend of the package is outside the parity rule"
     )
@@ -113,10 +129,11 @@ def run(args: argparse.Namespace) -> int:
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from metagpt_fast.bench.compare import compare_rows, compare_table, regressions
     from metagpt_fast.bench.memory import quiet_profiler_logs
     from metagpt_fast.bench.plots import write_plot
     from metagpt_fast.bench.report import op_table
-    from metagpt_fast.bench.results import RESULTS_FILE, ResultsFile
+    from metagpt_fast.bench.results import RESULTS_FILE, ResultsFile, read_results
     from metagpt_fast.bench.runner import make_plan, run_plans
     from metagpt_fast.bench.timing import TimingBudget
 
@@ -126,22 +143,25 @@ def run(args: argparse.Namespace) -> int:
     dtypes = resolve_dtypes(args.dtype, device)
     if args.max_seconds is not None and args.max_seconds <= 0:
         raise ValueError(f"--max-seconds must be > 0, got {args.max_seconds}")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.fail_on_regression is not None and args.compare is None:
+        raise ValueError("--fail-on-regression needs --compare OLD.jsonl")
+    if args.fail_on_regression is not None and args.fail_on_regression < 0:
+        raise ValueError(f"--fail-on-regression must be >= 0, got {args.fail_on_regression}")
+    if args.compare is not None and not args.compare.is_file():
+        raise ValueError(f"--compare: no results file at {args.compare}")
+    old_rows = read_results(args.compare) if args.compare is not None else None
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    threads, thread_note = choose_threads(args.threads, device, load, os.cpu_count() or 1, torch.get_num_threads())
+    torch.set_num_threads(threads)
     plans = make_plan(args.ops, device, dtypes, args.quick, args.backends)
     budget = TimingBudget.quick() if args.quick else TimingBudget()
     results = ResultsFile(args.out / RESULTS_FILE)
 
     console = make_console()
-    if torch.device(device).type == "cpu" and torch.get_num_threads() > 1 and hasattr(os, "getloadavg"):
-        load, cores = os.getloadavg()[0], os.cpu_count() or 1
-        if load > cores - 0.5:
-            console.print(
-                f"[yellow]note:[/] load average {load:.1f} on {cores} cores: other processes share the CPU, so "
-                f"multi-threaded timings include waits for busy cores (--threads 1 measures single-core speed)"
-            )
+    if thread_note:
+        console.print(f"[yellow]note:[/] {thread_note}")
     total = sum(len(plan.cases) * len(plan.runnable) for plan in plans)
     began = time.perf_counter()
     with Progress(
@@ -180,6 +200,33 @@ def run(args: argparse.Namespace) -> int:
             f"[bold red]parity:[/] {m.provider} on {m.case.op} {m.case.mode} {m.case.label} "
             f"{str(m.case.dtype).removeprefix('torch.')}: {escape(m.parity_note)}"
         )
+    regressed = []
+    if old_rows is not None:
+        changes = compare_rows(old_rows, results.written)
+        console.print(compare_table(changes, args.compare))
+        if args.fail_on_regression is not None:
+            regressed = regressions(changes, args.fail_on_regression)
+            for c in regressed:
+                console.print(
+                    f"[bold red]regression:[/] {escape(c.label)}: {100 * c.change:+.1f}% "
+                    f"(> {args.fail_on_regression:g}%, significant)"
+                )
     # Crashes fail the run; parity is reported (the test suite is the gate) unless --strict-parity asks otherwise.
     strict = args.strict_parity and any(m.kind == "backend" for m in above)
-    return 1 if failed or strict else 0
+    return 1 if failed or strict or regressed else 0
+
+
+def choose_threads(
+    requested: int | None, device: str, load: float | None, cores: int, current: int
+) -> tuple[int, str | None]:
+    """torch's CPU threads for the run, and the note to print. On a CPU whose load average is at least its core
+    count, the default is 1 thread: several threads would wait for busy cores, and their timings measure the other
+    processes as much as the kernels. ``--threads`` always wins."""
+    if requested is not None:
+        return requested, None
+    if torch.device(device).type != "cpu" or load is None or load < cores or current <= 1:
+        return current, None
+    return 1, (
+        f"load average {load:.1f} on {cores} cores: other processes share the CPU, so the bench runs on 1 thread "
+        f"(--threads N to override)"
+    )
