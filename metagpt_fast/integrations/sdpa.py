@@ -16,8 +16,9 @@ wrapper; it is torch's own function again once every context has exited and the 
 decides per call: ``sdpa_routing()`` contexts are context-local (``sdpa_routing(False)`` turns routing off inside a
 block), the global switch applies where no context says otherwise.
 
-Reversible and conservative: calls outside metagpt_fast's semantics go to torch's function unchanged — tensor
-subclasses (DTensor, nested tensors), more than 4 dimensions, masks that require grad (learned biases), mixed
+Reversible and conservative: torch's ``CausalBias`` masks (``causal_upper_left`` / ``causal_lower_right``) keep their
+meaning, and calls outside metagpt_fast's semantics go to torch's function unchanged — other tensor subclasses
+(DTensor, nested tensors), more than 4 dimensions, masks that require grad (learned biases), mixed
 dtypes or devices, shapes torch would reject, and keyword arguments this wrapper does not know. Under
 ``torch.autocast`` the inputs are cast to the autocast dtype first, as torch does for SDPA.
 
@@ -35,8 +36,10 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import CausalBias
 
 from metagpt_fast.ops import scaled_dot_product_attention
+from metagpt_fast.ops.attention import resolve_causal_bias
 from metagpt_fast.ops.validation import FLOAT_DTYPES
 
 _TORCH_SDPA = F.scaled_dot_product_attention  # torch's function, captured before any routing
@@ -60,6 +63,15 @@ def routed_scaled_dot_product_attention(
     on = _context.get()
     if on is None:
         on = _state["global"]
+    if isinstance(attn_mask, CausalBias):
+        if not on or kwargs:
+            # torch's own handling: CausalBias dispatches on `func is F.scaled_dot_product_attention`, which routing
+            # has made false, so hand it over the way that dispatch would.
+            return CausalBias._dispatch(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        n_q = query.shape[-2] if isinstance(query, torch.Tensor) else 0
+        n_k = key.shape[-2] if isinstance(key, torch.Tensor) else 0
+        device = query.device if isinstance(query, torch.Tensor) else None
+        attn_mask, is_causal = resolve_causal_bias(attn_mask, is_causal, n_q, n_k, device)
     if on and not kwargs:
         device_type = query.device.type if isinstance(query, torch.Tensor) else "cpu"
         if torch.is_autocast_enabled(device_type):
@@ -72,6 +84,17 @@ def routed_scaled_dot_product_attention(
     if enable_gqa:
         kwargs["enable_gqa"] = True
     return _TORCH_SDPA(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, **kwargs)
+
+
+# TorchScript compiles the functions a scripted module calls; the wrapper's **kwargs cannot be compiled, so scripted
+# code keeps calling torch's builtin op (torch.jit.script(nn.MultiheadAttention(...)) works with routing on).
+# Traced code runs the wrapper in Python and records what it ran.
+try:
+    from torch.jit._builtins import _register_builtin
+
+    _register_builtin(routed_scaled_dot_product_attention, "aten::scaled_dot_product_attention")
+except (ImportError, AttributeError):  # pragma: no cover - a torch without the builtin table
+    pass
 
 
 def _cast(t, dtype: torch.dtype):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.nn.attention.bias import CausalBias, CausalVariant
 
 from metagpt_fast import backends
 from metagpt_fast.ops import reference
@@ -82,6 +83,9 @@ def scaled_dot_product_attention(
     check.tensor("query", query, dims=(3, 4), floating=True)
     check.tensor("key", key, dims=(query.dim(),), floating=True)
     check.tensor("value", value, dims=(query.dim(),), floating=True)
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        check.plain_tensor(name, t)
+    attn_mask, is_causal = resolve_causal_bias(attn_mask, is_causal, query.shape[-2], key.shape[-2], query.device)
     if torch.is_autocast_enabled(query.device.type):  # like torch's SDPA, which autocast runs in low precision
         dtype = torch.get_autocast_dtype(query.device.type)
         query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
@@ -104,9 +108,13 @@ def scaled_dot_product_attention(
     if attn_mask is not None:
         check.tensor("attn_mask", attn_mask, dims=(0, 1, 2, 3, 4))
         if is_causal:
-            raise ValueError("attn_mask and is_causal=True cannot be combined: fold the causal mask into attn_mask")
+            raise check.ArgumentError(
+                "attn_mask and is_causal=True cannot be combined: fold the causal mask into attn_mask"
+            )
         if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
-            raise TypeError(f"attn_mask must be bool or {query.dtype} (query's dtype), got {attn_mask.dtype}")
+            raise check.ArgumentTypeError(
+                f"attn_mask must be bool or {query.dtype} (query's dtype), got {attn_mask.dtype}"
+            )
         b, h, nq, _ = query.shape
         check.broadcastable("attn_mask", attn_mask.shape, (b, h, nq, key.shape[-2]))
 
@@ -132,6 +140,33 @@ def scaled_dot_product_attention(
     return out.squeeze(1) if squeeze else out
 
 
+def resolve_causal_bias(attn_mask, is_causal, n_q: int, n_k: int, device: torch.device):
+    """torch's causal masks (``torch.nn.attention.bias.causal_upper_left`` / ``causal_lower_right``, a tensor subclass
+    that torch's SDPA dispatches specially) as ``(attn_mask, is_causal)`` with the same semantics: upper-left (or
+    either, when ``n_q == n_k``) is ``is_causal=True``; lower-right becomes a boolean mask aligned to the bottom right.
+    Any other tensor subclass is refused rather than read as a plain mask."""
+    if attn_mask is None or not isinstance(attn_mask, torch.Tensor):
+        return attn_mask, is_causal
+    if not isinstance(attn_mask, CausalBias):
+        check.plain_tensor("attn_mask", attn_mask)
+        return attn_mask, is_causal
+    if is_causal:
+        raise check.ArgumentError(
+            "a CausalBias attn_mask cannot be combined with is_causal=True (it is the causal mask)"
+        )
+    if (attn_mask.seq_len_q, attn_mask.seq_len_kv) != (n_q, n_k):
+        raise check.ArgumentError(
+            f"attn_mask is a CausalBias for {attn_mask.seq_len_q} queries and {attn_mask.seq_len_kv} keys, "
+            f"got {n_q} queries and {n_k} keys"
+        )
+    if attn_mask.variant == CausalVariant.UPPER_LEFT or n_q == n_k:
+        return None, True
+    if attn_mask.variant == CausalVariant.LOWER_RIGHT:
+        # Query i sees keys up to i + (n_k - n_q). Rows with no key (n_q > n_k) give 0 here, NaN in torch.
+        return torch.ones(n_q, n_k, dtype=torch.bool, device=device).tril(n_k - n_q), False
+    raise check.ArgumentError(f"attn_mask is a CausalBias of unknown variant {attn_mask.variant!r}")
+
+
 def _zero_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """``(B, Hq, Nq, Dv)`` zeros that carry zero gradients to query, key and value."""
     b, hq, nq, _ = query.shape
@@ -143,17 +178,19 @@ def _zero_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor)
 def _check_shapes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, enable_gqa: bool) -> None:
     (b, hq, _, d), (bk, hk, nk, dk), (bv, hv, nv, _) = query.shape, key.shape, value.shape
     if bk != b or bv != b:
-        raise ValueError(f"query, key and value must share the batch size, got {b}, {bk}, {bv}")
+        raise check.ArgumentError(f"query, key and value must share the batch size, got {b}, {bk}, {bv}")
     if dk != d:
-        raise ValueError(f"key's head dim must equal query's ({d}), got {dk}")
+        raise check.ArgumentError(f"key's head dim must equal query's ({d}), got {dk}")
     if d == 0:
-        raise ValueError("query's head dim must be >= 1, got 0")
+        raise check.ArgumentError("query's head dim must be >= 1, got 0")
     if nv != nk:
-        raise ValueError(f"value must have key's sequence length ({nk}), got {nv}")
+        raise check.ArgumentError(f"value must have key's sequence length ({nk}), got {nv}")
     if enable_gqa:
         if hk == 0 or hq % hk:
-            raise ValueError(f"with enable_gqa, key's heads ({hk}) must divide query's heads ({hq})")
+            raise check.ArgumentError(f"with enable_gqa, key's heads ({hk}) must divide query's heads ({hq})")
     elif hk != hq:
-        raise ValueError(f"key must have query's number of heads ({hq}), got {hk}; set enable_gqa=True for GQA")
+        raise check.ArgumentError(
+            f"key must have query's number of heads ({hq}), got {hk}; set enable_gqa=True for GQA"
+        )
     if hv != hk:
-        raise ValueError(f"value must have key's number of heads ({hk}), got {hv}")
+        raise check.ArgumentError(f"value must have key's number of heads ({hk}), got {hv}")
