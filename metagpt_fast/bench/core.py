@@ -113,6 +113,7 @@ class Measurement:
     ratios: dict = dataclasses.field(default_factory=dict)
     noisy: list[str] = dataclasses.field(default_factory=list)  # the ratio metrics whose interval stayed > ±tolerance
     rounds: int | None = None  # interleaved rounds the timing took
+    samples_ms: list[float] = dataclasses.field(default_factory=list)  # the per-round times behind ``timing``
 
 
 def compare(

@@ -176,6 +176,7 @@ def time_interleaved(
         est = estimate(samples)
         m.timing = Timing(est.median, est.p20, est.p80, len(samples), est.ci_low, est.ci_high)
         m.rounds = result.rounds
+        m.samples_ms = list(samples)
         for (provider, baseline), metric in pairs.items():
             ratio = result.ratios.get((provider, baseline))
             if provider == m.provider and ratio is not None:
