@@ -1,9 +1,13 @@
 """Ahead-of-time compilation of the package's Triton kernels for NVIDIA targets, without a GPU.
 
-``triton.compile`` lowers a kernel for a given ``GPUTarget`` down to a cubin; ``cuobjdump --dump-resource-usage``
-(shipped in triton's wheel, read by :mod:`metagpt_fast.devtools.sass`) then reports registers, stack (spills), local
-memory and shared memory. This is how CI catches register spills and missing tensor-core instructions that the CPU
-interpreter can never show.
+``triton.compile`` lowers a kernel for a given ``GPUTarget`` down to a cubin; ``cuobjdump`` (shipped in triton's
+wheel, read by :mod:`metagpt_fast.devtools.sass`) then reports registers, stack (spills), local memory and shared
+memory, and the SASS, from which each row counts the instructions that matter on Hopper (``HGMMA`` and its waits
+``WARPGROUP.DEPBAR``, TMA ``UTMALDG``, cp.async ``LDGSTS``, ``LDG``, ``MUFU.EX2``) and the length of the main loop
+(:func:`metagpt_fast.devtools.sass.main_loop`). The TTGIR says whether warps repeat a matmul's work
+(:mod:`metagpt_fast.devtools.ttgir`), and ``ptxas -v`` (12.8 or newer) on each PTX with wgmma prints the advisories
+C7510-C7515 when it serialises wgmma. This is how CI catches register spills, serialised or duplicated tensor-core
+work and missing tensor-core instructions that the CPU interpreter can never show; :data:`GATES` are the checks.
 
 The cases below cover every configuration the kernels' launchers and autotuners may pick on a GPU, built from the
 tile tables the kernel modules export; ``tests/test_aot.py`` and ``scripts/aot_stats.py`` compile them all for
@@ -14,21 +18,27 @@ sm_80 and sm_90.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
+import functools
 import json
+import os
 import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import triton
 from triton.backends.compiler import GPUTarget
 
 from metagpt_fast._spec import triton_interpreted
-from metagpt_fast.devtools import sass
+from metagpt_fast.devtools import sass, ttgir
 from metagpt_fast.kernels.triton import attention as attn
 from metagpt_fast.kernels.triton import positional as pe
 from metagpt_fast.kernels.triton import rotary
 
 ARCHS = (80, 90)
+DTYPES = {16: "bf16", 32: "fp32"}  # the attention cases' data type per operand width
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,11 +54,18 @@ class AotCase:
     allowed_spill_bytes: int = 0
     # Arguments Triton's launcher would see as multiples of 16 (aligned pointers, strides): enables vector loads.
     divisible_by_16: tuple[str, ...] = ()
+    # The kernel's role for the gates ("fwd", "dq", "dkdv", "preprocess"; "" for the other ops), the element type
+    # of its data ("bf16", "fp32"; "" when not given), and how many rows of the streamed operand one step of its main
+    # loop consumes (keys for the forward and dQ, queries for dK/dV; 0 for kernels without such a loop).
+    role: str = ""
+    dtype: str = ""
+    streamed_rows: int = 0
 
     @property
     def label(self) -> str:
         consts = ",".join(f"{k}={v}" for k, v in self.constexprs.items())
-        return f"{self.kernel.__name__}[{consts},w{self.num_warps},s{self.num_stages}]"
+        dtype = f",{self.dtype}" if self.dtype else ""
+        return f"{self.kernel.__name__}[{consts},w{self.num_warps},s{self.num_stages}{dtype}]"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +77,22 @@ class AotStats:
     local_bytes: int
     shared_bytes: int
     uses_wgmma: bool
+    # Whole-kernel counts of the opcode families of sass.OPCODES, and every instruction (SASS figures: sm_90 only,
+    # zero and None on sm_80).
+    opcodes: dict[str, int] = dataclasses.field(default_factory=dict)
+    instructions: int = 0
+    # One static iteration of the main loop (sass.main_loop): its instructions and opcode families; None without one.
+    loop_instructions: int | None = None
+    loop_opcodes: dict[str, int] | None = None
+    # loop_instructions scaled to 128 streamed rows (128 keys in the forward), for comparing tiles.
+    loop_instructions_per_128_rows: float | None = None
+    # Each matmul of the TTGIR ("64x32 mma v3 warpsPerCTA=[8, 1] x2"), and those whose warps repeat work.
+    dots: list[str] = dataclasses.field(default_factory=list)
+    replicated_dots: list[str] = dataclasses.field(default_factory=list)
+    # ptxas -v advisory codes on a PTX with wgmma ("C7515"); None when not run (no wgmma: sm_80, float32, the other
+    # ops; or no ptxas >= 12.8), with the ptxas used or the reason in ``ptxas``.
+    ptxas_advisories: list[str] | None = None
+    ptxas: str = ""
 
     @property
     def spill_bytes(self) -> int:
@@ -78,6 +111,9 @@ def case(
     num_stages: int = 2,
     expect_wgmma: bool = False,
     allowed_spill_bytes: int = 0,
+    role: str = "",
+    dtype: str = "",
+    streamed_rows: int = 0,
 ) -> AotCase:
     """One compile of ``kernel`` as Triton's launcher would specialise it for contiguous, aligned inputs.
 
@@ -87,7 +123,7 @@ def case(
     constant: every ``stride_*d`` argument (contiguous last dim) and those in ``unit_strides`` become the constexpr
     1, after ``constexprs`` (the order shows in the label). Pointers and strides are seen as multiples of 16, with
     ``aligned`` added and ``unaligned`` taken out. Like ``types``, these three name lists may hold names the kernel
-    lacks.
+    lacks. ``role``, ``dtype`` and ``streamed_rows`` are recorded for the gates (see :class:`AotCase`).
     """
     names = kernel.arg_names
     unknown = [name for name in constexprs if name not in names]
@@ -103,7 +139,10 @@ def case(
         and name not in unaligned
         and (signature[name].startswith("*") or name.startswith("stride_") or name in aligned)
     )
-    return AotCase(kernel, signature, constexprs, num_warps, num_stages, expect_wgmma, allowed_spill_bytes, divisible)
+    return AotCase(
+        kernel, signature, constexprs, num_warps, num_stages, expect_wgmma, allowed_spill_bytes, divisible, role,
+        dtype, streamed_rows,
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -116,7 +155,7 @@ def attention_cases() -> list[AotCase]:
     may pick; and the backward preprocess for each head dim bucket."""
 
     def types(bits: int, mask_kind: int) -> dict[str, str]:
-        data = "*bf16" if bits == 16 else "*fp32"
+        data = "*" + DTYPES[bits]
         mask = "*u8" if mask_kind == attn.MASK_BOOL else data
         pointers = dict.fromkeys(("Q", "K", "V", "Out", "DOut", "DQ", "DK", "DV"), data)
         return {
@@ -141,6 +180,7 @@ def attention_cases() -> list[AotCase]:
             # the few smaller tiles (D=256 backward, to avoid spills) run on mma.sync.
             expect_wgmma=bits == 16 and (block_n if kind == "dkdv" else block_m) >= 64,
             allowed_spill_bytes=attn.FP32_DKDV_256_SPILL if (kind, bits, width) == ("dkdv", 32, 256) else 0,
+            role=kind, dtype=DTYPES[bits], streamed_rows=block_m if kind == "dkdv" else block_n,
         )  # fmt: skip
 
     cases = []
@@ -157,9 +197,13 @@ def attention_cases() -> list[AotCase]:
     for width in (64, 128, 256):
         for bits in (16, 32):
             constexprs = {"HEAD_DIM_V": width, "BLOCK_DV": width, "BLOCK_M": attn.preprocess_block_m(width)}
+            preprocess = attn.KERNELS["preprocess"]
             cases.append(
-                case(attn.KERNELS["preprocess"], constexprs, types(bits, attn.MASK_NONE), **layout, num_stages=1)
-            )
+                case(
+                    preprocess, constexprs, types(bits, attn.MASK_NONE), **layout, num_stages=1, role="preprocess",
+                    dtype=DTYPES[bits],
+                )
+            )  # fmt: skip
     return cases
 
 
@@ -216,8 +260,18 @@ def all_cases() -> list[AotCase]:
 # compile
 
 
-def compile_case(case: AotCase, arch: int) -> AotStats:
-    """Compiles ``case`` for ``sm_<arch>`` and returns its resource usage."""
+@dataclasses.dataclass(frozen=True)
+class Compiled:
+    """What :func:`compile_kernel` keeps of one compile: the cubin, the PTX and the TTGIR."""
+
+    cubin: bytes
+    ptx: str
+    ttgir: str
+    shared: int  # shared memory triton reports (dynamic; cuobjdump sees only the static part)
+
+
+def compile_kernel(case: AotCase, arch: int) -> Compiled:
+    """Compiles ``case`` for ``sm_<arch>`` (the CPU-heavy part: triton's passes, LLVM and ptxas)."""
     attrs = {(case.kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in case.divisible_by_16}
     source = triton.compiler.ASTSource(
         fn=case.kernel, signature=case.signature, constexprs=case.constexprs, attrs=attrs
@@ -227,34 +281,84 @@ def compile_case(case: AotCase, arch: int) -> AotStats:
         target=GPUTarget("cuda", arch, 32),
         options={"num_warps": case.num_warps, "num_stages": case.num_stages},
     )
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        usage = sass.resource_usage(f.name)
-    if len(usage) != 1:
+    shared = int(getattr(compiled.metadata, "shared", 0) or 0)
+    return Compiled(compiled.asm["cubin"], compiled.asm["ptx"], compiled.asm["ttgir"], shared)
+
+
+def analyse(case: AotCase, arch: int, compiled: Compiled, ptxas: tuple[str | None, str] | None = None) -> AotStats:
+    """The statistics of one compile: cuobjdump's resource usage (and on sm_90 its SASS), the TTGIR's matmuls, and
+    for a PTX with wgmma the ptxas advisories (``ptxas``: :func:`sass.find_ptxas`'s answer, looked up when not
+    given). Runs tools in subprocesses (ptxas beside cuobjdump), so it overlaps with the next compile in another
+    thread."""
+    tool, about = ptxas if ptxas is not None else sass.find_ptxas()
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "kernel.cubin")
+        with open(cubin, "wb") as f:
+            f.write(compiled.cubin)
+        assembler = None
+        wgmma = "wgmma" in compiled.ptx
+        if wgmma and tool is not None:  # C7510-C7515 are about wgmma: nothing to say on PTX without it
+            ptx = os.path.join(tmp, "kernel.ptx")
+            with open(ptx, "w") as f:
+                f.write(compiled.ptx)
+            target = next((line.split()[1] for line in compiled.ptx.splitlines() if line.startswith(".target")), None)
+            assembler = sass.run_ptxas(ptx, target or f"sm_{arch}a", tool)
+        try:
+            usage = sass.resource_usage(cubin)
+            # The SASS figures are read on sm_90 only (what the gates check): the disassembly costs about as much
+            # CPU as a ptxas run, and the sm_80 kernels run on mma.sync, whose figures no gate reads.
+            listing = sass.listings(sass.sass(cubin)) if arch >= 90 else {None: []}
+        finally:
+            log = assembler.communicate()[0] if assembler is not None else None
+    if assembler is not None and assembler.returncode != 0:
+        raise RuntimeError(f"ptxas failed on the PTX of {case.label}: {log[-2000:]}")
+    if len(usage) != 1 or len(listing) != 1:
         raise RuntimeError(f"expected one kernel in the cubin of {case.label}, found {[k.function for k in usage]}")
     kernel = usage[0]
+    opcodes = next(iter(listing.values()))
+    loop = sass.main_loop(opcodes)
+    dots = ttgir.dots(compiled.ttgir)
+    per_128 = None
+    if loop is not None and case.streamed_rows:
+        per_128 = round(loop.instructions * 128 / case.streamed_rows, 1)
+    if not wgmma:
+        about = "not run: the advisories C7510-C7515 are about wgmma, and the PTX has none"
     return AotStats(
         label=case.label,
         arch=arch,
         registers=kernel.registers,
         stack_bytes=kernel.stack,
         local_bytes=kernel.local,
-        shared_bytes=max(kernel.shared, int(getattr(compiled.metadata, "shared", 0) or 0)),
-        uses_wgmma="wgmma" in compiled.asm["ptx"],
+        shared_bytes=max(kernel.shared, compiled.shared),
+        uses_wgmma=wgmma,
+        opcodes=sass.count_opcodes(i.opcode for i in opcodes),
+        instructions=len(opcodes),
+        loop_instructions=loop.instructions if loop else None,
+        loop_opcodes=sass.count_opcodes(loop.opcodes) if loop else None,
+        loop_instructions_per_128_rows=per_128,
+        dots=[dot.describe() for dot in dots],
+        replicated_dots=[dot.describe() for dot in dots if dot.replication > 1],
+        ptxas_advisories=[a.code for a in sass.advisories(log)] if log is not None else None,
+        ptxas=about,
     )
 
 
-def stats_row(case: AotCase, arch: int) -> dict[str, Any]:
-    """The JSON row of one compile: the case, its limits, and its stats or the compile error."""
+def compile_case(case: AotCase, arch: int) -> AotStats:
+    """Compiles ``case`` for ``sm_<arch>`` and returns its statistics."""
+    return analyse(case, arch, compile_kernel(case, arch))
+
+
+def _row(case: AotCase, arch: int, work: Callable[[], AotStats]) -> dict[str, Any]:
     row = {
         "label": case.label,
         "arch": arch,
+        "role": case.role,
+        "dtype": case.dtype,
         "allowed_spill_bytes": case.allowed_spill_bytes,
         "expect_wgmma": case.expect_wgmma,
     }
     try:
-        stats = compile_case(case, arch)
+        stats = work()
     except Exception as exc:  # noqa: BLE001  (reported in the row, and failed by the test)
         row["error"] = f"{type(exc).__name__}: {exc}"
     else:
@@ -262,13 +366,110 @@ def stats_row(case: AotCase, arch: int) -> dict[str, Any]:
     return row
 
 
+def stats_row(case: AotCase, arch: int) -> dict[str, Any]:
+    """The JSON row of one compile: the case, its limits, and its stats or the compile error."""
+    return _row(case, arch, lambda: compile_case(case, arch))
+
+
+def stats_rows(cases: Iterable[AotCase], archs: Iterable[int] = ARCHS) -> Iterator[dict[str, Any]]:
+    """:func:`stats_row` of every (case, arch), in that order, with the analysis of one compile (cuobjdump, ptxas)
+    in a worker thread while the next one compiles."""
+    ptxas = sass.find_ptxas()
+    pending: collections.deque[concurrent.futures.Future] = collections.deque()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        for aot_case in cases:
+            for arch in archs:
+                try:
+                    compiled = compile_kernel(aot_case, arch)
+                except Exception as exc:  # noqa: BLE001  (reported in the row)
+                    pending.append(pool.submit(_row, aot_case, arch, _raise(exc)))
+                else:
+                    work = functools.partial(analyse, aot_case, arch, compiled, ptxas)
+                    pending.append(pool.submit(_row, aot_case, arch, work))
+                while pending and pending[0].done():
+                    yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def _raise(exc: Exception) -> Callable[[], AotStats]:
+    def work() -> AotStats:
+        raise exc
+
+    return work
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# gates: what tests/test_aot.py and scripts/aot_stats.py fail on, read from the JSON rows
+
+SIXTEEN_BIT = ("bf16", "fp16")
+# Waits for the tensor cores per wgmma in the 16-bit forward and dQ kernels. A pipelined kernel waits about once per
+# matmul of its loop (QK^T, PV: 2 per step, against 12 HGMMA per step at D=128); ptxas's serialised form waits after
+# every wgmma (1 per HGMMA).
+MAX_DEPBAR_PER_HGMMA = 0.25
+
+
+def _failed_compile(row: dict[str, Any]) -> str | None:
+    return row.get("error")
+
+
+def _spills(row: dict[str, Any]) -> str | None:
+    if "error" not in row and row["spill_bytes"] > row["allowed_spill_bytes"]:
+        return f"{row['spill_bytes']} B spilled (allowed {row['allowed_spill_bytes']}), {row['registers']} registers"
+    return None
+
+
+def _missing_wgmma(row: dict[str, Any]) -> str | None:
+    if "error" not in row and row["expect_wgmma"] and row["arch"] >= 90 and not row["uses_wgmma"]:
+        return "no wgmma in the PTX"
+    return None
+
+
+def _serialised_wgmma(row: dict[str, Any]) -> str | None:
+    codes = [code for code in row.get("ptxas_advisories") or () if code in sass.SERIALIZATION_ADVISORIES]
+    return f"ptxas serialises wgmma ({', '.join(codes)})" if codes else None
+
+
+def _waits_per_wgmma(row: dict[str, Any]) -> str | None:
+    if "error" in row or row["arch"] < 90 or row["role"] not in ("fwd", "dq") or row["dtype"] not in SIXTEEN_BIT:
+        return None
+    hgmma, waits = row["opcodes"]["HGMMA"], row["opcodes"]["WARPGROUP.DEPBAR"]
+    if hgmma and waits / hgmma > MAX_DEPBAR_PER_HGMMA:
+        return f"{waits} WARPGROUP.DEPBAR for {hgmma} HGMMA (at most {MAX_DEPBAR_PER_HGMMA} per HGMMA)"
+    return None
+
+
+def _replicated_products(row: dict[str, Any]) -> str | None:
+    if "error" in row or row["arch"] < 90:
+        return None
+    tensor_core = [dot for dot in row["replicated_dots"] if " mma " in dot]
+    return f"warps repeat the tensor-core products {tensor_core}" if tensor_core else None
+
+
+# name -> check of one row (a failure message, or None). "serialised_wgmma" needs ptxas >= 12.8; rows without it carry
+# ptxas_advisories None and the reason in "ptxas".
+GATES: dict[str, Callable[[dict[str, Any]], str | None]] = {
+    "compile": _failed_compile,
+    "spills": _spills,
+    "wgmma": _missing_wgmma,
+    "serialised_wgmma": _serialised_wgmma,
+    "waits_per_wgmma": _waits_per_wgmma,
+    "replicated_products": _replicated_products,
+}
+
+
+def gate_failures(rows: Iterable[dict[str, Any]], gate: str) -> list[str]:
+    """``sm_<arch> <label>: <message>`` for each row that fails ``gate``."""
+    check = GATES[gate]
+    return [f"sm_{row['arch']} {row['label']}: {message}" for row in rows if (message := check(row))]
+
+
 def main() -> int:
     """Compiles every case for every arch and prints one JSON object per line (kernel stats or an error)."""
     if triton_interpreted():
         raise SystemExit("unset TRITON_INTERPRET: ahead-of-time compilation needs triton's real compiler")
-    for aot_case in all_cases():
-        for arch in ARCHS:
-            print(json.dumps(stats_row(aot_case, arch)), flush=True)
+    for row in stats_rows(all_cases()):
+        print(json.dumps(row), flush=True)
     return 0
 
 
