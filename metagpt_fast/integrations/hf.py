@@ -36,6 +36,97 @@ from metagpt_fast.ops import apply_rotary, scaled_dot_product_attention
 NAME = "metagpt_fast"
 
 
+# Keyword arguments transformers' modeling code passes to attention functions (collected from the call sites of
+# transformers 5.24 and the documented 4.57 signatures: ``sdpa_attention_forward``, ``flash_attention_forward``,
+# ``TransformersKwargs``, ``FlashAttentionKwargs``). Every one is either honoured or refused; anything not listed
+# raises when it is not None, so an argument that changes the math is never dropped.
+#
+# Honoured: ``dropout``, ``scaling``, ``is_causal`` (parameters), ``position_bias`` (T5 family: an additive float
+# mask, differentiable), ``sliding_window`` (only where the mask already holds the window, see
+# ``_check_sliding_window``), ``output_attentions`` when falsy.
+# Informational (they do not change attention given the mask transformers built): the names below. ``position_ids``
+# of packed sequences are turned into a block-diagonal mask by transformers' mask builder registered under the
+# same name, exactly as for ``sdpa``.
+_INFORMATIONAL = frozenset(
+    {
+        "position_ids",
+        "use_cache",
+        "cache_position",
+        "output_hidden_states",
+        "output_router_logits",
+        "num_items_in_batch",
+        "return_dict",
+        "deterministic",  # flash-attn's deterministic backward: a property of the backend, not of the result
+    }
+)
+# Refused with a reason when not None (nothing here implements them yet).
+_UNSUPPORTED = {
+    "softcap": "logit softcapping (Gemma 2) is not implemented by the kernels",
+    "s_aux": "attention sinks are not implemented by the kernels",
+    "sinks": "attention sinks are not implemented by the kernels",
+    "indices": "sparse attention over top-k key indices is not implemented",
+    "block_indices": "block-sparse attention is not implemented",
+    "cu_seq_lens_q": "packed variable-length batches (cu_seq_lens) are not implemented",
+    "cu_seq_lens_k": "packed variable-length batches (cu_seq_lens) are not implemented",
+    "max_length_q": "packed variable-length batches (cu_seq_lens) are not implemented",
+    "max_length_k": "packed variable-length batches (cu_seq_lens) are not implemented",
+    "seq_idx": "packed variable-length batches (seq_idx) are not implemented",
+}
+
+
+def _refuse(name: str, why: str) -> ValueError:
+    return ValueError(f"attn_implementation={NAME!r} cannot honour {name}=...: {why}; use 'eager' (or 'sdpa')")
+
+
+def _check_kwargs(kwargs: dict[str, Any]) -> None:
+    for name, value in kwargs.items():
+        if name in _INFORMATIONAL or value is None:
+            continue
+        if name == "output_attentions":
+            if value:
+                raise _refuse(name, "metagpt_fast never materialises the attention weights")
+        elif name == "softcap" and not isinstance(value, torch.Tensor) and value == 0:
+            continue  # flash-attn's convention: 0 means no softcapping
+        elif name in _UNSUPPORTED:
+            raise _refuse(name, _UNSUPPORTED[name])
+        else:
+            raise _refuse(name, "this keyword is unknown to the integration, so it might change the result")
+
+
+def _check_sliding_window(window: int, attention_mask: torch.Tensor | None, key_length: int) -> None:
+    """A window is accepted only when the attention needs no more than transformers already gave.
+
+    transformers (>= 4.53) builds sliding-window masks through the mask interface registered under the
+    implementation's name (here: the sdpa builder), so a window reaches the attention function either inside the
+    mask, or with no mask at all when every key lies inside the window (``_ignore_causal_mask_sdpa`` skips the mask
+    only when ``kv_length < sliding_window``). A window with no mask and more keys than it covers was not encoded
+    anywhere: refused.
+    """
+    if attention_mask is None and key_length > window:
+        raise _refuse(
+            "sliding_window",
+            f"no mask holds the window of {window} and there are {key_length} keys (windowed kernels are not "
+            "implemented yet)",
+        )
+
+
+def _position_bias_mask(
+    position_bias: torch.Tensor, attention_mask: torch.Tensor | None, is_causal: bool, nq: int, nk: int
+) -> torch.Tensor:
+    """``position_bias`` merged with the boolean/float mask (or the causal pattern) into one additive float mask,
+    as transformers' sdpa integration does; it keeps its gradient, so the call is served by a backend that
+    differentiates masks (the reference)."""
+    min_value = torch.finfo(position_bias.dtype).min
+    if attention_mask is None:
+        if not is_causal:
+            return position_bias
+        causal = torch.ones(nq, nk, dtype=torch.bool, device=position_bias.device).tril()
+        return position_bias.masked_fill(~causal, min_value)
+    if attention_mask.dtype == torch.bool:
+        return position_bias.masked_fill(~attention_mask, min_value)
+    return position_bias + attention_mask
+
+
 def attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -45,22 +136,33 @@ def attention_forward(
     dropout: float = 0.0,
     scaling: float | None = None,
     is_causal: bool | None = None,
+    position_bias: torch.Tensor | None = None,
+    sliding_window: int | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention-function contract: ``query`` ``(B, Hq, Nq, D)``, ``key``/``value`` ``(B, Hk, Nk, D)``
-    → ``(B, Nq, Hq, D)`` output and no weights."""
-    for unsupported in ("softcap", "s_aux"):
-        if kwargs.get(unsupported) is not None:
-            raise ValueError(f"attn_implementation={NAME!r} does not support {unsupported!r}; use 'eager'")
+    → ``(B, Nq, Hq, D)`` output and no weights.
+
+    Keyword arguments it cannot honour raise ``ValueError`` naming them (see ``_INFORMATIONAL`` / ``_UNSUPPORTED``).
+    """
+    _check_kwargs(kwargs)
     if attention_mask is not None:
         attention_mask = attention_mask[:, :, :, : key.shape[-2]]
         if attention_mask.dtype != torch.bool:
             attention_mask = attention_mask.to(query.dtype)
+    if sliding_window is not None:
+        _check_sliding_window(int(sliding_window), attention_mask, key.shape[-2])
     is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     # A single query (decoding) sees the whole cache; a mask, when given, already holds the causal pattern.
     is_causal = bool(is_causal) and attention_mask is None and query.shape[2] > 1
     if is_causal and key.shape[2] > query.shape[2]:  # prefill into an empty static cache: the rest is unused
         key, value = key[:, :, : query.shape[2]], value[:, :, : query.shape[2]]
+        if position_bias is not None:
+            position_bias = position_bias[..., : query.shape[2]]
+    if position_bias is not None:
+        position_bias = position_bias[..., : key.shape[-2]].to(query.dtype)
+        attention_mask = _position_bias_mask(position_bias, attention_mask, is_causal, query.shape[2], key.shape[2])
+        is_causal = False
     out = scaled_dot_product_attention(
         query,
         key,
