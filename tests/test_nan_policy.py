@@ -27,9 +27,7 @@ DTYPES = [torch.float32, torch.float16]
 
 # Kernels known to break the policy, each with its reproducer in the commit that added it. Strict: the test fails
 # as soon as the kernel is fixed, so the entry gets removed.
-KNOWN_ISSUES = {
-    ("cpu", "finfo.min"): "cpu attention backward: the saved LSE m + log(l) loses log(l) when |m| ~ 3e38",
-}
+KNOWN_ISSUES: dict[tuple[str, str], str] = {}
 
 
 def known_issue(request, backend: str, issue: str, when: bool = True) -> None:
@@ -126,8 +124,7 @@ def test_no_keys_gives_zero_output_and_zero_gradients(backend, dtype):
 
 @pytest.mark.parametrize("backend", backend_params("attention"))
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_minus_inf_masks_like_false_and_finfo_min_is_an_ordinary_score(request, backend, dtype):
-    known_issue(request, backend, "finfo.min", when=dtype == torch.float32)
+def test_minus_inf_masks_like_false_and_finfo_min_is_an_ordinary_score(backend, dtype):
     device = device_for(backend)
     gen = torch.Generator().manual_seed(3)
     allowed = torch.rand(7, 9, generator=gen) < 0.5

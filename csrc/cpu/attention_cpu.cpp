@@ -3,8 +3,10 @@
 // Forward, per (batch, query head, block of BLOCK_Q queries), over blocks of BLOCK_K keys:
 //   S = scale * Q K^T (+ mask / causal -inf)  ->  online-softmax update (metagpt_fast/online_softmax.h)
 //   acc = alpha * acc + dropout(exp(S - m)) V;   finally out = acc / l, lse = m + log(l)
+//   With an additive mask, (m, log(l)) are saved apart instead (lse (2, B, Hq, Nq)): a row of scores at finfo.min
+//   has |m| ~ 3.4e38, where m + log(l) rounds back to m (metagpt_fast/online_softmax.h).
 // Backward, per (batch, kv head) so dK / dV accumulate without races (GQA: the group's query heads in turn):
-//   P = exp(S - lse);  dV += dropout(P)^T dO;  dP = dropout'(dO V^T);  dS = P * (dP - rowsum(dO * O))
+//   P = exp(S - lse) (or exp((S - m) - log(l)));  dV += dropout(P)^T dO;  dP = dropout'(dO V^T);  dS = P * (dP - rowsum(dO * O))
 //   dQ += scale * dS K;  dK += scale * dS^T Q
 // Matrix products go through gemm.h (BLAS sgemm when torch exports one); softmax, masks and the Philox dropout
 // (metagpt_fast/philox.h, offsets in the (B, Hq, Nq, Nk) probability tensor) run in vectorisable row loops.
@@ -46,6 +48,7 @@ struct Problem {
   uint32_t threshold;
   float inv_keep;
   Mask mask;
+  bool split_lse;  // additive mask: the saved statistics are (m, log(l)) apart, lse (2, B, Hq, Nq)
 };
 
 // Strides of a (B, H, N, D) tensor with unit last stride, in elements.
@@ -141,7 +144,12 @@ void forward(const Problem& pb, const T* q, Layout lq, const T* k, Layout lk, co
         const float* arow = acc.data() + r * pb.dv;
         T* orow = orow0 + r * pb.dv;
         for (int64_t c = 0; c < pb.dv; ++c) orow[c] = from_float<T>(arow[c] * inv);
-        lrow[r] = online_softmax_lse(state[r]);
+        if (pb.split_lse) {
+          lrow[r] = online_softmax_saved_max(state[r]);
+          lrow[pb.batch * pb.heads_q * pb.nq + r] = online_softmax_log_sum(state[r]);
+        } else {
+          lrow[r] = online_softmax_lse(state[r]);
+        }
       }
     }
   });
@@ -189,7 +197,12 @@ void backward(const Problem& pb, const T* dout, Layout ldo, const T* q, Layout l
             for (int64_t r = 0; r < rows; ++r) {  // P = exp(S - lse), the forward's probabilities
               float* prow = p.data() + r * BLOCK_K;
               mask_row<T>(pb, prow, cols, b, h, i0 + r, j0);
-              probabilities_row(prow, cols, lrow[r]);
+              if (pb.split_lse) {
+                const float m = lrow[r], log_l = lrow[pb.batch * pb.heads_q * pb.nq + r];
+                for (int64_t c = 0; c < cols; ++c) prow[c] = softmax_weight_from_stats(prow[c], m, log_l);
+              } else {
+                probabilities_row(prow, cols, lrow[r]);
+              }
               if (pb.dropout_p > 0.0) {
                 float* frow = f.data() + r * BLOCK_K;
                 dropout_factors(pb, frow, cols, b, h, i0 + r, j0);
@@ -236,7 +249,7 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
               ") must divide q's heads (", q.size(1), ")");
   Problem pb{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3),
              static_cast<float>(scale), is_causal, dropout_p, read_seed(seed, dropout_p, op),
-             dropout_threshold(dropout_p), static_cast<float>(1.0 / (1.0 - dropout_p)), Mask{}};
+             dropout_threshold(dropout_p), static_cast<float>(1.0 / (1.0 - dropout_p)), Mask{}, false};
   if (attn_mask.has_value()) {
     const at::Tensor& m = *attn_mask;
     TORCH_CHECK(!is_causal, op, ": attn_mask and is_causal cannot be combined");
@@ -247,6 +260,7 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
     mask_view = m.expand({pb.batch, pb.heads_q, pb.nq, pb.nk});  // a view: broadcast dims get stride 0
     pb.mask.data = mask_view.data_ptr();
     pb.mask.is_bool = m.scalar_type() == at::kBool;
+    pb.split_lse = !pb.mask.is_bool;
     for (int dim = 0; dim < 4; ++dim) pb.mask.stride[dim] = mask_view.stride(dim);
   }
   return pb;
@@ -259,7 +273,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
   const Problem pb = make_problem(q, k, v, attn_mask, mask_view, dropout_p, is_causal, scale, seed, "attention_fwd");
   const at::Tensor qs = unit_last_stride(q), ks = unit_last_stride(k), vs = unit_last_stride(v);
   at::Tensor out = at::empty({pb.batch, pb.heads_q, pb.nq, pb.dv}, q.options());
-  at::Tensor lse = at::empty({pb.batch, pb.heads_q, pb.nq}, q.options().dtype(at::kFloat));
+  at::Tensor lse = pb.split_lse ? at::empty({2, pb.batch, pb.heads_q, pb.nq}, q.options().dtype(at::kFloat))
+                                 : at::empty({pb.batch, pb.heads_q, pb.nq}, q.options().dtype(at::kFloat));
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
   MGF_DISPATCH_FLOATING(q.scalar_type(), "attention_fwd", [&] {
     forward<scalar_t>(pb, qs.data_ptr<scalar_t>(), Layout(qs), ks.data_ptr<scalar_t>(), Layout(ks),
@@ -280,8 +295,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
               grad_out.scalar_type());
   TORCH_CHECK(out.sizes() == out_shape && out.scalar_type() == q.scalar_type(), "attention_bwd: out must be ",
               out_shape, " of q's dtype, got ", out.sizes(), " ", out.scalar_type());
-  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.sizes() == at::IntArrayRef({pb.batch, pb.heads_q, pb.nq}),
-              "attention_bwd: lse must be float32 (B, Hq, Nq), got ", lse.sizes(), " ", lse.scalar_type());
+  const std::vector<int64_t> lse_shape = pb.split_lse ? std::vector<int64_t>{2, pb.batch, pb.heads_q, pb.nq}
+                                                       : std::vector<int64_t>{pb.batch, pb.heads_q, pb.nq};
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.sizes() == lse_shape, "attention_bwd: lse must be float32 ",
+              lse_shape, (pb.split_lse ? " (additive mask: max and log sum)" : ""), ", got ", lse.sizes(), " ",
+              lse.scalar_type());
   const at::Tensor qs = unit_last_stride(q), ks = unit_last_stride(k), vs = unit_last_stride(v);
   const at::Tensor gs = unit_last_stride(grad_out), os = unit_last_stride(out), ls = lse.contiguous();
   at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options());
@@ -306,7 +324,9 @@ TORCH_LIBRARY_FRAGMENT(metagpt_fast, m) {
   // Flash attention. q (B, Hq, Nq, D), k (B, Hk, Nk, D), v (B, Hk, Nk, Dv); Hq % Hk == 0 (GQA: query head h reads
   // kv head h / (Hq / Hk)). attn_mask: bool (True = attend) or additive of q's dtype, broadcastable to
   // (B, Hq, Nq, Nk); never combined with is_causal (top-left alignment). seed: 1-element int64 (Philox key) iff
-  // dropout_p > 0. out (B, Hq, Nq, Dv) of q's dtype; lse float32 (B, Hq, Nq), +inf for rows with no visible key.
+  // dropout_p > 0. out (B, Hq, Nq, Dv) of q's dtype; lse float32 (B, Hq, Nq), +inf for rows with no visible key;
+  // with an additive mask lse is (2, B, Hq, Nq): the row maximum (+inf for an empty row) and log of the row sum
+  // (0 for an empty row), apart (the Triton backend's contract; the CUDA kernels take boolean masks only).
   m.def(
       "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float dropout_p, bool is_causal, float scale, "
       "Tensor? seed) -> (Tensor out, Tensor lse)");

@@ -11,6 +11,11 @@
 // ``lse = m + log(l)`` is saved for the backward pass, which recomputes p_j = exp(s_j - lse). An empty row stores
 // lse = +inf so the recomputed weights are exactly 0 and its gradients vanish.
 //
+// When finite scores can reach float32's extremes (an additive mask at finfo.min: |m| ~ 3.4e38, whose ulp is
+// ~2e31), m + log(l) rounds back to m and the recomputed weights become exp(0) = 1 instead of 1 / l. A kernel that
+// serves such masks saves the two statistics apart (m, or +inf for an empty row, and log(l), 0 for an empty row)
+// and recomputes p_j = exp((s_j - m) - log(l)), where s_j - m is small and exact enough.
+//
 // A CPU kernel calls these per row on its tile of scores; a CUDA kernel calls them per thread on its fragment of a
 // row after reducing ``block_max`` / the block sum across the threads that share the row.
 #pragma once
@@ -86,5 +91,19 @@ MGF_HOST_DEVICE MGF_INLINE float online_softmax_lse(const OnlineSoftmax& state) 
 
 // Weight recomputed in the backward pass from the saved log-sum-exp.
 MGF_HOST_DEVICE MGF_INLINE float softmax_weight_from_lse(float score, float lse) { return mgf_exp(score - lse); }
+
+// The row statistics saved apart: the maximum (+inf for an empty row, so the recomputed weights are 0) and log(l)
+// (0 for an empty row).
+MGF_HOST_DEVICE MGF_INLINE float online_softmax_saved_max(const OnlineSoftmax& state) {
+  return state.l > 0.0f ? state.m : INFINITY;
+}
+MGF_HOST_DEVICE MGF_INLINE float online_softmax_log_sum(const OnlineSoftmax& state) {
+  return state.l > 0.0f ? logf(state.l) : 0.0f;
+}
+
+// Weight recomputed in the backward pass from the statistics saved apart: exp((score - m) - log(l)).
+MGF_HOST_DEVICE MGF_INLINE float softmax_weight_from_stats(float score, float m, float log_l) {
+  return mgf_exp((score - m) - log_l);
+}
 
 }  // namespace metagpt_fast

@@ -14,10 +14,18 @@ from metagpt_fast._spec import MAX_GRID_YZ
 from metagpt_fast.backends import autograd, compiled
 
 
+def lse_shape(q: torch.Tensor, attn_mask: torch.Tensor | None) -> tuple[int, ...]:
+    """Shape of the saved row statistics: the log-sum-exp ``(B, Hq, Nq)``, or with an additive mask
+    ``(2, B, Hq, Nq)``: the row maximum and the log of the row sum apart, so rows of scores near float32's extremes
+    (a mask at ``finfo.min``) keep their sum (the CPU kernel; the CUDA kernels take boolean masks only)."""
+    b, h, n, _ = q.shape
+    return (2, b, h, n) if attn_mask is not None and attn_mask.dtype != torch.bool else (b, h, n)
+
+
 @torch.library.register_fake("metagpt_fast::attention_fwd")
 def _(q, k, v, attn_mask, dropout_p, is_causal, scale, seed):
     b, h, n, _ = q.shape
-    return q.new_empty((b, h, n, v.shape[-1])), q.new_empty((b, h, n), dtype=torch.float32)
+    return q.new_empty((b, h, n, v.shape[-1])), q.new_empty(lse_shape(q, attn_mask), dtype=torch.float32)
 
 
 @torch.library.register_fake("metagpt_fast::attention_bwd")

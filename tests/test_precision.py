@@ -1,0 +1,47 @@
+"""Precision where float32 runs out: the cpu attention's saved row statistics when scores sit at float32's extremes.
+
+The cpu attention saves the row maximum and log of the row sum apart when the mask is additive (lse
+``(2, B, Hq, Nq)``): a row at ``finfo.min`` has ``|m| ~ 3.4e38``, where ``m + log(l)`` rounds back to ``m``. Its
+parity with the reference on such rows is in ``tests/test_nan_policy.py``; here, the contract (shape, values, fake
+kernel) of the compiled op.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import AVAILABLE_BACKENDS
+
+requires_cpu_backend = pytest.mark.skipif("cpu" not in AVAILABLE_BACKENDS, reason="the compiled extension is not here")
+
+
+@requires_cpu_backend
+def test_cpu_attention_saves_max_and_log_sum_apart_with_an_additive_mask():
+    from metagpt_fast.backends.compiled import attention  # noqa: F401  (the op's fake kernel)
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 5, 8, generator=gen) for _ in range(3))
+    mask = torch.randn(5, 5, generator=gen)
+    mask[1] = torch.finfo(torch.float32).min  # a row of scores at -3.4e38: a uniform softmax
+    mask[3] = -torch.inf  # an empty row
+    out, lse = torch.ops.metagpt_fast.attention_fwd(q, k, v, mask, 0.0, False, 0.5, None)
+    assert lse.shape == (2, 1, 2, 5)
+    scores = (q @ k.transpose(-1, -2)).double() * 0.5 + mask.double()
+    rows = [0, 2, 4]
+    torch.testing.assert_close(lse[0][..., rows].double(), scores.amax(-1)[..., rows], atol=1e-5, rtol=1e-6)
+    log_sum = torch.logsumexp(scores - scores.amax(-1, keepdim=True), -1)
+    torch.testing.assert_close(lse[1][..., rows].double(), log_sum[..., rows], atol=1e-5, rtol=1e-6)
+    # The finfo.min row: its scores round to one float32 value, so its sum is 5 and the probabilities 1/5.
+    assert torch.allclose(lse[1][..., 1], torch.full((1, 2), math.log(5.0)), atol=1e-6)
+    assert torch.isinf(lse[0][..., 3]).all() and (lse[0][..., 3] > 0).all() and (lse[1][..., 3] == 0).all()
+    args = (torch.randn_like(out), q, k, v, out, lse, mask, 0.0, False, 0.5, None)
+    dq, dk, dv = torch.ops.metagpt_fast.attention_bwd(*args)
+    assert (dq[..., 3, :] == 0).all() and torch.isfinite(dq).all()
+    with pytest.raises(RuntimeError, match="lse must be float32"):
+        torch.ops.metagpt_fast.attention_bwd(*args[:5], lse[0], *args[6:])
+    # The fake kernel gives the same shapes (opcheck compares it with the real one).
+    fwd_args = (q.clone().requires_grad_(), k, v, mask, 0.0, False, 0.5, None)
+    torch.library.opcheck(torch.ops.metagpt_fast.attention_fwd.default, fwd_args)
+    torch.library.opcheck(torch.ops.metagpt_fast.attention_bwd.default, args)
