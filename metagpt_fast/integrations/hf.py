@@ -176,8 +176,61 @@ def attention_forward(
     return out.transpose(1, 2).contiguous(), None
 
 
+_dispatches: dict[str, bool] = {}
+
+
+def _dispatches_attention(model_type: str) -> bool:
+    """Whether ``transformers.models.<model_type>`` calls its attention through ``ALL_ATTENTION_FUNCTIONS``.
+
+    The same source heuristic as transformers' ``PreTrainedModel._can_set_attn_implementation``. Modeling code that
+    cannot be found (remote code, renamed modules) is given the benefit of the doubt.
+    """
+    if model_type not in _dispatches:
+        import inspect
+
+        try:
+            from transformers.models.auto.configuration_auto import model_type_to_module_name
+
+            module_name = model_type_to_module_name(model_type)
+            modeling = importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}")
+            source = inspect.getsource(modeling)
+        except (ImportError, OSError, TypeError):
+            _dispatches[model_type] = True
+        else:
+            _dispatches[model_type] = "ALL_ATTENTION_FUNCTIONS" in source
+    return _dispatches[model_type]
+
+
+def _mask_builder(sdpa_mask):
+    """transformers' sdpa mask builder, refusing models whose attention never reaches :func:`attention_forward`.
+
+    transformers accepts any registered name, and models that do not use ``AttentionInterface`` (BLOOM, MPT) still
+    build their masks through the mask interface under that name: with the sdpa builder alone they would run their
+    own attention on a mask of another convention (MPT crashes, BLOOM silently runs eager). Their first mask is
+    built before any attention, so refusing here fails the first forward.
+    """
+
+    def mask(*args, **kwargs):
+        config = kwargs.get("config")
+        model_type = getattr(config, "model_type", None)
+        if isinstance(model_type, str) and not torch.compiler.is_compiling() and not _dispatches_attention(model_type):
+            raise ValueError(
+                f"attn_implementation={NAME!r}: {model_type!r} models compute attention in their own code, not "
+                "through transformers' AttentionInterface, so metagpt_fast would never run; use 'eager' or 'sdpa'"
+            )
+        return sdpa_mask(*args, **kwargs)
+
+    mask.__wrapped__ = sdpa_mask
+    return mask
+
+
 def register(name: str = NAME) -> None:
-    """Registers ``name`` with transformers' ``AttentionInterface`` (and its mask interface); idempotent."""
+    """Registers ``name`` with transformers' ``AttentionInterface`` (and its mask interface); idempotent.
+
+    The mask builder is transformers' sdpa one (boolean masks, ``None`` for plain causal batches), wrapped so that
+    a model whose attention does not dispatch through ``AttentionInterface`` (BLOOM, MPT) fails on its first
+    forward instead of running its own attention.
+    """
     from transformers import AttentionInterface
 
     AttentionInterface.register(name, attention_forward)
@@ -185,7 +238,7 @@ def register(name: str = NAME) -> None:
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
     except ImportError:  # older transformers build masks without a registry
         return
-    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    AttentionMaskInterface.register(name, _mask_builder(ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]))
 
 
 @dataclasses.dataclass(frozen=True)
