@@ -367,3 +367,11 @@ def test_bench_compare_end_to_end(tmp_path, capsys):
         cli.main([*argv, "--out", str(tmp_path / "new2"), "--compare", str(faster), "--fail-on-regression", "50"]) == 1
     )
     assert "regression:" in capsys.readouterr().out
+
+
+def test_bench_thread_count_does_not_outlive_the_run(tmp_path):
+    before = torch.get_num_threads()
+    argv = ["bench", "--quick", "--ops", "rotary", "--backends", "reference", "--no-plot", "--threads", "1"]
+    assert cli.main([*argv, "--out", str(tmp_path)]) == 0
+    assert torch.get_num_threads() == before
+    assert {r["threads"] for r in read_results(tmp_path / RESULTS_FILE)} == {1}

@@ -122,6 +122,14 @@ def make_console():
 
 
 def run(args: argparse.Namespace) -> int:
+    threads = torch.get_num_threads()
+    try:
+        return _run(args)
+    finally:  # the thread count chosen for the bench does not outlive it (a notebook, the test process)
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace) -> int:
     # Checked before anything runs, so a missing extra does not surface after minutes of benchmarking.
     import_optional("rich", "the bench tables")
     if not args.no_plot:
