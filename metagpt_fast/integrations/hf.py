@@ -297,13 +297,44 @@ def _fusable(rotary: nn.Module) -> tuple[int, float] | None:
     return 2 * inv_freq.shape[-1], base
 
 
+def _rotary_layout(module, apply_fn) -> bool:
+    """Which layout ``module.apply_rotary_pos_emb`` rotates: False for halves (Llama, NeoX), True for interleaved
+    pairs (Cohere). Decided by running it on a small probe against the fused op in both layouts; a signature or
+    layout the fused op does not reproduce (GPT-J's ``apply_rotary_pos_emb(tensor, sin, cos)``, partial rotation
+    inside the function) raises ``ValueError``, before anything is patched."""
+    generator = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 1, 2, 5, 8, generator=generator)
+    positions = torch.arange(5)
+    freqs = positions[:, None].float() / 10000.0 ** (torch.arange(0, 8, 2).float() / 8)
+    for interleaved, angles in ((False, torch.cat((freqs, freqs), -1)), (True, freqs.repeat_interleave(2, -1))):
+        try:
+            got = apply_fn(q, k, angles.cos()[None], angles.sin()[None])
+        except Exception:  # any failure: not this contract
+            break
+        if not (isinstance(got, tuple) and len(got) == 2 and all(isinstance(t, torch.Tensor) for t in got)):
+            break
+        expected = apply_rotary(q, k, positions, interleaved=interleaved, backend="reference")
+        if all(g.shape == e.shape and torch.allclose(g, e, atol=1e-5) for g, e in zip(got, expected, strict=True)):
+            return interleaved
+    raise ValueError(
+        f"{module.__name__}.apply_rotary_pos_emb is not (q, k, cos, sin) -> (q, k) plain RoPE in the half or "
+        "interleaved layout; metagpt_fast cannot patch it (the model keeps transformers' rotary)"
+    )
+
+
 def patch_rotary(model_type: str = "llama") -> None:
-    """Routes ``transformers.models.<model_type>``'s RoPE through :func:`metagpt_fast.apply_rotary` (idempotent)."""
+    """Routes ``transformers.models.<model_type>``'s RoPE through :func:`metagpt_fast.apply_rotary` (idempotent).
+
+    Only modeling modules whose ``apply_rotary_pos_emb(q, k, cos, sin)`` the fused op reproduces are patched: the
+    half layout (Llama, Mistral, Qwen2, ...) and interleaved pairs (Cohere, Cohere2), checked on a probe. Others
+    (GPT-J's ``apply_rotary_pos_emb(tensor, sin, cos)``) raise ``ValueError`` and are left untouched.
+    """
     module = _modeling_module(model_type)
     if model_type in _originals:
         return
     rotary_cls = _rotary_class(module)
     original_forward, original_apply = rotary_cls.forward, module.apply_rotary_pos_emb
+    interleaved = _rotary_layout(module, original_apply)
 
     def forward(self, x, position_ids, *args, **kwargs):
         spec = _fusable(self)
@@ -319,7 +350,7 @@ def patch_rotary(model_type: str = "llama") -> None:
                 f"fused rotary expects (B, H, T, {cos.rotary_dim}) queries and unsqueeze_dim=1; "
                 f"call metagpt_fast.integrations.hf.unpatch_rotary({model_type!r}) for this model"
             )
-        return apply_rotary(q, k, cos.position_ids, rotary_dim=cos.rotary_dim, base=cos.base)
+        return apply_rotary(q, k, cos.position_ids, rotary_dim=cos.rotary_dim, base=cos.base, interleaved=interleaved)
 
     forward.__wrapped__ = original_forward
     _originals[model_type] = (rotary_cls, original_forward, original_apply)
