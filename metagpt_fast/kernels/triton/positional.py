@@ -6,11 +6,11 @@ Forward, one pass over memory (each input byte read once, each output byte writt
     src          = W[tokens[b, t]]   (embed_positions)   or   x   (add_positional_encoding)
     PE[pos, 2i]  = sin(pos * base^(-2i/d)),   PE[pos, 2i+1] = cos(pos * base^(-2i/d))   (Vaswani et al. 2017, 3.5)
 
-The sinusoid is computed in registers in float32 (no table in memory; ``sinusoid.py``: sin/cos without stack
-memory, accuracy), once per (t, j) tile, and reused for every batch row a program handles: each program loops over a
-slice of the batch, so the transcendental cost per element falls with the batch size and the kernel stays
-memory-bound even for 2-byte dtypes. The encoding is off by at most ``2 * pos * 2**-24`` against the exact (float64)
-table.
+The sinusoid is computed in registers (no table in memory; ``sinusoid.py``: the angle reduced modulo 2*pi in float64,
+sin/cos in float32 without stack memory, accuracy), once per (t, j) tile, and reused for every batch row a program
+handles: each program loops over a slice of the batch, so the transcendental cost per element falls with the batch
+size and the kernel stays memory-bound even for 2-byte dtypes. The encoding is within ~3e-7 of the exact (float64)
+table at any position.
 
 Backward:
     add_positional_encoding: dx = dropout replayed on dy (this same kernel with SINUSOIDAL=False).
@@ -33,7 +33,7 @@ import triton.language as tl
 
 from metagpt_fast._spec import DEFAULT_BASE, dropout_threshold, triton_interpreted
 from metagpt_fast.kernels.triton.dropout import dropout_keep
-from metagpt_fast.kernels.triton.sinusoid import inverse_frequency, sincos, small_column_stride
+from metagpt_fast.kernels.triton.sinusoid import inverse_frequency, reduced_angle, sincos, small_column_stride
 
 # Tiles of 1024 elements, 8 per thread at 4 warps: the dropout variant (Philox state per element) takes 48-56
 # registers as launched (AOT check), ~9 programs per SM; 2048-element tiles took 72-79, about the same bytes in
@@ -57,8 +57,7 @@ COMBINE_ROWS = 16
 def _sinusoid(pos, j, base, D):
     """PE tile (len(pos), len(j)): sin for even features, cos for odd ones, of pos * base^(-2i/d), 2i = j - j % 2."""
     inv_freq = inverse_frequency(j - (j & 1), base, D)
-    angle = pos.to(tl.float32)[:, None] * inv_freq[None, :]
-    sin, cos = sincos(angle)
+    sin, cos = sincos(reduced_angle(pos, inv_freq))  # the angle reduced modulo 2*pi in float64
     return tl.where(((j & 1) != 0)[None, :], cos, sin)
 
 

@@ -16,7 +16,8 @@ rotates that block for every head of its group, so q and k are each read and wri
 transcendental cost is shared by the heads. Positions come from ``offset + t`` or from ``position_ids`` (T,), (1, T)
 or (B, T) read through a batch stride (0 when shared).
 
-Accuracy matches the sinusoidal encoding's: the float32 angle is off by at most 2 * pos * 2**-24 from the exact one.
+Accuracy matches the sinusoidal encoding's: the angle is reduced modulo 2*pi in float64 and only the reduced angle is
+rounded to float32, so cos/sin are within ~3e-7 of the exact (float64) ones at any position.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import triton
 import triton.language as tl
 
 from metagpt_fast._spec import triton_interpreted
-from metagpt_fast.kernels.triton.sinusoid import inverse_frequency, sincos, small_column_stride
+from metagpt_fast.kernels.triton.sinusoid import inverse_frequency, reduced_angle, sincos, small_column_stride
 
 NUM_WARPS = 4
 # A (BLOCK_T, HALF_BLOCK) block of 512 pairs (1024 elements, 8 per thread at 4 warps) per head step: 40-48
@@ -140,9 +141,9 @@ def _rotary_kernel(
     t_mask = t < T
     t64 = t.to(tl.int64)
     if HAS_POSITION_IDS:
-        pos = tl.load(pos_ptr + b * stride_pb + t64 * stride_pt, mask=t_mask, other=0).to(tl.float32)
+        pos = tl.load(pos_ptr + b * stride_pb + t64 * stride_pt, mask=t_mask, other=0)
     else:
-        pos = (offset + t).to(tl.float32)
+        pos = offset + t
     # Heads [h0, h1) of the concatenation (q heads, then k heads).
     h0 = head_group * heads_per_program
     h1 = tl.minimum(h0 + heads_per_program, Hq + Hk)
@@ -153,7 +154,7 @@ def _rotary_kernel(
         i0 = tl.multiple_of(i0, HALF_BLOCK)  # aligned blocks: vector loads when the features are contiguous
         i = i0 + tl.arange(0, HALF_BLOCK)
         inv_freq = inverse_frequency(2 * i, base, 2 * HALF)
-        sin, cos = sincos(pos[:, None] * inv_freq[None, :])  # (BLOCK_T, HALF_BLOCK), shared by the group's heads
+        sin, cos = sincos(reduced_angle(pos, inv_freq))  # (BLOCK_T, HALF_BLOCK), shared by the group's heads
         sin = sin * sin_sign
         for h in range(h0, q_end):
             h64 = tl.cast(h, tl.int64)

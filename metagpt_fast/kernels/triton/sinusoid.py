@@ -1,14 +1,16 @@
-"""What the sinusoidal kernels share: sin/cos of float32 angles in registers, the inverse frequency
-``base^(-2i/d)``, and the launch-side rule for their 32-bit column offsets. Used by ``positional.py`` (the sinusoidal
-encoding) and ``rotary.py`` (RoPE).
+"""What the sinusoidal kernels share: the angle ``pos * base^(-2i/d)`` reduced modulo 2*pi in float64, sin/cos of
+the reduced float32 angle in registers, and the launch-side rule for their 32-bit column offsets. Used by
+``positional.py`` (the sinusoidal encoding) and ``rotary.py`` (RoPE).
 
 sin and cos come from one Cody-Waite reduction by pi/2 and two short polynomials (:func:`sincos`): libdevice's
 ``sinf`` falls back to a Payne-Hanek reduction that keeps an array on the stack (32 bytes: spills in the AOT check).
 
-Accuracy: the inverse frequency is computed in float64 and rounded once to float32 (relative error <= 2**-24), and
-the angle ``pos * inv_freq`` is one float32 product (another 2**-24): the angle is off by at most
-``2 * pos * 2**-24`` radians against the exact (float64) one. :func:`sincos` adds at most 2 ulp of its result for
-``|angle| <= 2**21``.
+Accuracy, as in the C++ kernels (csrc/include/metagpt_fast/sinusoid.h): the inverse frequency stays in float64, the
+angle ``pos * inv_freq`` is formed and reduced to [-pi, pi] in float64 (:func:`reduced_angle`: one product, one
+floor, one fused multiply-add per element, relative error ~2**-52 of the angle), and only the reduced angle is
+rounded to float32 (at most 2**-24 * pi rad). :func:`sincos` adds at most 2 ulp of its result, so sin and cos are
+within ~3e-7 of the float64 ones at any position below 2**40 (a float32 angle, rounded inverse frequency and
+product, erred by up to ``2 * pos * 2**-24``: 1.2e-2 rad at position 100000).
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ _PIO2_1 = tl.constexpr(1.5707963705062866)
 _PIO2_2 = tl.constexpr(-4.371138828673793e-08)
 _PIO2_3 = tl.constexpr(-1.7151245100058819e-15)
 _TWO_OVER_PI = tl.constexpr(0.6366197466850281)
+# 2*pi and 1/(2*pi) as float64 (tl.full with tl.float64 keeps all 53 bits; a bare Python float constant would be
+# materialised as float32).
+_TWO_PI = tl.constexpr(6.283185307179586)
+_INV_TWO_PI = tl.constexpr(0.15915494309189535)
 # Taylor coefficients up to r**9 (sin) and r**10 (cos): truncation error < 2e-9 on |r| <= pi/4, below float32's ulp.
 _S3 = tl.constexpr(-1.0 / 6.0)
 _S5 = tl.constexpr(1.0 / 120.0)
@@ -57,10 +63,21 @@ def sincos(angle):
 
 @triton.jit
 def inverse_frequency(two_i, base, width):
-    """base^(-2i/width) correctly rounded to float32: computed in float64 (once per program, so its cost is nil),
-    so the float32 angle pos * inv_freq carries two roundings only (a float32 exp2 would add ~2-4 ulp)."""
+    """base^(-2i/width) in float64 (once per program and column, so its cost is nil); rounding it to float32 would
+    put a relative error of 2**-24 on every angle (6e-3 rad at position 100000)."""
     log2_base = tl.log2(tl.cast(base, tl.float64))
-    return tl.exp2(-two_i.to(tl.float64) * log2_base / width).to(tl.float32)
+    return tl.exp2(-two_i.to(tl.float64) * log2_base / width)
+
+
+@triton.jit
+def reduced_angle(pos, inv_freq):
+    """``pos[:, None] * inv_freq[None, :]`` reduced modulo 2*pi to [-pi, pi] (a hair beyond when the quotient rounds
+    the other way) in float64, then rounded once to float32: the argument for :func:`sincos`. ``pos`` holds
+    integer (or float) positions, ``inv_freq`` float64 (:func:`inverse_frequency`)."""
+    angle = pos.to(tl.float64)[:, None] * inv_freq[None, :]
+    two_pi = tl.full([], _TWO_PI, tl.float64)
+    turns = tl.floor(angle * tl.full([], _INV_TWO_PI, tl.float64) + 0.5)
+    return tl.fma(turns, -two_pi, angle).to(tl.float32)
 
 
 def small_column_stride(t: torch.Tensor) -> torch.Tensor:
