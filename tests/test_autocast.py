@@ -3,13 +3,17 @@
 
 CPU: bfloat16 autocast with the reference and cpu backends. Interpreted Triton is left out in bfloat16 (the
 interpreter multiplies bf16 bit patterns in tl.dot; docs/testing.md); the GPU variants cover float16 and bfloat16.
+
+The positional ops (embed_positions, add_positional_encoding, apply_rotary) do not follow autocast, like torch's
+F.embedding and elementwise arithmetic: they compute in their input's dtype, with or without autocast, on every
+backend (docs/reliability.md).
 """
 
 import copy
 
 import pytest
 import torch
-from helpers import AVAILABLE_BACKENDS, cpu_backend_params, requires_cuda
+from helpers import AVAILABLE_BACKENDS, cpu_backend_params, device_for, implements, requires_cuda
 from torch import nn
 
 import metagpt_fast
@@ -109,3 +113,50 @@ def test_public_attention_follows_autocast_dtype_like_torch(backend):
     assert_rule(got, expected, exact, torch.bfloat16, "autocast output")
     got.float().sum().backward()
     assert q.grad.dtype == torch.float32 and torch.isfinite(q.grad).all()
+
+
+def _run(fn, inputs):
+    """Outputs of ``fn(*inputs)`` and the gradients of their sum with respect to ``inputs``."""
+    inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    outs = fn(*inputs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    return list(outs) + list(torch.autograd.grad(outs, inputs, [torch.ones_like(o) for o in outs]))
+
+
+POSITIONAL_CALLS = {
+    "embed_positions": lambda b, t, w, x, q, k: _run(
+        lambda w: metagpt_fast.embed_positions(t, w, 4.0, offset=3, backend=b), [w]
+    ),
+    "add_positional_encoding": lambda b, t, w, x, q, k: _run(
+        lambda x: metagpt_fast.add_positional_encoding(x, offset=3, backend=b), [x]
+    ),
+    "rotary": lambda b, t, w, x, q, k: _run(lambda q, k: metagpt_fast.apply_rotary(q, k, offset=3, backend=b), [q, k]),
+}
+
+
+@pytest.mark.parametrize("op", list(POSITIONAL_CALLS))
+@pytest.mark.parametrize(
+    ("dtype", "autocast_dtype"),
+    [(torch.float32, torch.bfloat16), (torch.float32, torch.float16), (torch.bfloat16, torch.bfloat16)],
+    ids=["fp32-under-bf16", "fp32-under-fp16", "bf16-under-bf16"],
+)
+@pytest.mark.parametrize("backend", AVAILABLE_BACKENDS)
+def test_positional_ops_keep_their_dtype_under_autocast_like_torch(op, dtype, autocast_dtype, backend):
+    if not implements(op, backend):
+        pytest.skip(f"{backend} has no {op}")
+    device = device_for(backend)
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 11, (2, 7), generator=gen).to(device)
+    shapes = [(11, 16), (2, 7, 16), (2, 3, 7, 16), (2, 1, 7, 16)]  # weight, x, q, k
+    tensors = [torch.randn(s, generator=gen).to(device, dtype) for s in shapes]
+    plain = POSITIONAL_CALLS[op](backend, tokens, *tensors)
+    with torch.autocast(device, dtype=autocast_dtype):
+        # torch's own embedding lookup and elementwise arithmetic keep their input's dtype under autocast too.
+        assert torch.nn.functional.embedding(tokens, tensors[0]).dtype == dtype
+        assert (tensors[1] + tensors[1]).dtype == dtype
+        autocast = POSITIONAL_CALLS[op](backend, tokens, *tensors)
+    for a, b in zip(autocast, plain, strict=True):
+        assert a.dtype == b.dtype == dtype
+        assert torch.equal(a, b)  # the same computation: autocast changes nothing
