@@ -297,6 +297,16 @@ def _fusable(rotary: nn.Module) -> tuple[int, float] | None:
     return 2 * inv_freq.shape[-1], base
 
 
+def _rope(x: torch.Tensor, angles: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """What :func:`metagpt_fast.apply_rotary` computes, written out: pairs ``(i, i + D/2)`` or ``(2i, 2i+1)``."""
+    cos, sin = angles.cos(), angles.sin()
+    if interleaved:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), -1).flatten(-2)
+    x1, x2 = x.chunk(2, -1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), -1)
+
+
 def _rotary_layout(module, apply_fn) -> bool:
     """Which layout ``module.apply_rotary_pos_emb`` rotates: False for halves (Llama, NeoX), True for interleaved
     pairs (Cohere). Decided by running it on a small probe against the fused op in both layouts; a signature or
@@ -313,7 +323,7 @@ def _rotary_layout(module, apply_fn) -> bool:
             break
         if not (isinstance(got, tuple) and len(got) == 2 and all(isinstance(t, torch.Tensor) for t in got)):
             break
-        expected = apply_rotary(q, k, positions, interleaved=interleaved, backend="reference")
+        expected = (_rope(q, freqs, interleaved), _rope(k, freqs, interleaved))
         if all(g.shape == e.shape and torch.allclose(g, e, atol=1e-5) for g, e in zip(got, expected, strict=True)):
             return interleaved
     raise ValueError(
