@@ -1,6 +1,6 @@
 // Test-only entry points that run the CUDA attention kernels under the CPU emulation (attention_emulation.h).
 //
-// Not part of the extension (the build compiles csrc/**/*.cpp and *.cu only): tests/test_cuda_attention.py compiles
+// Not part of the extension (the build compiles csrc/**/*.cpp and *.cu only): tests/test_attention.py compiles
 // this file with a host compiler and -DMGF_ATTENTION_EMULATION into a small shared library and calls it through
 // ctypes on CPU tensors. The launch templates, tile choices and kernels are the ones the GPU runs.
 #include "attention_launch.cuh"
