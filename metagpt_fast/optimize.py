@@ -1,5 +1,8 @@
 """``optimize(model)``: swap the attention and positional-encoding modules of an existing model for fused ones.
 
+``optimize(model)`` returns ``model`` itself (swapped in place); ``optimize(model, report=True)`` returns
+``(model, report)``, the :class:`OptimizeReport` of what changed (``print(report)`` for a summary).
+
 What is swapped, in place, anywhere in the module tree (``nn.Transformer``, ``nn.TransformerEncoder/Decoder``
 included):
 
@@ -22,6 +25,7 @@ checks: ``layer.activation_relu_or_gelu = 0`` (read only by the fast path) and `
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal, TypeVar, overload
 
 import torch
 from torch import nn
@@ -31,6 +35,8 @@ from metagpt_fast.nn.multihead import MultiheadAttention
 from metagpt_fast.nn.positional import PositionalEncoding
 from metagpt_fast.ops.reference.positional import add_positional_encoding as reference_add_positional_encoding
 from metagpt_fast.testing import float32_angle_error
+
+M = TypeVar("M", bound=nn.Module)
 
 _D_MODEL_NAMES = ("d_model", "embed_size", "embed_dim", "embedding_dim", "hidden_size", "dim")
 _MAX_LEN_NAMES = ("max_seq_length", "max_seq_len", "max_len", "max_length", "max_position_embeddings")
@@ -71,15 +77,24 @@ class OptimizeReport:
         return "\n".join(lines)
 
 
-def optimize(model: nn.Module, backend: str = "auto") -> OptimizeReport:
-    """Swaps, in place, the modules of ``model`` that have fused equivalents; returns what it did.
+@overload
+def optimize(model: M, backend: str = ..., *, report: Literal[False] = ...) -> M: ...
+@overload
+def optimize(model: M, backend: str = ..., *, report: Literal[True]) -> tuple[M, OptimizeReport]: ...
+
+
+def optimize(model: M, backend: str = "auto", *, report: bool = False) -> M | tuple[M, OptimizeReport]:
+    """Swaps, in place, the modules of ``model`` that have fused equivalents; returns ``model``.
+
+    Like ``torch.compile`` and ``ipex.optimize``, so ``model = metagpt_fast.optimize(model)`` keeps the model.
 
     Arguments:
         model: any ``nn.Module``; it is modified in place (parameters are shared, never copied).
         backend: ``"auto"`` (fastest backend per call) or a backend name, which must be available here.
+        report: also return an :class:`OptimizeReport` listing swapped, retargeted and skipped modules.
 
     Returns:
-        :class:`OptimizeReport` listing swapped, retargeted and skipped modules.
+        ``model`` (the same object), or ``(model, report)`` with ``report=True``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -90,6 +105,11 @@ def optimize(model: nn.Module, backend: str = "auto") -> OptimizeReport:
         if reason is not None:
             raise ValueError(f"backend {backend!r} is unavailable: {reason}")
     module_backend = None if backend == "auto" else backend
+    changes = _swap(model, backend, module_backend)
+    return (model, changes) if report else model
+
+
+def _swap(model: nn.Module, backend: str, module_backend: str | None) -> OptimizeReport:
     report = OptimizeReport(backend)
 
     # Collect first, then mutate: the tree must not change while it is walked.

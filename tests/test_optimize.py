@@ -74,7 +74,7 @@ def assert_same(a, b):
 def test_article_model_outputs_and_gradients_unchanged(backend):
     model = ArticleModel()
     original = copy.deepcopy(model)
-    report = metagpt_fast.optimize(model, backend=backend)
+    _, report = metagpt_fast.optimize(model, backend=backend, report=True)
     swapped = {name: new for name, _, new in report.swapped}
     assert swapped == {
         "positional_encoding": "metagpt_fast.nn.PositionalEncoding",
@@ -92,7 +92,7 @@ def test_inference_fast_path_is_switched_off_and_results_agree():
     """Eval + no_grad + a padding mask is where torch's encoder would bypass the attention module (nested tensors)."""
     model = ArticleModel().eval()
     original = copy.deepcopy(model)
-    report = metagpt_fast.optimize(model)
+    _, report = metagpt_fast.optimize(model, report=True)
     assert set(report.fastpath_disabled) == {"encoder", "encoder.layers.0", "encoder.layers.1"}
     calls = []
     attn = model.encoder.layers[0].self_attn
@@ -125,7 +125,7 @@ def test_state_dicts_load_both_ways():
 def test_nn_transformer_encoder_decoder():
     model = nn.Transformer(D, HEADS, num_encoder_layers=1, num_decoder_layers=2, dim_feedforward=32, dropout=0.0)
     original = copy.deepcopy(model)
-    report = metagpt_fast.optimize(model)
+    _, report = metagpt_fast.optimize(model, report=True)
     assert sorted(name for name, _, _ in report.swapped) == [
         "decoder.layers.0.multihead_attn",
         "decoder.layers.0.self_attn",
@@ -154,15 +154,23 @@ def test_nn_transformer_encoder_decoder():
 
 def test_optimize_is_idempotent_and_reports():
     model = ArticleModel()
-    first = metagpt_fast.optimize(model)
-    second = metagpt_fast.optimize(model)
+    _, first = metagpt_fast.optimize(model, report=True)
+    _, second = metagpt_fast.optimize(model, report=True)
     assert len(first.swapped) == 3 and second.swapped == []
     assert "swapped" in str(first) and "encoder.layers.0.self_attn" in str(first)
 
 
+def test_optimize_returns_the_model_itself():
+    """``model = metagpt_fast.optimize(model)`` keeps the model (as torch.compile / ipex.optimize do)."""
+    model = ArticleModel()
+    assert metagpt_fast.optimize(model) is model
+    again, report = metagpt_fast.optimize(model, report=True)
+    assert again is model and isinstance(report, metagpt_fast.OptimizeReport)
+
+
 def test_root_multihead_attention_is_swapped_in_place():
     mha = nn.MultiheadAttention(D, HEADS)
-    report = metagpt_fast.optimize(mha, backend="reference")
+    _, report = metagpt_fast.optimize(mha, backend="reference", report=True)
     assert isinstance(mha, MultiheadAttention) and mha.backend == "reference"
     assert report.swapped == [("", "torch.nn.MultiheadAttention", "metagpt_fast.nn.MultiheadAttention")]
 
@@ -206,7 +214,7 @@ class OtherBasePositionalEncoding(nn.Module):
 def test_positional_encoding_lookalikes_are_left_alone(cls, why):
     cls.__name__ = "PositionalEncoding"  # only the behaviour differs from the article's module
     model = ArticleModel(positional=cls)
-    report = metagpt_fast.optimize(model)
+    _, report = metagpt_fast.optimize(model, report=True)
     assert type(model.positional_encoding) is cls
     assert [name for name, _ in report.skipped] == ["positional_encoding"]
     assert why in report.skipped[0][1]
@@ -230,7 +238,7 @@ def test_article_dropout_is_carried_over():
 
 def test_reference_modules_of_the_package_are_retargeted():
     model = metagpt_fast.MetaGPT(VOCAB, D, 1, HEADS, 0.0, 16, backend="reference")
-    report = metagpt_fast.optimize(model)
+    _, report = metagpt_fast.optimize(model, report=True)
     assert model.config.backend == "auto"
     assert all(getattr(m, "backend", None) is None for m in model.modules() if m is not model)
     assert {name for name, old, new in report.retargeted} >= {"embedding", "blocks.0.attn"}
