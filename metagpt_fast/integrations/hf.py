@@ -8,18 +8,25 @@ Attention (any model that dispatches through transformers' ``AttentionInterface`
 
 ``register`` adds the attention function and, for masks, the boolean SDPA-style mask builder under the same name:
 padding masks arrive as ``(B, 1, Nq, Nk)`` booleans, pure causal batches as ``None`` + ``is_causal``, and
-grouped-query attention runs on the un-repeated key/value heads (``enable_gqa``). Softcapping and attention sinks
-are not supported (a clear error). Padded query rows (every key masked) give 0 where ``eager`` gives a uniform
-average; those positions are padding and excluded from any loss.
+grouped-query attention runs on the un-repeated key/value heads (``enable_gqa``). Padded query rows (every key
+masked) give 0 where ``eager`` gives a uniform average; those positions are padding and excluded from any loss.
 
-Rotary (Liger-style module patch for Llama-family modeling files)::
+Every keyword argument is honoured or refused, never dropped (docs/hf.md has the table): T5's ``position_bias``
+is added to the scores (differentiably), ``sliding_window`` is accepted where the mask holds the window;
+``output_attentions=True``, softcapping, attention sinks, sparse ``indices``, packed ``cu_seq_lens_*`` and unknown
+names raise ``ValueError``. Models whose attention does not dispatch through ``AttentionInterface`` (BLOOM, MPT)
+fail on their first forward.
+
+Rotary (Liger-style module patch for modeling files with ``apply_rotary_pos_emb(q, k, cos, sin)``)::
 
     hf.patch_rotary("llama")      # before or after building the model; hf.unpatch_rotary("llama") undoes it
 
 The model's rotary embedding then returns the positions instead of cos/sin tables, and ``apply_rotary_pos_emb``
-rotates queries and keys with :func:`metagpt_fast.apply_rotary` (angles computed in the kernel). Only plain RoPE
-(``rope_type="default"``, no attention scaling) is fused; scaled variants (linear, dynamic, YaRN, Llama 3...) keep
-transformers' own tables and math.
+rotates queries and keys with :func:`metagpt_fast.apply_rotary` (angles computed in the kernel), in the layout the
+module's own function rotates (halves for Llama, Mistral, Qwen2...; interleaved pairs for Cohere, Cohere2), found
+on a probe when patching. Modules with another contract (GPT-J) raise ``ValueError`` and are not touched. Only
+plain RoPE (``rope_type="default"``, no attention scaling) is fused; scaled variants (linear, dynamic, YaRN,
+Llama 3...) keep transformers' own tables and math.
 """
 
 from __future__ import annotations
