@@ -59,23 +59,25 @@ def apply_rotary(
     check.same_device(q=q, k=k, position_ids=position_ids)
     (b, _, t, d), (bk, _, tk, dk) = q.shape, k.shape
     if (bk, tk, dk) != (b, t, d):
-        raise ValueError(f"k must match q's batch, length and head dim {(b, t, d)}, got {(bk, tk, dk)}")
+        raise check.ArgumentError(f"k must match q's batch, length and head dim {(b, t, d)}, got {(bk, tk, dk)}")
     rotary_dim = d if rotary_dim is None else check.integer("rotary_dim", rotary_dim, minimum=2)
     if rotary_dim > d or rotary_dim % 2:
-        raise ValueError(f"rotary_dim must be even and <= head dim {d}, got {rotary_dim}")
+        raise check.ArgumentError(f"rotary_dim must be even and <= head dim {d}, got {rotary_dim}")
     if position_ids is not None:
         check.tensor("position_ids", position_ids, dims=(1, 2))
         if position_ids.dtype.is_floating_point or position_ids.dtype == torch.bool:
-            raise TypeError(f"position_ids must be an integer tensor, got {position_ids.dtype}")
+            raise check.ArgumentTypeError(f"position_ids must be an integer tensor, got {position_ids.dtype}")
         if position_ids.shape[-1] != t or (position_ids.dim() == 2 and position_ids.shape[0] not in (1, b)):
-            raise ValueError(f"position_ids must have shape ({t},) or ({b}, {t}), got {tuple(position_ids.shape)}")
+            raise check.ArgumentError(
+                f"position_ids must have shape ({t},) or ({b}, {t}), got {tuple(position_ids.shape)}"
+            )
     if check.flag("inplace", inplace):
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
-            raise ValueError("inplace=True is for inference: q or k requires grad")
+            raise check.ArgumentError("inplace=True is for inference: q or k requires grad")
         check.writable("q", q)
         check.writable("k", k)
         if q.numel() and k.numel() and not check._is_fake(q) and q.data_ptr() == k.data_ptr():
-            raise ValueError("inplace=True needs q and k in separate memory, got two views of the same data")
+            raise check.ArgumentError("inplace=True needs q and k in separate memory, got two views of the same data")
     inputs = dict(
         q=q,
         k=k,
