@@ -6,7 +6,7 @@ Every op has a readable PyTorch reference and fast Triton / CUDA / C++ CPU backe
     out = metagpt_fast.scaled_dot_product_attention(q, k, v, is_causal=True)   # like torch's SDPA
     model = metagpt_fast.MetaGPT(256, 128, 4, 4, 0.1, 256)                      # the article's constructor
     metagpt_fast.available_backends()                                            # which backends run here, or why not
-    report = metagpt_fast.optimize(existing_model)     # swap nn.MultiheadAttention & co. for fused modules, in place
+    model = metagpt_fast.optimize(existing_model)      # swap nn.MultiheadAttention & co. for fused modules, in place
     with metagpt_fast.sdpa_routing(): ...               # route F.scaled_dot_product_attention calls through it
 """
 
