@@ -47,6 +47,14 @@ def implementation(op: str, backend: str) -> backends.Implementation:
     return impl
 
 
+def interpreted_triton(op: str):
+    """Skip mark of the tests that run ``op``'s Triton kernels under the interpreter (a machine without a GPU)."""
+    return pytest.mark.skipif(
+        not (TRITON_INTERPRETED and implements(op, "triton")),
+        reason="interpreter tests: Triton runs under TRITON_INTERPRET=1 on a machine without a GPU",
+    )
+
+
 def implements(op: str, backend: str) -> bool:
     """Whether ``backend`` can run here and has an implementation of ``op``."""
     return any(impl.backend == backend for impl in backends.implementations(op))

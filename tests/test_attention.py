@@ -22,9 +22,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
-from helpers import TRITON_INTERPRETED, implements, kernel_params, requires_cuda, skip_unless_supported
+from helpers import kernel_params, requires_cuda, skip_unless_supported
 
 import metagpt_fast
 from metagpt_fast import _extension, backends
@@ -327,10 +328,7 @@ def test_attention_matches_reference(backend, device, case, monkeypatch):
 
 # ------------------------------------------------------------------------------------------- triton, interpreted
 
-interpreted_triton = pytest.mark.skipif(
-    not (TRITON_INTERPRETED and implements("attention", "triton")),
-    reason="interpreter tests: Triton runs under TRITON_INTERPRET=1 on a machine without a GPU",
-)
+interpreted_triton = helpers.interpreted_triton("attention")
 
 
 def _triton_attention():

@@ -14,9 +14,10 @@ After the parity test, one section per backend for its own machinery: the determ
 backward, custom-op registration (opcheck), registry reasons, torch.compile, argument errors.
 """
 
+import helpers
 import pytest
 import torch
-from helpers import TRITON_INTERPRETED, implements, kernel_params, requires_cuda, skip_unless_supported
+from helpers import kernel_params, requires_cuda, skip_unless_supported
 
 from metagpt_fast import _extension, backends
 from metagpt_fast.ops import reference
@@ -167,10 +168,7 @@ def test_embed_positions_matches_reference(backend, device, case):
 
 # ------------------------------------------------------------------------------------------- triton, interpreted
 
-interpreted_triton = pytest.mark.skipif(
-    not (TRITON_INTERPRETED and implements("embed_positions", "triton")),
-    reason="interpreter tests: Triton runs under TRITON_INTERPRET=1 on a machine without a GPU",
-)
+interpreted_triton = helpers.interpreted_triton("embed_positions")
 
 
 def _triton():

@@ -15,9 +15,10 @@ custom-op registration (opcheck), registry reasons, argument errors.
 
 import dataclasses
 
+import helpers
 import pytest
 import torch
-from helpers import TRITON_INTERPRETED, implements, kernel_params, requires_cuda, skip_unless_supported
+from helpers import kernel_params, requires_cuda, skip_unless_supported
 
 from metagpt_fast import _extension, backends
 from metagpt_fast.ops import reference
@@ -131,10 +132,7 @@ def test_add_positional_encoding_matches_reference(backend, device, case):
 
 # ------------------------------------------------------------------------------------------- triton, interpreted
 
-interpreted_triton = pytest.mark.skipif(
-    not (TRITON_INTERPRETED and implements("add_positional_encoding", "triton")),
-    reason="interpreter tests: Triton runs under TRITON_INTERPRET=1 on a machine without a GPU",
-)
+interpreted_triton = helpers.interpreted_triton("add_positional_encoding")
 
 
 def _triton():

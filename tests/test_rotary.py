@@ -12,11 +12,10 @@ After the parity test, one section per backend for what is about that backend's 
 (opcheck), in-place rotation, the registry's reasons, argument errors.
 """
 
+import helpers
 import pytest
 import torch
 from helpers import (
-    TRITON_INTERPRETED,
-    implements,
     kernel_params,
     requires_cuda,
     skip_unless_supported,
@@ -185,10 +184,7 @@ def test_rotary_matches_reference(backend, device, case):
 
 # ------------------------------------------------------------------------------------------- triton, interpreted
 
-interpreted_triton = pytest.mark.skipif(
-    not (TRITON_INTERPRETED and implements("rotary", "triton")),
-    reason="interpreter tests: Triton runs under TRITON_INTERPRET=1 on a machine without a GPU",
-)
+interpreted_triton = helpers.interpreted_triton("rotary")
 
 
 def _triton():

@@ -30,7 +30,7 @@ from metagpt_fast.bench.core import (
     registry_providers,
     upcast,
 )
-from metagpt_fast.bench.suite import OpBench
+from metagpt_fast.bench.suite import OpBench, cuda_package_unavailable
 from metagpt_fast.ops.reference.attention import attention as reference_attention
 
 # torch SDPA kernels benchmarked one by one (names of torch.nn.attention.SDPBackend).
@@ -165,16 +165,6 @@ def _flex_unavailable(device: str) -> str | None:
     return None
 
 
-def _flash_attn_unavailable(device: str) -> str | None:
-    if torch.device(device).type != "cuda":
-        return "flash-attn needs a CUDA GPU"
-    try:
-        import flash_attn  # noqa: F401
-    except Exception as exc:  # noqa: BLE001  (a broken install may raise anything)
-        return f"flash-attn is not installed ({type(exc).__name__})"
-    return None
-
-
 class AttentionBench(OpBench):
     op = "attention"
     unit = "flops"
@@ -233,7 +223,9 @@ class AttentionBench(OpBench):
                 providers.append(Provider(name, "baseline", functools.partial(setup_sdpa, kernel)))
         providers.append(Provider("flex", "baseline", setup_flex, unavailable=_flex_unavailable(device)))
         providers.append(
-            Provider("flash-attn", "baseline", setup_flash_attn, unavailable=_flash_attn_unavailable(device))
+            Provider(
+                "flash-attn", "baseline", setup_flash_attn, unavailable=cuda_package_unavailable("flash_attn", device)
+            )
         )
         return providers
 

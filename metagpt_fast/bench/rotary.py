@@ -21,7 +21,7 @@ from metagpt_fast.bench.core import (
     registry_providers,
     upcast,
 )
-from metagpt_fast.bench.suite import OpBench
+from metagpt_fast.bench.suite import OpBench, cuda_package_unavailable
 from metagpt_fast.ops import reference
 from metagpt_fast.ops.reference.positional import DEFAULT_BASE
 from metagpt_fast.ops.reference.rotary import rotary_angles
@@ -82,16 +82,6 @@ def setup_flash_attn_rotary(case: Case, inputs: dict) -> Prepared:
     return functional(case, inputs, forward, ("q", "k"))
 
 
-def _unavailable(module: str, device: str) -> str | None:
-    if torch.device(device).type != "cuda":
-        return f"{module} needs a CUDA GPU"
-    try:
-        __import__(module)
-    except Exception as exc:  # noqa: BLE001  (a broken install may raise anything)
-        return f"{module} is not installed ({type(exc).__name__})"
-    return None
-
-
 class RotaryBench(OpBench):
     op = "rotary"
     unit = "bytes"
@@ -123,8 +113,13 @@ class RotaryBench(OpBench):
 
     def providers(self, device: str) -> list[Provider]:
         return registry_providers(self.op, device, setup_rotary) + [
-            Provider("liger", "baseline", setup_liger, unavailable=_unavailable("liger_kernel", device)),
-            Provider("flash-attn", "baseline", setup_flash_attn_rotary, unavailable=_unavailable("flash_attn", device)),
+            Provider("liger", "baseline", setup_liger, unavailable=cuda_package_unavailable("liger_kernel", device)),
+            Provider(
+                "flash-attn",
+                "baseline",
+                setup_flash_attn_rotary,
+                unavailable=cuda_package_unavailable("flash_attn", device),
+            ),
         ]
 
     def oracle(self, case: Case, inputs: dict) -> list[torch.Tensor]:

@@ -9,6 +9,18 @@ import torch
 from metagpt_fast.bench.core import Case, Provider
 from metagpt_fast.bench.timing import Timing
 
+
+def cuda_package_unavailable(module: str, device: str) -> str | None:
+    """Why the CUDA-only baseline package ``module`` cannot run on ``device`` (None when it can)."""
+    if torch.device(device).type != "cuda":
+        return f"{module} needs a CUDA GPU"
+    try:
+        __import__(module)
+    except Exception as exc:  # noqa: BLE001  (a broken install may raise anything)
+        return f"{module} is not installed ({type(exc).__name__})"
+    return None
+
+
 # Throughput units: (results-file metric, divisor from work per second, column header).
 UNITS = {
     "flops": ("tflops", 1e12, "TFLOP/s"),

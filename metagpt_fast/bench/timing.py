@@ -13,12 +13,13 @@ reads the round rules of :class:`TimingBudget`); the functions here time one cal
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+
+from metagpt_fast._spec import triton_interpreted
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +102,7 @@ def time_cpu(fn: Callable[[], object], budget: TimingBudget, grad_to_none: Seque
 
 
 def _triton_runs_natively() -> bool:
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if triton_interpreted():
         return False
     try:
         import triton.testing  # noqa: F401
