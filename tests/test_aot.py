@@ -97,7 +97,6 @@ def test_main_loop_found_in_every_attention_kernel(aot_report):
 
 
 @slow
-@pytest.mark.xfail(strict=True, reason="the forward and dQ boundary loops make ptxas serialise every wgmma (C7515)")
 def test_ptxas_does_not_serialise_wgmma(aot_report):
     hopper = [r for r in aot_report if r["arch"] >= 90 and "error" not in r]
     if all(r["ptxas_advisories"] is None for r in hopper):
@@ -106,7 +105,6 @@ def test_ptxas_does_not_serialise_wgmma(aot_report):
 
 
 @slow
-@pytest.mark.xfail(strict=True, reason="the forward and dQ wait after every HGMMA (24 for 24 at D=128)")
 def test_forward_and_dq_do_not_wait_after_every_wgmma(aot_report):
     _gate(aot_report, "waits_per_wgmma")
 

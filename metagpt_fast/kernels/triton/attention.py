@@ -274,13 +274,17 @@ def _attn_fwd(
         HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N,
         False, IS_CAUSAL, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
     )  # fmt: skip
-    acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, mask_base, seed, drop_base, rows, start_m * BLOCK_M, full_end, hi,
-        stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Nq, Nk, qk_scale, dropout_threshold,
-        dropout_scale,
-        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N,
-        True, IS_CAUSAL, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
-    )  # fmt: skip
+    # Guarded, not left to a zero-trip loop: on sm_90 the path that skips an empty loop redefines the accumulator
+    # registers while a wgmma is in flight, and ptxas then serialises every wgmma of the kernel (C7515: one wait per
+    # HGMMA, 24 for 24 at D=128 with 128x64 tiles; 4 with the guard).
+    if full_end < hi:
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, k_base, v_base, mask_base, seed, drop_base, rows, start_m * BLOCK_M, full_end, hi,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Nq, Nk, qk_scale, dropout_threshold,
+            dropout_scale,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N,
+            True, IS_CAUSAL, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
+        )  # fmt: skip
 
     # A row whose every key is masked has l = 0 and acc = 0: output 0, LSE = +inf (so the backward's P is 0).
     empty = l_i == 0.0
@@ -538,14 +542,15 @@ def _attn_bwd_dq(
         HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N,
         False, IS_CAUSAL, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
     )  # fmt: skip
-    dq = _attn_bwd_dq_inner(
-        dq, q, do, m, log_l, delta, k_base, v_base, mask_base, seed,
-        row_base * Nk, rows, start_m * BLOCK_M, full_end, hi,
-        stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Nq, Nk, qk_scale, dropout_threshold,
-        dropout_scale,
-        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N,
-        True, IS_CAUSAL, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
-    )  # fmt: skip
+    if full_end < hi:  # guarded for ptxas, as in the forward (36 waits for 36 HGMMA at D=128 without it)
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, m, log_l, delta, k_base, v_base, mask_base, seed,
+            row_base * Nk, rows, start_m * BLOCK_M, full_end, hi,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Nq, Nk, qk_scale, dropout_threshold,
+            dropout_scale,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N,
+            True, IS_CAUSAL, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
+        )  # fmt: skip
     dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
     _store_tile(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), rows, Nq, offs_d, HEAD_DIM, BLOCK_D)
 
@@ -577,7 +582,9 @@ DKDV_TILES = {  # BLOCK_M is the streamed query block, BLOCK_N the resident key 
     (32, 256): [(16, 16, 4, 2)],  # see FP32_DKDV_256_SPILL
 }
 DQ_TILES = {  # BLOCK_M is the resident query block, BLOCK_N the streamed key block
-    (16, 64): [(128, 32, 8, 3), (64, 64, 4, 3)],
+    # D=64: 64 keys a step, not 32: the three products of a step (S, dP, dQ) wait once each, and with 32 keys they
+    # are 10 HGMMA for 3 waits; with 64 keys 12 for 3, and 516 instructions per 128 keys instead of 664 (sm_90).
+    (16, 64): [(128, 64, 8, 3), (64, 64, 4, 3)],
     (16, 128): [(128, 32, 8, 3), (64, 32, 4, 3)],
     (16, 256): [(64, 32, 8, 2)],
     (32, 64): [(32, 32, 4, 2)],
