@@ -60,6 +60,11 @@ class AotCase:
     role: str = ""
     dtype: str = ""
     streamed_rows: int = 0
+    # The architectures it is compiled for: those whose tile list holds it (see attention.tiles).
+    archs: tuple[int, ...] = ARCHS
+    # How many times warps may compute the same tensor-core product on sm_90 (1: never), with the reason at the
+    # constant that allows more.
+    allowed_replication: int = 1
 
     @property
     def label(self) -> str:
@@ -89,6 +94,8 @@ class AotStats:
     # Each matmul of the TTGIR ("64x32 mma v3 warpsPerCTA=[8, 1] x2"), and those whose warps repeat work.
     dots: list[str] = dataclasses.field(default_factory=list)
     replicated_dots: list[str] = dataclasses.field(default_factory=list)
+    # The most times warps compute one tensor-core product (1: no repeated work).
+    replication: int = 1
     # ptxas -v advisory codes on a PTX with wgmma ("C7515"); None when not run (no wgmma: sm_80, float32, the other
     # ops; or no ptxas >= 12.8), with the ptxas used or the reason in ``ptxas``.
     ptxas_advisories: list[str] | None = None
@@ -114,6 +121,8 @@ def case(
     role: str = "",
     dtype: str = "",
     streamed_rows: int = 0,
+    archs: tuple[int, ...] = ARCHS,
+    allowed_replication: int = 1,
 ) -> AotCase:
     """One compile of ``kernel`` as Triton's launcher would specialise it for contiguous, aligned inputs.
 
@@ -123,7 +132,8 @@ def case(
     constant: every ``stride_*d`` argument (contiguous last dim) and those in ``unit_strides`` become the constexpr
     1, after ``constexprs`` (the order shows in the label). Pointers and strides are seen as multiples of 16, with
     ``aligned`` added and ``unaligned`` taken out. Like ``types``, these three name lists may hold names the kernel
-    lacks. ``role``, ``dtype`` and ``streamed_rows`` are recorded for the gates (see :class:`AotCase`).
+    lacks. ``role``, ``dtype``, ``streamed_rows`` and ``allowed_replication`` are recorded for the gates, ``archs``
+    limits the targets (see :class:`AotCase`).
     """
     names = kernel.arg_names
     unknown = [name for name in constexprs if name not in names]
@@ -141,7 +151,7 @@ def case(
     )
     return AotCase(
         kernel, signature, constexprs, num_warps, num_stages, expect_wgmma, allowed_spill_bytes, divisible, role,
-        dtype, streamed_rows,
+        dtype, streamed_rows, archs, allowed_replication,
     )  # fmt: skip
 
 
@@ -166,7 +176,7 @@ def attention_cases() -> list[AotCase]:
     # A contiguous mask (stride_mn = 1); its other strides, and the seed pointer, are not assumed aligned.
     layout = {"unit_strides": ("stride_mn",), "unaligned": ("Seed", "stride_mb", "stride_mh", "stride_mm")}
 
-    def tile_case(kind, bits, width, tile, *, is_causal, mask_kind, has_dropout) -> AotCase:
+    def tile_case(kind, bits, width, tile, *, archs, is_causal, mask_kind, has_dropout) -> AotCase:
         block_m, block_n, num_warps, num_stages = tile
         constexprs = {
             "HEAD_DIM": width, "HEAD_DIM_V": width, "BLOCK_D": width, "BLOCK_DV": width, "IS_CAUSAL": is_causal,
@@ -180,20 +190,27 @@ def attention_cases() -> list[AotCase]:
             # the few smaller tiles (D=256 backward, to avoid spills) run on mma.sync.
             expect_wgmma=bits == 16 and (block_n if kind == "dkdv" else block_m) >= 64,
             allowed_spill_bytes=attn.FP32_DKDV_256_SPILL if (kind, bits, width) == ("dkdv", 32, 256) else 0,
-            role=kind, dtype=DTYPES[bits], streamed_rows=block_m if kind == "dkdv" else block_n,
+            role=kind, dtype=DTYPES[bits], streamed_rows=block_m if kind == "dkdv" else block_n, archs=archs,
+            allowed_replication=(
+                attn.SM90_HEAVY_FWD_256_REPLICATION if (kind, bits, width, has_dropout) == ("fwd", 16, 256, True)
+                else 1
+            ),
         )  # fmt: skip
 
     cases = []
     for kind, table in attn.TILES.items():
-        for (bits, width), plain in table.items():
-            for tile in plain:
-                cases.append(
-                    tile_case(kind, bits, width, tile, is_causal=True, mask_kind=attn.MASK_NONE, has_dropout=False)
-                )
-            for tile in attn.tiles(kind, (bits, width, bits == 16)):
-                cases.append(
-                    tile_case(kind, bits, width, tile, is_causal=False, mask_kind=attn.MASK_ADDITIVE, has_dropout=True)
-                )
+        for bits, width in table:
+            for heavy in (False, True):
+                # The tiles the autotuner may pick on each architecture; one case per tile, compiled for the
+                # architectures whose list holds it.
+                family = (bits, width, heavy and bits == 16)
+                per_arch = {arch: attn.tiles(kind, family, divmod(arch, 10)) for arch in ARCHS}
+                variant = {"is_causal": True, "mask_kind": attn.MASK_NONE, "has_dropout": False}
+                if heavy:
+                    variant = {"is_causal": False, "mask_kind": attn.MASK_ADDITIVE, "has_dropout": True}
+                for tile in dict.fromkeys(tile for listed in per_arch.values() for tile in listed):
+                    archs = tuple(arch for arch in ARCHS if tile in per_arch[arch])
+                    cases.append(tile_case(kind, bits, width, tile, archs=archs, **variant))
     for width in (64, 128, 256):
         for bits in (16, 32):
             constexprs = {"HEAD_DIM_V": width, "BLOCK_DV": width, "BLOCK_M": attn.preprocess_block_m(width)}
@@ -338,6 +355,7 @@ def analyse(case: AotCase, arch: int, compiled: Compiled, ptxas: tuple[str | Non
         loop_instructions_per_128_rows=per_128,
         dots=[dot.describe() for dot in dots],
         replicated_dots=[dot.describe() for dot in dots if dot.replication > 1],
+        replication=max((dot.replication for dot in dots if dot.tensor_core), default=1),
         ptxas_advisories=[a.code for a in sass.advisories(log)] if log is not None else None,
         ptxas=about,
     )
@@ -355,6 +373,7 @@ def _row(case: AotCase, arch: int, work: Callable[[], AotStats]) -> dict[str, An
         "role": case.role,
         "dtype": case.dtype,
         "allowed_spill_bytes": case.allowed_spill_bytes,
+        "allowed_replication": case.allowed_replication,
         "expect_wgmma": case.expect_wgmma,
     }
     try:
@@ -372,13 +391,14 @@ def stats_row(case: AotCase, arch: int) -> dict[str, Any]:
 
 
 def stats_rows(cases: Iterable[AotCase], archs: Iterable[int] = ARCHS) -> Iterator[dict[str, Any]]:
-    """:func:`stats_row` of every (case, arch), in that order, with the analysis of one compile (cuobjdump, ptxas)
-    in a worker thread while the next one compiles."""
+    """:func:`stats_row` of every (case, arch) in ``archs`` and the case's own, in that order, with the analysis of
+    one compile (cuobjdump, ptxas) in a worker thread while the next one compiles."""
+    archs = tuple(archs)
     ptxas = sass.find_ptxas()
     pending: collections.deque[concurrent.futures.Future] = collections.deque()
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         for aot_case in cases:
-            for arch in archs:
+            for arch in (arch for arch in archs if arch in aot_case.archs):
                 try:
                     compiled = compile_kernel(aot_case, arch)
                 except Exception as exc:  # noqa: BLE001  (reported in the row)
@@ -440,10 +460,10 @@ def _waits_per_wgmma(row: dict[str, Any]) -> str | None:
 
 
 def _replicated_products(row: dict[str, Any]) -> str | None:
-    if "error" in row or row["arch"] < 90:
+    if "error" in row or row["arch"] < 90 or row["replication"] <= row["allowed_replication"]:
         return None
     tensor_core = [dot for dot in row["replicated_dots"] if " mma " in dot]
-    return f"warps repeat the tensor-core products {tensor_core}" if tensor_core else None
+    return f"warps repeat the tensor-core products {tensor_core} (allowed x{row['allowed_replication']})"
 
 
 # name -> check of one row (a failure message, or None). "serialised_wgmma" needs ptxas >= 12.8; rows without it carry

@@ -606,6 +606,45 @@ HEAVY_TILES = {
 }
 TILES = {"fwd": FWD_TILES, "dkdv": DKDV_TILES, "dq": DQ_TILES}
 
+# Hopper (sm_90) replacements for the 16-bit tiles above that repeat work there. wgmma gives each warpgroup (4 warps)
+# 64 rows of a product, and Triton puts all the warps of a product that feeds another one (S -> P V, dP -> dS -> dQ)
+# on its rows (warpsPerCTA = [num_warps, 1]): an 8-warp tile with 64 rows has both warpgroups compute the same S and
+# dP, twice the tensor work (the AOT gate "replicated_products"). So here 8 warps take 128 rows and 4 warps take 64.
+# The figures are triton 3.8's AOT compile for sm_90: registers, spilled bytes, and the tile replaced.
+SM90_TILES = {
+    "fwd": {(16, 256): [(128, 64, 8, 2), (128, 32, 8, 2)]},  # 239 / 232 registers, 0 B; was 64x64 on 8 warps
+    "dkdv": {
+        (16, 128): [(32, 128, 8, 2)],  # 255 registers, 0 B; was 32x64 (64 keys) on 8 warps
+        # mma.sync: 64 or 32 queries by 16 keys on 4 warps, 227 / 180 registers, 0 B; was 16x32 on 8 warps, whose
+        # warps lie along the 16 queries of S^T and dP^T (64 columns of warps, each product computed 4 times)
+        (16, 256): [(64, 16, 4, 1), (32, 16, 4, 1)],
+    },
+    "dq": {(16, 256): [(128, 32, 8, 2)]},  # 241 registers, 0 B; was 64x32 on 8 warps
+}
+SM90_HEAVY_TILES = {
+    "fwd": {
+        (16, 64): [(128, 64, 8, 2)],  # the 64x64 8-warp alternative goes
+        (16, 128): [(128, 32, 8, 2)],  # 255 registers, 0 B; was 64x32 on 8 warps
+    },
+    "dkdv": {
+        (16, 64): [(16, 128, 8, 2), (16, 64, 4, 2)],  # 220 / 174 registers, 0 B; was 16x64 on 8 warps
+        (16, 128): [(16, 128, 8, 2)],  # 250 registers, 0 B; was 16x64 on 8 warps
+        (16, 256): [(32, 16, 4, 1)],  # mma.sync, 186 registers, 0 B; was 16x32 on 8 warps (see above)
+    },
+    "dq": {
+        # 255 registers each, 0 B; was 64x32 on 8 warps. 64 keys a step as in the plain table (with 32, 10 HGMMA
+        # for 3 waits)
+        (16, 64): [(128, 64, 8, 2), (64, 64, 4, 2)],
+        (16, 128): [(128, 32, 8, 2), (64, 16, 4, 2)],  # 248 / 233 registers, 0 B; was 64x32 on 8 warps
+        # mma.sync, 178 registers, 0 B; was 32x32 on 8 warps, whose warps lie along the 32 keys (64 columns of warps)
+        (16, 256): [(16, 32, 4, 2)],
+    },
+}
+# The one repeated product left on sm_90: the 16-bit forward at D=256 with a dense mask and dropout keeps 64x16 tiles
+# on 8 warps, whose 64 x 16 scores both warpgroups compute (the 64 x 256 P V product is split, not repeated). Every
+# tile without the repeat spills: 128x16 on 8 warps 24-64 B, 64x16 on 4 warps 96-104 B, 64x32 on 4 warps 448-504 B.
+SM90_HEAVY_FWD_256_REPLICATION = 2
+
 # Under TRITON_INTERPRET=1 (CPU tests) one small configuration; BLOCK_M != BLOCK_N so both orders of the causal
 # diagonal bookkeeping are exercised.
 INTERPRETER_TILES = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
@@ -629,25 +668,34 @@ def tile_family(itemsize: int, head_dim: int, head_dim_v: int, heavy: bool = Fal
     return (bits, 64 if width <= 64 else width, heavy and bits == 16)
 
 
-def tiles(kind: str, family: tuple[int, int, bool]) -> list[tuple[int, int, int, int]]:
+def tiles(
+    kind: str, family: tuple[int, int, bool], capability: tuple[int, int] = (8, 0)
+) -> list[tuple[int, int, int, int]]:
+    """The tiles the autotuner tries for ``kind`` and ``family`` on a GPU of compute ``capability``."""
     bits, width, heavy = family
+    if capability >= (9, 0):
+        hopper = (SM90_HEAVY_TILES if heavy else SM90_TILES)[kind]
+        if (bits, width) in hopper:
+            return hopper[(bits, width)]
     return (HEAVY_TILES if heavy else TILES)[kind][(bits, width)]
 
 
 @functools.cache
-def _autotuned(kind: str, family: tuple[int, int, bool]):
+def _autotuned(kind: str, family: tuple[int, int, bool], capability: tuple[int, int]):
     configs = [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles(kind, family)
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+        for m, n, w, s in tiles(kind, family, capability)
     ]
     return triton.autotune(configs=configs, key=_TUNING_KEY)(KERNELS[kind])
 
 
-def _kernel(kind: str, family: tuple[int, int], launch):
-    """The kernel to launch and its fixed meta-parameters (none when the autotuner chooses them)."""
+def _kernel(kind: str, family: tuple[int, int, bool], launch, device: torch.device):
+    """The kernel to launch on ``device`` and its fixed meta-parameters (none when the autotuner chooses them)."""
     if INTERPRETED:
         m, n, w, s = INTERPRETER_TILES[kind]
         return launch(KERNELS[kind]), {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
-    return launch(_autotuned(kind, family)), {}
+    capability = torch.cuda.get_device_capability(device)
+    return launch(_autotuned(kind, family, capability)), {}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -691,7 +739,7 @@ def attention_forward(q, k, v, attn_mask, out, lse, seed, dropout_p, is_causal, 
     mask, mask_strides, mask_kind, row_bcast = _mask_arguments(attn_mask, (B, Hq, Nq, Nk), lse)
     seed, threshold, dropout_scale, has_dropout = _dropout_arguments(dropout_p, seed, lse)
     heavy = has_dropout or (mask_kind != MASK_NONE and not row_bcast)
-    kernel, meta = _kernel("fwd", tile_family(q.element_size(), D, Dv, heavy), launch)
+    kernel, meta = _kernel("fwd", tile_family(q.element_size(), D, Dv, heavy), launch, q.device)
     kernel[lambda META: (triton.cdiv(Nq, META["BLOCK_M"]), Hq, B)](
         q, k, v, mask, out, lse, seed,
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
@@ -726,14 +774,14 @@ def attention_backward(
             HEAD_DIM_V=Dv, BLOCK_DV=block_dim(Dv), BLOCK_M=block_m, num_warps=4,
         )  # fmt: skip
     if Nk > 0:
-        kernel, meta = _kernel("dkdv", family, launch)
+        kernel, meta = _kernel("dkdv", family, launch, q.device)
         kernel[lambda META: (triton.cdiv(Nk, META["BLOCK_N"]), Hk, B)](
             q, k, v, mask, grad_out, lse, delta, dk, dv, seed,
             *q.stride(), *k.stride(), *v.stride(), *mask_strides, *grad_out.stride(), *dk.stride(), *dv.stride(),
             *scalars, **flags, **meta,
         )  # fmt: skip
     if Nq > 0:
-        kernel, meta = _kernel("dq", family, launch)
+        kernel, meta = _kernel("dq", family, launch, q.device)
         kernel[lambda META: (triton.cdiv(Nq, META["BLOCK_M"]), Hq, B)](
             q, k, v, mask, grad_out, lse, delta, dq, seed,
             *q.stride(), *k.stride(), *v.stride(), *mask_strides, *grad_out.stride(), *dq.stride(),
