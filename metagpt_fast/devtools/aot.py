@@ -180,8 +180,9 @@ def attention_cases() -> list[AotCase]:
         block_m, block_n, num_warps, num_stages = tile
         constexprs = {
             "HEAD_DIM": width, "HEAD_DIM_V": width, "BLOCK_D": width, "BLOCK_DV": width, "IS_CAUSAL": is_causal,
-            "MASK_KIND": mask_kind, "MASK_ROW_BCAST": False, "HAS_DROPOUT": has_dropout, "BLOCK_M": block_m,
-            "BLOCK_N": block_n,
+            "MASK_KIND": mask_kind, "MASK_ROW_BCAST": False, "HAS_DROPOUT": has_dropout,
+            **({"FOLD_SCALE": True} if kind == "fwd" else {}),  # a positive scale, the usual one
+            "BLOCK_M": block_m, "BLOCK_N": block_n,
         }  # fmt: skip
         return case(
             attn.KERNELS[kind], constexprs, types(bits, mask_kind), **layout, num_warps=num_warps,

@@ -176,25 +176,35 @@ def _attn_fwd_inner(
     qk_scale, dropout_threshold, dropout_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BOUNDARY: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr, HAS_DROPOUT: tl.constexpr, FOLD_SCALE: tl.constexpr,
 ):  # fmt: skip
     """Online softmax over key blocks ``[lo, hi)``. ``BOUNDARY`` blocks straddle the causal diagonal or the end of
-    the keys and are masked; the others are known to be fully visible and in bounds (no per-element work)."""
+    the keys and are masked; the others are known to be fully visible and in bounds (no per-element work).
+
+    ``FOLD_SCALE`` (``qk_scale >= 0``): where no mask applies, the row maximum is taken on the raw products and
+    scaled once per row (rounding is monotonic, so it equals the maximum of the rounded scaled scores), and the scale
+    goes into the exponent's argument as one fused multiply-add per score instead of a multiply and a subtract."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
         k = _load_block(k_base, start_n, Nk, stride_kn, stride_kd, HEAD_DIM, BLOCK_N, BLOCK_D, BOUNDARY)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # (BLOCK_M, BLOCK_N), base 2
-        # Causal and key-bound masks only in BOUNDARY blocks, attn_mask in every block; nothing when none applies.
-        s = _mask_scores(
-            s, rows, cols, row_start, start_n, mask_base, stride_mm, stride_mn, Nq, Nk, BLOCK_M, BLOCK_N,
-            IS_CAUSAL and BOUNDARY, BOUNDARY, MASK_KIND, MASK_ROW_BCAST, False,
-        )  # fmt: skip
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row with no visible key so far has m = -inf: subtract 0 instead so exp2 gives 0, not NaN.
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_use[:, None])
+        qk = tl.dot(q, tl.trans(k), input_precision="ieee")  # (BLOCK_M, BLOCK_N)
+        if FOLD_SCALE and not BOUNDARY and MASK_KIND == 0:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            # A row with no visible key so far has m = -inf: subtract 0 instead so exp2 gives 0, not NaN.
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(tl.fma(qk, qk_scale, -m_use[:, None]))
+        else:
+            s = qk * qk_scale  # base 2
+            # Causal and key-bound masks only in BOUNDARY blocks, attn_mask in every block; nothing when none applies.
+            s = _mask_scores(
+                s, rows, cols, row_start, start_n, mask_base, stride_mm, stride_mn, Nq, Nk, BLOCK_M, BLOCK_N,
+                IS_CAUSAL and BOUNDARY, BOUNDARY, MASK_KIND, MASK_ROW_BCAST, False,
+            )  # fmt: skip
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # as above
+            p = tl.exp2(s - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser counts every weight, dropped or not
         acc = acc * alpha[:, None]
@@ -225,6 +235,7 @@ def _attn_fwd(
     MASK_KIND: tl.constexpr,
     MASK_ROW_BCAST: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    FOLD_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -234,7 +245,7 @@ def _attn_fwd(
 
     Lse holds m + log2(l) per row. With an additive mask it holds m and log2(l) apart (2, ...): a row whose every
     key carries a huge finite bias (torch.finfo(float32).min) has |m| ~ 1e38, where m + log2(l) rounds to m and the
-    backward would lose the 1/l of its weights."""
+    backward would lose the 1/l of its weights. ``FOLD_SCALE``: ``qk_scale >= 0`` (see _attn_fwd_inner)."""
     tl.static_assert(BLOCK_D >= HEAD_DIM)
     tl.static_assert(BLOCK_DV >= HEAD_DIM_V)
     start_m = tl.program_id(0)
@@ -272,7 +283,7 @@ def _attn_fwd(
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Nq, Nk, qk_scale, dropout_threshold,
         dropout_scale,
         HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N,
-        False, IS_CAUSAL, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
+        False, IS_CAUSAL, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT, FOLD_SCALE,
     )  # fmt: skip
     # Guarded, not left to a zero-trip loop: on sm_90 the path that skips an empty loop redefines the accumulator
     # registers while a wgmma is in flight, and ptxas then serialises every wgmma of the kernel (C7515: one wait per
@@ -283,7 +294,7 @@ def _attn_fwd(
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Nq, Nk, qk_scale, dropout_threshold,
             dropout_scale,
             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N,
-            True, IS_CAUSAL, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
+            True, IS_CAUSAL, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT, FOLD_SCALE,
         )  # fmt: skip
 
     # A row whose every key is masked has l = 0 and acc = 0: output 0, LSE = +inf (so the backward's P is 0).
@@ -745,7 +756,7 @@ def attention_forward(q, k, v, attn_mask, out, lse, seed, dropout_p, is_causal, 
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
         Hq, Nq, Nk, Hq // Hk, B * Hq * Nq, scale * math.log2(math.e), threshold, dropout_scale,
         HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=block_dim(D), BLOCK_DV=block_dim(Dv), IS_CAUSAL=is_causal,
-        MASK_KIND=mask_kind, MASK_ROW_BCAST=row_bcast, HAS_DROPOUT=has_dropout, **meta,
+        MASK_KIND=mask_kind, MASK_ROW_BCAST=row_bcast, HAS_DROPOUT=has_dropout, FOLD_SCALE=scale >= 0, **meta,
     )  # fmt: skip
 
 
