@@ -6,8 +6,8 @@ interpreter, which has no compiler). The report prints registers, shared memory,
 (HGMMA, their waits, TMA and cp.async loads, instructions per main-loop step) per kernel. Each gate of
 ``aot.GATES`` is one test: a compile error, spills a case does not justify, sm_90 attention matmuls without wgmma,
 wgmma that ptxas serialises (its advisories C7510-C7515), more than one tensor-core wait per four wgmma in a 16-bit
-forward or dQ kernel, or tensor-core products that several warps repeat. The gates themselves are checked on canned
-rows first, so none of them passes by construction.
+forward or dQ kernel, tensor-core products that several warps repeat, or a main-loop step over its instruction
+budget. The gates themselves are checked on canned rows, so none of them passes by construction.
 """
 
 import json
@@ -114,6 +114,13 @@ def test_no_tensor_core_product_is_repeated_by_several_warps(aot_report):
     _gate(aot_report, "replicated_products")
 
 
+@slow
+def test_hopper_forward_main_loop_within_its_budget(aot_report):
+    budgeted = [r for r in aot_report if r.get("loop_budget") and r["arch"] >= 90]
+    assert budgeted, "no sm_90 case carries a loop budget"
+    _gate(aot_report, "loop_budget")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the gates on canned rows (no compiler)
 
@@ -121,7 +128,7 @@ GOOD = {
     "label": "_attn_fwd[...,w8,s3,bf16]", "arch": 90, "role": "fwd", "dtype": "bf16", "allowed_spill_bytes": 0,
     "expect_wgmma": True, "registers": 186, "spill_bytes": 0, "uses_wgmma": True,
     "opcodes": {"HGMMA": 24, "WARPGROUP.DEPBAR": 4}, "replicated_dots": [], "replication": 1,
-    "allowed_replication": 1, "ptxas_advisories": [],
+    "allowed_replication": 1, "ptxas_advisories": [], "loop_budget": 550, "loop_instructions_per_128_rows": 516.0,
 }  # fmt: skip
 WGMMA_X2 = {"replicated_dots": ["64x32 mma v3 warpsPerCTA=[8, 1] x2"], "replication": 2}
 MMA_X4 = {"replicated_dots": ["32x16 mma v2 warpsPerCTA=[1, 8] x4"], "replication": 4}
@@ -140,6 +147,8 @@ MMA_X4 = {"replicated_dots": ["32x16 mma v2 warpsPerCTA=[1, 8] x4"], "replicatio
         ("replicated_products", WGMMA_X2),
         ("replicated_products", MMA_X4),
         ("replicated_products", {**MMA_X4, "allowed_replication": 2}),
+        ("loop_budget", {"loop_instructions_per_128_rows": 551.0}),
+        ("loop_budget", {"loop_instructions_per_128_rows": None}),  # no main loop found
     ],
 )
 def test_gates_fail_bad_rows_and_pass_good_ones(gate, bad):
@@ -161,6 +170,9 @@ def test_gates_fail_bad_rows_and_pass_good_ones(gate, bad):
         ("replicated_products", {"replicated_dots": ["16x16 fma warpsPerCTA=[8, 1] x2"]}),  # FMA units, float32
         ("replicated_products", {**MMA_X4, "arch": 80}),
         ("replicated_products", {**WGMMA_X2, "allowed_replication": 2}),  # a documented allowance
+        ("loop_budget", {"loop_instructions_per_128_rows": 550.0}),
+        ("loop_budget", {"loop_budget": None, "loop_instructions_per_128_rows": 900.0}),
+        ("loop_budget", {"arch": 80, "loop_instructions_per_128_rows": 900.0}),
     ],
 )
 def test_gates_leave_out_what_they_do_not_cover(gate, exempt):

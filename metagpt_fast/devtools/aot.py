@@ -65,6 +65,8 @@ class AotCase:
     # How many times warps may compute the same tensor-core product on sm_90 (1: never), with the reason at the
     # constant that allows more.
     allowed_replication: int = 1
+    # The most SASS instructions one main-loop step may take per 128 streamed rows; None: no budget.
+    loop_budget: int | None = None
 
     @property
     def label(self) -> str:
@@ -123,6 +125,7 @@ def case(
     streamed_rows: int = 0,
     archs: tuple[int, ...] = ARCHS,
     allowed_replication: int = 1,
+    loop_budget: int | None = None,
 ) -> AotCase:
     """One compile of ``kernel`` as Triton's launcher would specialise it for contiguous, aligned inputs.
 
@@ -132,8 +135,8 @@ def case(
     constant: every ``stride_*d`` argument (contiguous last dim) and those in ``unit_strides`` become the constexpr
     1, after ``constexprs`` (the order shows in the label). Pointers and strides are seen as multiples of 16, with
     ``aligned`` added and ``unaligned`` taken out. Like ``types``, these three name lists may hold names the kernel
-    lacks. ``role``, ``dtype``, ``streamed_rows`` and ``allowed_replication`` are recorded for the gates, ``archs``
-    limits the targets (see :class:`AotCase`).
+    lacks. ``role``, ``dtype``, ``streamed_rows``, ``allowed_replication`` and ``loop_budget`` are recorded for the
+    gates, ``archs`` limits the targets (see :class:`AotCase`).
     """
     names = kernel.arg_names
     unknown = [name for name in constexprs if name not in names]
@@ -151,7 +154,7 @@ def case(
     )
     return AotCase(
         kernel, signature, constexprs, num_warps, num_stages, expect_wgmma, allowed_spill_bytes, divisible, role,
-        dtype, streamed_rows, archs, allowed_replication,
+        dtype, streamed_rows, archs, allowed_replication, loop_budget,
     )  # fmt: skip
 
 
@@ -195,6 +198,11 @@ def attention_cases() -> list[AotCase]:
             allowed_replication=(
                 attn.SM90_HEAVY_FWD_256_REPLICATION if (kind, bits, width, has_dropout) == ("fwd", 16, 256, True)
                 else 1
+            ),
+            loop_budget=(
+                attn.FWD_128X128_LOOP_BUDGET
+                if (kind, bits, block_m, block_n, mask_kind) == ("fwd", 16, 128, 128, attn.MASK_NONE) and width <= 128
+                else None
             ),
         )  # fmt: skip
 
@@ -375,6 +383,7 @@ def _row(case: AotCase, arch: int, work: Callable[[], AotStats]) -> dict[str, An
         "dtype": case.dtype,
         "allowed_spill_bytes": case.allowed_spill_bytes,
         "allowed_replication": case.allowed_replication,
+        "loop_budget": case.loop_budget,
         "expect_wgmma": case.expect_wgmma,
     }
     try:
@@ -467,6 +476,15 @@ def _replicated_products(row: dict[str, Any]) -> str | None:
     return f"warps repeat the tensor-core products {tensor_core} (allowed x{row['allowed_replication']})"
 
 
+def _over_loop_budget(row: dict[str, Any]) -> str | None:
+    budget, used = row.get("loop_budget"), row.get("loop_instructions_per_128_rows")
+    if "error" in row or row["arch"] < 90 or budget is None:
+        return None
+    if used is None or used > budget:
+        return f"{used} SASS instructions per main-loop step (128 rows), budget {budget}"
+    return None
+
+
 # name -> check of one row (a failure message, or None). "serialised_wgmma" needs ptxas >= 12.8; rows without it carry
 # ptxas_advisories None and the reason in "ptxas".
 GATES: dict[str, Callable[[dict[str, Any]], str | None]] = {
@@ -476,6 +494,7 @@ GATES: dict[str, Callable[[dict[str, Any]], str | None]] = {
     "serialised_wgmma": _serialised_wgmma,
     "waits_per_wgmma": _waits_per_wgmma,
     "replicated_products": _replicated_products,
+    "loop_budget": _over_loop_budget,
 }
 
 

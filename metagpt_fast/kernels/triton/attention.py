@@ -623,7 +623,13 @@ TILES = {"fwd": FWD_TILES, "dkdv": DKDV_TILES, "dq": DQ_TILES}
 # dP, twice the tensor work (the AOT gate "replicated_products"). So here 8 warps take 128 rows and 4 warps take 64.
 # The figures are triton 3.8's AOT compile for sm_90: registers, spilled bytes, and the tile replaced.
 SM90_TILES = {
-    "fwd": {(16, 256): [(128, 64, 8, 2), (128, 32, 8, 2)]},  # 239 / 232 registers, 0 B; was 64x64 on 8 warps
+    "fwd": {
+        # 128 keys a step as at D=64: 222 registers, 0 B, 160 KiB, 516 SASS instructions per 128 keys against 742
+        # for 128x64 (one rescale of the accumulator and one set of row reductions per 128 keys instead of two);
+        # on sm_80 the same tile spills (64 B).
+        (16, 128): [(128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)],
+        (16, 256): [(128, 64, 8, 2), (128, 32, 8, 2)],  # 239 / 232 registers, 0 B; was 64x64 on 8 warps
+    },
     "dkdv": {
         (16, 128): [(32, 128, 8, 2)],  # 255 registers, 0 B; was 32x64 (64 keys) on 8 warps
         # mma.sync: 64 or 32 queries by 16 keys on 4 warps, 227 / 180 registers, 0 B; was 16x32 on 8 warps, whose
@@ -655,6 +661,10 @@ SM90_HEAVY_TILES = {
 # on 8 warps, whose 64 x 16 scores both warpgroups compute (the 64 x 256 P V product is split, not repeated). Every
 # tile without the repeat spills: 128x16 on 8 warps 24-64 B, 64x16 on 4 warps 96-104 B, 64x32 on 4 warps 448-504 B.
 SM90_HEAVY_FWD_256_REPLICATION = 2
+# Static budget of the 16-bit sm_90 forward with 128 x 128 tiles (D <= 128, no mask): SASS instructions of one main-loop
+# step per thread (128 keys). Triton's fused-attention tutorial compiles to 494 with TMA loads; this kernel to 516
+# (D=128) and 478 (D=64) with cp.async.
+FWD_128X128_LOOP_BUDGET = 550
 
 # Under TRITON_INTERPRET=1 (CPU tests) one small configuration; BLOCK_M != BLOCK_N so both orders of the causal
 # diagonal bookkeeping are exercised.
