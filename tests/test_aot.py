@@ -77,6 +77,22 @@ def test_every_kernel_has_a_case():
     assert [k.__name__ for k in kernels if k not in compiled] == []
 
 
+def test_attention_autotuner_keys_on_length_buckets():
+    """The attention autotuners key on kernel arguments, with the sequence lengths as powers of 2 (one tuning per
+    bucket, not per length)."""
+    from metagpt_fast.kernels.triton import attention
+
+    for kind in ("fwd", "dkdv", "dq"):
+        tuned = attention._autotuned(kind, (16, 128, False), (9, 0))
+        assert set(tuned.keys) <= set(attention.KERNELS[kind].arg_names), kind
+        assert {"Nq_bucket", "Nk_bucket"} <= set(tuned.keys) and not {"Nq", "Nk"} & set(tuned.keys), kind
+        assert [tuple(c.kwargs.values()) for c in tuned.configs] == [
+            (m, n) for m, n, _, _ in attention.tiles(kind, (16, 128, False), (9, 0))
+        ]
+    assert attention.length_buckets(1000, 17) == (1024, 32)
+    assert attention.length_buckets(1024, 1) == (1024, 1)
+
+
 @slow
 def test_no_unjustified_spills(aot_report):
     _gate(aot_report, "spills")

@@ -225,7 +225,7 @@ def _attn_fwd(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_ob, stride_oh, stride_om, stride_od,
-    Hq, Nq, Nk, GROUP, lse_split,
+    Hq, Nq, Nk, GROUP, lse_split, Nq_bucket, Nk_bucket,
     qk_scale, dropout_threshold, dropout_scale,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
@@ -241,7 +241,8 @@ def _attn_fwd(
 ):  # fmt: skip
     """Grid (cdiv(Nq, BLOCK_M), Hq, B). Q (B, Hq, Nq, D), K (B, Hk, Nk, D), V (B, Hk, Nk, Dv), Mask broadcast to
     (B, Hq, Nq, Nk) (stride 0 on broadcast dims), Out (B, Hq, Nq, Dv), Lse (1 or 2, B, Hq, Nq) float32 with
-    ``lse_split = B * Hq * Nq``, Seed (1,) int64.
+    ``lse_split = B * Hq * Nq``, Seed (1,) int64. ``Nq_bucket``, ``Nk_bucket``: the autotuner's key only
+    (:func:`length_buckets`; the same in the backward kernels).
 
     Lse holds m + log2(l) per row. With an additive mask it holds m and log2(l) apart (2, ...): a row whose every
     key carries a huge finite bias (torch.finfo(float32).min) has |m| ~ 1e38, where m + log2(l) rounds to m and the
@@ -386,7 +387,7 @@ def _attn_bwd_dkdv(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    Hq, Nq, Nk, GROUP, lse_split,
+    Hq, Nq, Nk, GROUP, lse_split, Nq_bucket, Nk_bucket,
     sm_scale, qk_scale, dropout_threshold, dropout_scale,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
@@ -499,7 +500,7 @@ def _attn_bwd_dq(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    Hq, Nq, Nk, GROUP, lse_split,
+    Hq, Nq, Nk, GROUP, lse_split, Nq_bucket, Nk_bucket,
     sm_scale, qk_scale, dropout_threshold, dropout_scale,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
@@ -673,7 +674,17 @@ INTERPRETER_TILES = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 1
 # The kernels by role; "preprocess" is never autotuned. Tooling that compiles them ahead of time
 # (``metagpt_fast/devtools/aot.py``) reads this and the tile tables.
 KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq, "preprocess": _attn_bwd_preprocess}
-_TUNING_KEY = ["Nq", "Nk", "GROUP", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "MASK_KIND", "MASK_ROW_BCAST", "HAS_DROPOUT"]
+# The autotuner's key. Sequence lengths enter it as powers of 2 (``Nq_bucket``, ``Nk_bucket``: kernel arguments used
+# for nothing else), so a model that sees many lengths tunes once per bucket, not once per length.
+_TUNING_KEY = [
+    "Nq_bucket", "Nk_bucket", "GROUP", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "MASK_KIND", "MASK_ROW_BCAST",
+    "HAS_DROPOUT",
+]  # fmt: skip
+
+
+def length_buckets(nq: int, nk: int) -> tuple[int, int]:
+    """The autotuning buckets of the query and key lengths: the next powers of 2."""
+    return triton.next_power_of_2(max(nq, 1)), triton.next_power_of_2(max(nk, 1))
 
 
 def block_dim(d: int) -> int:
@@ -764,7 +775,8 @@ def attention_forward(q, k, v, attn_mask, out, lse, seed, dropout_p, is_causal, 
     kernel[lambda META: (triton.cdiv(Nq, META["BLOCK_M"]), Hq, B)](
         q, k, v, mask, out, lse, seed,
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
-        Hq, Nq, Nk, Hq // Hk, B * Hq * Nq, scale * math.log2(math.e), threshold, dropout_scale,
+        Hq, Nq, Nk, Hq // Hk, B * Hq * Nq, *length_buckets(Nq, Nk), scale * math.log2(math.e), threshold,
+        dropout_scale,
         HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=block_dim(D), BLOCK_DV=block_dim(Dv), IS_CAUSAL=is_causal,
         MASK_KIND=mask_kind, MASK_ROW_BCAST=row_bcast, HAS_DROPOUT=has_dropout, FOLD_SCALE=scale >= 0, **meta,
     )  # fmt: skip
@@ -786,7 +798,10 @@ def attention_backward(
         HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=block_dim(D), BLOCK_DV=block_dim(Dv), IS_CAUSAL=is_causal,
         MASK_KIND=mask_kind, MASK_ROW_BCAST=row_bcast, HAS_DROPOUT=has_dropout,
     )  # fmt: skip
-    scalars = (Hq, Nq, Nk, Hq // Hk, B * Hq * Nq, scale, scale * math.log2(math.e), threshold, dropout_scale)
+    scalars = (
+        Hq, Nq, Nk, Hq // Hk, B * Hq * Nq, *length_buckets(Nq, Nk), scale, scale * math.log2(math.e), threshold,
+        dropout_scale,
+    )  # fmt: skip
 
     if Nq > 0:
         block_m = preprocess_block_m(Dv)
