@@ -6,8 +6,9 @@ interpreter, which has no compiler). The report prints registers, shared memory,
 (HGMMA, their waits, TMA and cp.async loads, instructions per main-loop step) per kernel. Each gate of
 ``aot.GATES`` is one test: a compile error, spills a case does not justify, sm_90 attention matmuls without wgmma,
 wgmma that ptxas serialises (its advisories C7510-C7515), more than one tensor-core wait per four wgmma in a 16-bit
-forward or dQ kernel, tensor-core products that several warps repeat, or a main-loop step over its instruction
-budget. The gates themselves are checked on canned rows, so none of them passes by construction.
+forward or dQ kernel, tensor-core products that several warps repeat, a main-loop step over its instruction
+budget, or a Hopper forward that loads K and V without TMA (or with cp.async). The gates themselves are checked on
+canned rows, so none of them passes by construction.
 """
 
 import json
@@ -137,6 +138,13 @@ def test_hopper_forward_main_loop_within_its_budget(aot_report):
     _gate(aot_report, "loop_budget")
 
 
+@slow
+def test_hopper_forward_loads_keys_and_values_with_tma(aot_report):
+    expecting = [r for r in aot_report if r.get("expect_tma") and r["arch"] >= 90]
+    assert {r["dtype"] for r in expecting} == {"bf16"} and {r["role"] for r in expecting} == {"fwd"}
+    _gate(aot_report, "tma")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the gates on canned rows (no compiler)
 
@@ -145,7 +153,9 @@ GOOD = {
     "expect_wgmma": True, "registers": 186, "spill_bytes": 0, "uses_wgmma": True,
     "opcodes": {"HGMMA": 24, "WARPGROUP.DEPBAR": 4}, "replicated_dots": [], "replication": 1,
     "allowed_replication": 1, "ptxas_advisories": [], "loop_budget": 550, "loop_instructions_per_128_rows": 516.0,
+    "expect_tma": True,
 }  # fmt: skip
+GOOD["opcodes"] = {**GOOD["opcodes"], "UTMALDG": 8, "LDGSTS": 0}
 WGMMA_X2 = {"replicated_dots": ["64x32 mma v3 warpsPerCTA=[8, 1] x2"], "replication": 2}
 MMA_X4 = {"replicated_dots": ["32x16 mma v2 warpsPerCTA=[1, 8] x4"], "replication": 4}
 
@@ -165,6 +175,8 @@ MMA_X4 = {"replicated_dots": ["32x16 mma v2 warpsPerCTA=[1, 8] x4"], "replicatio
         ("replicated_products", {**MMA_X4, "allowed_replication": 2}),
         ("loop_budget", {"loop_instructions_per_128_rows": 551.0}),
         ("loop_budget", {"loop_instructions_per_128_rows": None}),  # no main loop found
+        ("tma", {"opcodes": {**GOOD["opcodes"], "UTMALDG": 0}}),
+        ("tma", {"opcodes": {**GOOD["opcodes"], "LDGSTS": 16}}),
     ],
 )
 def test_gates_fail_bad_rows_and_pass_good_ones(gate, bad):
@@ -189,6 +201,8 @@ def test_gates_fail_bad_rows_and_pass_good_ones(gate, bad):
         ("loop_budget", {"loop_instructions_per_128_rows": 550.0}),
         ("loop_budget", {"loop_budget": None, "loop_instructions_per_128_rows": 900.0}),
         ("loop_budget", {"arch": 80, "loop_instructions_per_128_rows": 900.0}),
+        ("tma", {"expect_tma": False, "opcodes": {**GOOD["opcodes"], "UTMALDG": 0, "LDGSTS": 16}}),
+        ("tma", {"arch": 80, "opcodes": {}}),  # no SASS figures on sm_80
     ],
 )
 def test_gates_leave_out_what_they_do_not_cover(gate, exempt):

@@ -67,6 +67,8 @@ class AotCase:
     allowed_replication: int = 1
     # The most SASS instructions one main-loop step may take per 128 streamed rows; None: no budget.
     loop_budget: int | None = None
+    # Streamed operands read through tensor descriptors: on sm_90, TMA loads (UTMALDG) and no cp.async (LDGSTS).
+    expect_tma: bool = False
 
     @property
     def label(self) -> str:
@@ -126,6 +128,7 @@ def case(
     archs: tuple[int, ...] = ARCHS,
     allowed_replication: int = 1,
     loop_budget: int | None = None,
+    expect_tma: bool = False,
 ) -> AotCase:
     """One compile of ``kernel`` as Triton's launcher would specialise it for contiguous, aligned inputs.
 
@@ -135,8 +138,8 @@ def case(
     constant: every ``stride_*d`` argument (contiguous last dim) and those in ``unit_strides`` become the constexpr
     1, after ``constexprs`` (the order shows in the label). Pointers and strides are seen as multiples of 16, with
     ``aligned`` added and ``unaligned`` taken out. Like ``types``, these three name lists may hold names the kernel
-    lacks. ``role``, ``dtype``, ``streamed_rows``, ``allowed_replication`` and ``loop_budget`` are recorded for the
-    gates, ``archs`` limits the targets (see :class:`AotCase`).
+    lacks. ``role``, ``dtype``, ``streamed_rows``, ``allowed_replication``, ``loop_budget`` and ``expect_tma`` are
+    recorded for the gates, ``archs`` limits the targets (see :class:`AotCase`).
     """
     names = kernel.arg_names
     unknown = [name for name in constexprs if name not in names]
@@ -154,7 +157,7 @@ def case(
     )
     return AotCase(
         kernel, signature, constexprs, num_warps, num_stages, expect_wgmma, allowed_spill_bytes, divisible, role,
-        dtype, streamed_rows, archs, allowed_replication, loop_budget,
+        dtype, streamed_rows, archs, allowed_replication, loop_budget, expect_tma,
     )  # fmt: skip
 
 
@@ -179,12 +182,14 @@ def attention_cases() -> list[AotCase]:
     # A contiguous mask (stride_mn = 1); its other strides, and the seed pointer, are not assumed aligned.
     layout = {"unit_strides": ("stride_mn",), "unaligned": ("Seed", "stride_mb", "stride_mh", "stride_mm")}
 
-    def tile_case(kind, bits, width, tile, *, archs, is_causal, mask_kind, has_dropout) -> AotCase:
+    def tile_case(kind, bits, width, tile, *, archs, descriptors, is_causal, mask_kind, has_dropout) -> AotCase:
         block_m, block_n, num_warps, num_stages = tile
+        # The forward's FOLD_SCALE for a positive scale (the usual one), KV_DESCRIPTORS as attention.kv_descriptors
+        # sets it for aligned inputs on the case's architectures.
+        forward = {"FOLD_SCALE": True, "KV_DESCRIPTORS": descriptors} if kind == "fwd" else {}
         constexprs = {
             "HEAD_DIM": width, "HEAD_DIM_V": width, "BLOCK_D": width, "BLOCK_DV": width, "IS_CAUSAL": is_causal,
-            "MASK_KIND": mask_kind, "MASK_ROW_BCAST": False, "HAS_DROPOUT": has_dropout,
-            **({"FOLD_SCALE": True} if kind == "fwd" else {}),  # a positive scale, the usual one
+            "MASK_KIND": mask_kind, "MASK_ROW_BCAST": False, "HAS_DROPOUT": has_dropout, **forward,
             "BLOCK_M": block_m, "BLOCK_N": block_n,
         }  # fmt: skip
         return case(
@@ -204,6 +209,7 @@ def attention_cases() -> list[AotCase]:
                 if (kind, bits, block_m, block_n, mask_kind) == ("fwd", 16, 128, 128, attn.MASK_NONE) and width <= 128
                 else None
             ),
+            expect_tma=descriptors,
         )  # fmt: skip
 
     cases = []
@@ -218,8 +224,14 @@ def attention_cases() -> list[AotCase]:
                 if heavy:
                     variant = {"is_causal": False, "mask_kind": attn.MASK_ADDITIVE, "has_dropout": True}
                 for tile in dict.fromkeys(tile for listed in per_arch.values() for tile in listed):
-                    archs = tuple(arch for arch in ARCHS if tile in per_arch[arch])
-                    cases.append(tile_case(kind, bits, width, tile, archs=archs, **variant))
+                    by_descriptors: dict[bool, tuple[int, ...]] = {}
+                    for arch in (arch for arch in ARCHS if tile in per_arch[arch]):
+                        descriptors = kind == "fwd" and bits == 16 and arch >= 90 and not heavy
+                        by_descriptors[descriptors] = (*by_descriptors.get(descriptors, ()), arch)
+                    for descriptors, archs in by_descriptors.items():
+                        cases.append(
+                            tile_case(kind, bits, width, tile, archs=archs, descriptors=descriptors, **variant)
+                        )
     for width in (64, 128, 256):
         for bits in (16, 32):
             constexprs = {"HEAD_DIM_V": width, "BLOCK_DV": width, "BLOCK_M": attn.preprocess_block_m(width)}
@@ -385,6 +397,7 @@ def _row(case: AotCase, arch: int, work: Callable[[], AotStats]) -> dict[str, An
         "allowed_replication": case.allowed_replication,
         "loop_budget": case.loop_budget,
         "expect_wgmma": case.expect_wgmma,
+        "expect_tma": case.expect_tma,
     }
     try:
         stats = work()
@@ -485,6 +498,15 @@ def _over_loop_budget(row: dict[str, Any]) -> str | None:
     return None
 
 
+def _missing_tma(row: dict[str, Any]) -> str | None:
+    if "error" in row or row["arch"] < 90 or not row.get("expect_tma"):
+        return None
+    tma, cp_async = row["opcodes"]["UTMALDG"], row["opcodes"]["LDGSTS"]
+    if tma == 0 or cp_async:
+        return f"{tma} UTMALDG and {cp_async} LDGSTS: expected TMA loads and no cp.async"
+    return None
+
+
 # name -> check of one row (a failure message, or None). "serialised_wgmma" needs ptxas >= 12.8; rows without it carry
 # ptxas_advisories None and the reason in "ptxas".
 GATES: dict[str, Callable[[dict[str, Any]], str | None]] = {
@@ -495,6 +517,7 @@ GATES: dict[str, Callable[[dict[str, Any]], str | None]] = {
     "waits_per_wgmma": _waits_per_wgmma,
     "replicated_products": _replicated_products,
     "loop_budget": _over_loop_budget,
+    "tma": _missing_tma,
 }
 
 

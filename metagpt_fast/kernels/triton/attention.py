@@ -177,9 +177,11 @@ def _attn_fwd_inner(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BOUNDARY: tl.constexpr, IS_CAUSAL: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr, HAS_DROPOUT: tl.constexpr, FOLD_SCALE: tl.constexpr,
+    KV_DESCRIPTORS: tl.constexpr,
 ):  # fmt: skip
     """Online softmax over key blocks ``[lo, hi)``. ``BOUNDARY`` blocks straddle the causal diagonal or the end of
     the keys and are masked; the others are known to be fully visible and in bounds (no per-element work).
+    ``KV_DESCRIPTORS``: ``k_base`` and ``v_base`` are tensor descriptors (see _attn_fwd), else base pointers.
 
     ``FOLD_SCALE`` (``qk_scale >= 0``): where no mask applies, the row maximum is taken on the raw products and
     scaled once per row (rounding is monotonic, so it equals the maximum of the rounded scaled scores), and the scale
@@ -188,7 +190,10 @@ def _attn_fwd_inner(
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
-        k = _load_block(k_base, start_n, Nk, stride_kn, stride_kd, HEAD_DIM, BLOCK_N, BLOCK_D, BOUNDARY)
+        if KV_DESCRIPTORS:  # rows past Nk and columns past HEAD_DIM read 0
+            k = k_base.load([start_n, 0])
+        else:
+            k = _load_block(k_base, start_n, Nk, stride_kn, stride_kd, HEAD_DIM, BLOCK_N, BLOCK_D, BOUNDARY)
         qk = tl.dot(q, tl.trans(k), input_precision="ieee")  # (BLOCK_M, BLOCK_N)
         if FOLD_SCALE and not BOUNDARY and MASK_KIND == 0:
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
@@ -211,7 +216,10 @@ def _attn_fwd_inner(
         if HAS_DROPOUT:
             offsets = drop_base + rows.to(tl.int64)[:, None] * Nk + cols[None, :]
             p = tl.where(dropout_keep(seed, offsets, dropout_threshold), p * dropout_scale, 0.0)
-        v = _load_block(v_base, start_n, Nk, stride_vn, stride_vd, HEAD_DIM_V, BLOCK_N, BLOCK_DV, BOUNDARY)
+        if KV_DESCRIPTORS:
+            v = v_base.load([start_n, 0])
+        else:
+            v = _load_block(v_base, start_n, Nk, stride_vn, stride_vd, HEAD_DIM_V, BLOCK_N, BLOCK_DV, BOUNDARY)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
         m_i = m_new
     return acc, l_i, m_i
@@ -236,6 +244,7 @@ def _attn_fwd(
     MASK_ROW_BCAST: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     FOLD_SCALE: tl.constexpr,
+    KV_DESCRIPTORS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -246,7 +255,12 @@ def _attn_fwd(
 
     Lse holds m + log2(l) per row. With an additive mask it holds m and log2(l) apart (2, ...): a row whose every
     key carries a huge finite bias (torch.finfo(float32).min) has |m| ~ 1e38, where m + log2(l) rounds to m and the
-    backward would lose the 1/l of its weights. ``FOLD_SCALE``: ``qk_scale >= 0`` (see _attn_fwd_inner)."""
+    backward would lose the 1/l of its weights. ``FOLD_SCALE``: ``qk_scale >= 0`` (see _attn_fwd_inner).
+
+    ``KV_DESCRIPTORS``: K and V are read through tensor descriptors (on sm_90, TMA copies issued by one thread into
+    shared memory, in place of every thread's cp.async address arithmetic); they need a last stride of 1, the other
+    strides and the base 16-byte aligned (:func:`kv_descriptors`), and scratch memory from triton's allocator for the
+    descriptors (:func:`_ensure_allocator`)."""
     tl.static_assert(BLOCK_D >= HEAD_DIM)
     tl.static_assert(BLOCK_DV >= HEAD_DIM_V)
     start_m = tl.program_id(0)
@@ -258,6 +272,9 @@ def _attn_fwd(
     offs_dv = tl.arange(0, BLOCK_DV)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
+    if KV_DESCRIPTORS:
+        k_base = tl.make_tensor_descriptor(k_base, [Nk, HEAD_DIM], [stride_kn, 1], [BLOCK_N, BLOCK_D])
+        v_base = tl.make_tensor_descriptor(v_base, [Nk, HEAD_DIM_V], [stride_vn, 1], [BLOCK_N, BLOCK_DV])
     mask_base = Mask + b * stride_mb + h * stride_mh
     row_base = (b * Hq + h) * Nq  # first row of this (b, h) in Lse and in the dropout offsets
     drop_base = row_base * Nk
@@ -284,7 +301,7 @@ def _attn_fwd(
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Nq, Nk, qk_scale, dropout_threshold,
         dropout_scale,
         HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N,
-        False, IS_CAUSAL, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT, FOLD_SCALE,
+        False, IS_CAUSAL, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT, FOLD_SCALE, KV_DESCRIPTORS,
     )  # fmt: skip
     # Guarded, not left to a zero-trip loop: on sm_90 the path that skips an empty loop redefines the accumulator
     # registers while a wgmma is in flight, and ptxas then serialises every wgmma of the kernel (C7515: one wait per
@@ -295,7 +312,7 @@ def _attn_fwd(
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Nq, Nk, qk_scale, dropout_threshold,
             dropout_scale,
             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N,
-            True, IS_CAUSAL, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT, FOLD_SCALE,
+            True, IS_CAUSAL, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT, FOLD_SCALE, KV_DESCRIPTORS,
         )  # fmt: skip
 
     # A row whose every key is masked has l = 0 and acc = 0: output 0, LSE = +inf (so the backward's P is 0).
@@ -632,7 +649,9 @@ SM90_TILES = {
         (16, 256): [(128, 64, 8, 2), (128, 32, 8, 2)],  # 239 / 232 registers, 0 B; was 64x64 on 8 warps
     },
     "dkdv": {
-        (16, 128): [(32, 128, 8, 2)],  # 255 registers, 0 B; was 32x64 (64 keys) on 8 warps
+        # 255 / 218 registers, 0 B; was 32x64 (64 keys) on 8 warps. With triton 3.6 (the oldest supported) 32x128
+        # spills 56 B (32x64 spilled 64 B); 16x128 does not, so the autotuner has both.
+        (16, 128): [(32, 128, 8, 2), (16, 128, 8, 2)],
         # mma.sync: 64 or 32 queries by 16 keys on 4 warps, 227 / 180 registers, 0 B; was 16x32 on 8 warps, whose
         # warps lie along the 16 queries of S^T and dP^T (64 columns of warps, each product computed 4 times)
         (16, 256): [(64, 16, 4, 1), (32, 16, 4, 1)],
@@ -641,8 +660,11 @@ SM90_TILES = {
 }
 SM90_HEAVY_TILES = {
     "fwd": {
-        (16, 64): [(128, 64, 8, 2)],  # the 64x64 8-warp alternative goes
-        (16, 128): [(128, 32, 8, 2)],  # 255 registers, 0 B; was 64x32 on 8 warps
+        # the 64x64 8-warp alternative goes. With triton 3.6 128x64 spills 56-112 B (as before these tables); 128x32
+        # does not, but its steps are 6 HGMMA for 2 waits (over the AOT gate's 1 per 4)
+        (16, 64): [(128, 64, 8, 2)],
+        # 200 / 236 registers, 0 B (128x32 on 8 warps: 0 B with triton 3.8, 40 B with 3.6); was 64x32 on 8 warps
+        (16, 128): [(128, 16, 8, 2), (64, 16, 4, 2)],
     },
     "dkdv": {
         (16, 64): [(16, 128, 8, 2), (16, 64, 4, 2)],  # 220 / 174 registers, 0 B; was 16x64 on 8 warps
@@ -650,9 +672,9 @@ SM90_HEAVY_TILES = {
         (16, 256): [(32, 16, 4, 1)],  # mma.sync, 186 registers, 0 B; was 16x32 on 8 warps (see above)
     },
     "dq": {
-        # 255 registers each, 0 B; was 64x32 on 8 warps. 64 keys a step as in the plain table (with 32, 10 HGMMA
-        # for 3 waits)
-        (16, 64): [(128, 64, 8, 2), (64, 64, 4, 2)],
+        # 255 registers, 0 B; was 64x32 on 8 warps. 64 keys a step as in the plain table (with 32, 10 HGMMA for 3
+        # waits); 64x64 on 4 warps spilled 40 B with triton 3.6
+        (16, 64): [(128, 64, 8, 2)],
         (16, 128): [(128, 32, 8, 2), (64, 16, 4, 2)],  # 248 / 233 registers, 0 B; was 64x32 on 8 warps
         # mma.sync, 178 registers, 0 B; was 32x32 on 8 warps, whose warps lie along the 32 keys (64 columns of warps)
         (16, 256): [(16, 32, 4, 2)],
@@ -752,6 +774,54 @@ def _mask_arguments(attn_mask, shape, placeholder):
     return mask, mask.stride(), kind, mask.stride(2) == 0 or shape[2] == 1
 
 
+def _tma_aligned(t: torch.Tensor) -> bool:
+    """A tensor descriptor can address ``t``: last stride 1, the other strides (of dims longer than 1) and the start
+    16-byte aligned."""
+    size = t.element_size()
+    outer = zip(t.shape[:-1], t.stride()[:-1], strict=True)
+    if t.stride(-1) != 1 or any(n > 1 and (stride * size) % 16 for n, stride in outer):
+        return False
+    try:
+        start = t.data_ptr()
+    except (RuntimeError, NotImplementedError):  # fake tensors while tracing: torch's storages are aligned
+        start = t.storage_offset() * size
+    return start % 16 == 0
+
+
+def kv_descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heavy: bool) -> bool:
+    """Whether the forward reads K and V through tensor descriptors (KV_DESCRIPTORS): where they lower to TMA
+    (16-bit data on sm_90 and newer) and under the interpreter (so that the CPU tests run the descriptor path; strided
+    inputs there run the block-pointer path), when K and V are :func:`_tma_aligned`, and not with dropout or a dense
+    mask (``heavy``): their tiles already use every register, and descriptors made them spill (the 128x64 tile at
+    D=64: 728 B with triton 3.6 against 56 B with block pointers)."""
+    if heavy or not (_tma_aligned(k) and _tma_aligned(v)):
+        return False
+    if INTERPRETED:
+        return True
+    return q.element_size() == 2 and q.is_cuda and torch.cuda.get_device_capability(q.device) >= (9, 0)
+
+
+def _scratch(device: torch.device):
+    def allocate(size: int, alignment: int, stream):
+        return torch.empty(size, dtype=torch.int8, device=device)
+
+    return allocate
+
+
+def _ensure_allocator(device: torch.device) -> None:
+    """Kernels that build tensor descriptors on the device need global scratch memory, which triton asks of the
+    allocator set with ``triton.set_allocator`` (per thread: a ContextVar). Unless the caller (or torch.compile's
+    generated code) has set one, set one that takes it from torch's allocator on ``device``."""
+    try:
+        from triton.runtime import _allocation
+
+        unset = isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
+    except (ImportError, AttributeError):  # the private module moved: set ours
+        unset = True
+    if unset:
+        triton.set_allocator(_scratch(torch.device("cpu") if INTERPRETED else device))
+
+
 def _dropout_arguments(dropout_p, seed, placeholder):
     if dropout_p == 0.0:
         return placeholder, 0, 1.0, False
@@ -771,6 +841,9 @@ def attention_forward(q, k, v, attn_mask, out, lse, seed, dropout_p, is_causal, 
     mask, mask_strides, mask_kind, row_bcast = _mask_arguments(attn_mask, (B, Hq, Nq, Nk), lse)
     seed, threshold, dropout_scale, has_dropout = _dropout_arguments(dropout_p, seed, lse)
     heavy = has_dropout or (mask_kind != MASK_NONE and not row_bcast)
+    descriptors = kv_descriptors(q, k, v, heavy)
+    if descriptors:
+        _ensure_allocator(q.device)
     kernel, meta = _kernel("fwd", tile_family(q.element_size(), D, Dv, heavy), launch, q.device)
     kernel[lambda META: (triton.cdiv(Nq, META["BLOCK_M"]), Hq, B)](
         q, k, v, mask, out, lse, seed,
@@ -778,7 +851,8 @@ def attention_forward(q, k, v, attn_mask, out, lse, seed, dropout_p, is_causal, 
         Hq, Nq, Nk, Hq // Hk, B * Hq * Nq, *length_buckets(Nq, Nk), scale * math.log2(math.e), threshold,
         dropout_scale,
         HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=block_dim(D), BLOCK_DV=block_dim(Dv), IS_CAUSAL=is_causal,
-        MASK_KIND=mask_kind, MASK_ROW_BCAST=row_bcast, HAS_DROPOUT=has_dropout, FOLD_SCALE=scale >= 0, **meta,
+        MASK_KIND=mask_kind, MASK_ROW_BCAST=row_bcast, HAS_DROPOUT=has_dropout, FOLD_SCALE=scale >= 0,
+        KV_DESCRIPTORS=descriptors, **meta,
     )  # fmt: skip
 
 
