@@ -635,18 +635,20 @@ HEAVY_TILES = {
 }
 TILES = {"fwd": FWD_TILES, "dkdv": DKDV_TILES, "dq": DQ_TILES}
 
-# Hopper (sm_90) replacements for the 16-bit tiles above that repeat work there. wgmma gives each warpgroup (4 warps)
-# 64 rows of a product, and Triton puts all the warps of a product that feeds another one (S -> P V, dP -> dS -> dQ)
-# on its rows (warpsPerCTA = [num_warps, 1]): an 8-warp tile with 64 rows has both warpgroups compute the same S and
-# dP, twice the tensor work (the AOT gate "replicated_products"). So here 8 warps take 128 rows and 4 warps take 64.
-# The figures are triton 3.8's AOT compile for sm_90: registers, spilled bytes, and the tile replaced.
+# Hopper (sm_90) lists where they differ from the tables above (docs/triton-attention.md). Mostly replacements for
+# 16-bit tiles that repeat work there: wgmma gives each warpgroup (4 warps) 64 rows of a product, and Triton puts all
+# the warps of a product that feeds another one (S -> P V, dP -> dS -> dQ) on its rows (warpsPerCTA = [num_warps,
+# 1]): an 8-warp tile with 64 rows has both warpgroups compute the same S and dP, twice the tensor work (the AOT gate
+# "replicated_products"). So here 8 warps take 128 rows and 4 warps take 64. The figures are triton 3.8's AOT
+# compile for sm_90 (registers, spilled bytes; the forward without mask with K and V through tensor descriptors),
+# and the tile replaced.
 SM90_TILES = {
     "fwd": {
-        # 128 keys a step as at D=64: 222 registers, 0 B, 160 KiB, 516 SASS instructions per 128 keys against 742
+        # 128 keys a step as at D=64: 189 registers, 0 B, 161 KiB, 479 SASS instructions per 128 keys against 664
         # for 128x64 (one rescale of the accumulator and one set of row reductions per 128 keys instead of two);
         # on sm_80 the same tile spills (64 B).
         (16, 128): [(128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)],
-        (16, 256): [(128, 64, 8, 2), (128, 32, 8, 2)],  # 239 / 232 registers, 0 B; was 64x64 on 8 warps
+        (16, 256): [(128, 64, 8, 2), (128, 32, 8, 2)],  # 222 / 198 registers, 0 B; was 64x64 on 8 warps
     },
     "dkdv": {
         # 255 / 218 registers, 0 B; was 32x64 (64 keys) on 8 warps. With triton 3.6 (the oldest supported) 32x128
@@ -685,8 +687,8 @@ SM90_HEAVY_TILES = {
 # tile without the repeat spills: 128x16 on 8 warps 24-64 B, 64x16 on 4 warps 96-104 B, 64x32 on 4 warps 448-504 B.
 SM90_HEAVY_FWD_256_REPLICATION = 2
 # Static budget of the 16-bit sm_90 forward with 128 x 128 tiles (D <= 128, no mask): SASS instructions of one main-loop
-# step per thread (128 keys). Triton's fused-attention tutorial compiles to 494 with TMA loads; this kernel to 516
-# (D=128) and 478 (D=64) with cp.async.
+# step per thread (128 keys). This kernel compiles to 479 (D=128) and 450 (D=64) with TMA loads, 516 and 478 with
+# cp.async; 128x64 tiles took 842 per 128 keys before the changes of docs/triton-attention.md.
 FWD_128X128_LOOP_BUDGET = 550
 
 # Under TRITON_INTERPRET=1 (CPU tests) one small configuration; BLOCK_M != BLOCK_N so both orders of the causal
