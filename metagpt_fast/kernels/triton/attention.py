@@ -777,11 +777,12 @@ def _mask_arguments(attn_mask, shape, placeholder):
 
 
 def _tma_aligned(t: torch.Tensor) -> bool:
-    """A tensor descriptor can address ``t``: last stride 1, the other strides (of dims longer than 1) and the start
-    16-byte aligned."""
+    """A tensor descriptor can address the rows of ``t`` (B, H, N, D): last stride 1, the row stride 16-byte aligned
+    (the descriptor's stride, even for one row), and the start of every (batch, head) matrix 16-byte aligned (the
+    batch and head strides of dims longer than 1, and the start of ``t``)."""
     size = t.element_size()
-    outer = zip(t.shape[:-1], t.stride()[:-1], strict=True)
-    if t.stride(-1) != 1 or any(n > 1 and (stride * size) % 16 for n, stride in outer):
+    outer = zip(t.shape[:-2], t.stride()[:-2], strict=True)
+    if t.stride(-1) != 1 or (t.stride(-2) * size) % 16 or any(n > 1 and (stride * size) % 16 for n, stride in outer):
         return False
     try:
         start = t.data_ptr()
