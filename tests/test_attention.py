@@ -105,6 +105,11 @@ def _triton_interpreted_cases():
         tri(40, 48, dt, b=2, hq=4, hk=2, nk=51, causal=True, layout="strided", grad_layout="transposed")
         for dt in (F32, F16)
     ]
+    # Negative scales: the forward folds the scale into one FFMA only when it is >= 0.
+    cases += [tri(70, 32, F32, causal=True, scale=-8.0), tri(40, 64, F16, nk=64, scale=-4.0)]
+    # No boundary blocks (Nk a multiple of the key tile): the boundary loop is skipped.
+    cases += [tri(64, 32), tri(64, 64, F16), tri(77, 32, nk=32, causal=True)]
+    cases += [tri(33, 256, F32, causal=True), tri(20, 256, F16, nk=64)]  # D=256 tiles
     return _cases(cases)
 
 
