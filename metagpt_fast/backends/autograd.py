@@ -12,6 +12,9 @@ saved, which inputs get a gradient, how dropout is replayed from the saved seed)
   the same dropout mask (nothing stored but the seed).
 - rotary: ``forward(q, k, position_ids, offset, rotary_dim, base, interleaved, conjugate) -> (q_out, k_out)``; the
   rotation is orthogonal, so its backward is the same op with ``conjugate`` flipped.
+- flash_attention: ``forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+  window_left, window_right, softcap, alibi_slopes, dropout_p, seed) -> (out, lse)`` over packed varlen tensors;
+  gradients to q, k and v only (alibi_slopes and cu_seqlens are constants); ``lse`` is never differentiable.
 """
 
 from __future__ import annotations
@@ -87,5 +90,29 @@ def rotary(forward: str, rotate: Callable[..., tuple[torch.Tensor, torch.Tensor]
         (position_ids,) = ctx.saved_tensors
         grad_q, grad_k = rotate(grad_q, grad_k, position_ids, *ctx.args)
         return grad_q, grad_k, None, None, None, None, None, None
+
+    torch.library.register_autograd(forward, grad, setup_context=setup_context)
+
+
+def flash_attention(forward: str, backward: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+    """``backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+    causal, window_left, window_right, softcap, alibi_slopes, dropout_p, seed) -> (dq, dk, dv)``."""
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, left, right, softcap, alibi, dropout_p, seed = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, alibi, seed)
+        ctx.args = (max_q, max_k, scale, causal, left, right, softcap)
+        ctx.dropout_p = dropout_p
+        ctx.mark_non_differentiable(lse)
+
+    def grad(ctx, grad_out, _grad_lse):
+        q, k, v, out, lse, cu_q, cu_k, alibi, seed = ctx.saved_tensors
+        max_q, max_k, scale, causal, left, right, softcap = ctx.args
+        dq, dk, dv = backward(
+            grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, causal, left, right, softcap, alibi,
+            ctx.dropout_p, seed,
+        )  # fmt: skip
+        return (dq, dk, dv) + (None,) * 12
 
     torch.library.register_autograd(forward, grad, setup_context=setup_context)
