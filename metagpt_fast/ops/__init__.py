@@ -5,7 +5,19 @@ function; every name in ``__all__`` is also exported by the package root.
 """
 
 from metagpt_fast.ops.attention import scaled_dot_product_attention
+from metagpt_fast.ops.bias_gelu import bias_gelu
+from metagpt_fast.ops.linear_cross_entropy import linear_cross_entropy
+from metagpt_fast.ops.norms import layer_norm, rms_norm
 from metagpt_fast.ops.positional import add_positional_encoding, embed_positions
 from metagpt_fast.ops.rotary import apply_rotary
 
-__all__ = ["add_positional_encoding", "apply_rotary", "embed_positions", "scaled_dot_product_attention"]
+__all__ = [
+    "add_positional_encoding",
+    "apply_rotary",
+    "bias_gelu",
+    "embed_positions",
+    "layer_norm",
+    "linear_cross_entropy",
+    "rms_norm",
+    "scaled_dot_product_attention",
+]
