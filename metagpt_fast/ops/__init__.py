@@ -14,6 +14,7 @@ from metagpt_fast.ops.flash import (
     flash_attn_varlen_kvpacked_func,
     flash_attn_varlen_qkvpacked_func,
 )
+from metagpt_fast.ops.kvcache import flash_attn_with_kvcache
 from metagpt_fast.ops.linear_cross_entropy import linear_cross_entropy
 from metagpt_fast.ops.norms import layer_norm, rms_norm
 from metagpt_fast.ops.positional import add_positional_encoding, embed_positions
@@ -30,6 +31,7 @@ __all__ = [
     "flash_attn_varlen_func",
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_with_kvcache",
     "layer_norm",
     "linear_cross_entropy",
     "rms_norm",
