@@ -159,27 +159,23 @@ class MetaGPT(nn.Module):
             raise ValueError(f"idx has {idx.shape[1]} tokens, more than max_seq_length={self.config.max_seq_length}")
         check.token_ids("idx", idx, self.config.vocab_size)
 
-    @torch.no_grad()
     def generate(
-        self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None
+        self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None, **options
     ) -> torch.Tensor:
-        """Samples ``max_new_tokens`` continuations of ``idx`` ``(B, T)``; ``temperature`` 0 is greedy."""
-        self._check_tokens(idx)
-        check.integer("max_new_tokens", max_new_tokens, minimum=0)
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
-            raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
-        if top_k is not None:
-            check.integer("top_k", top_k, minimum=1)
-        for _ in range(max_new_tokens):
-            context = idx[:, -self.config.max_seq_length :]
-            logits = self(context)[0][:, -1, :].float()
-            if temperature == 0:
-                next_token = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                next_token = torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1)
-            idx = torch.cat((idx, next_token), dim=1)
-        return idx
+        """Continues ``idx`` ``(B, T)`` by ``max_new_tokens`` tokens; ``temperature`` 0 is greedy.
+
+        Through a static KV cache by default. ``options`` (``top_p``, ``stop_tokens``, ``lengths``, ``pad_token``,
+        ``generator``, ``use_cache``, ``compile``, ``sliding``) and the other prompt forms: see
+        :func:`metagpt_fast.generation.generate`.
+        """
+        from metagpt_fast.generation import generate
+
+        return generate(self, idx, max_new_tokens, temperature, top_k, **options)
+
+    def stream_generate(
+        self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None, **options
+    ):
+        """Like :meth:`generate`, but yields each step's new tokens ``(B,)`` as they are sampled."""
+        from metagpt_fast.generation import stream_generate
+
+        return stream_generate(self, idx, max_new_tokens, temperature, top_k, **options)

@@ -31,10 +31,15 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(dropout)
         self.rotary = RotaryEmbedding(embed_size // num_heads, backend=backend) if rotary else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache=None) -> torch.Tensor:
+        """``kv_cache``: a layer of a :class:`metagpt_fast.generation.KVCache` (generation: it stores K/V, places the
+        tokens and attends)."""
         b, t, c = x.shape
         # (B, T, 3C) -> three (B, H, T, C/H) views; the ops take strided inputs, no copy needed.
         q, k, v = self.c_attn(x).view(b, t, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        if kv_cache is not None:
+            y = kv_cache.attend(q, k, v, self.rotary, self.backend)
+            return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(b, t, c)))
         if self.rotary is not None:
             q, k = self.rotary(q, k)
         p = self.dropout if self.training else 0.0
@@ -73,6 +78,6 @@ class TransformerBlock(nn.Module):
         self.ln_2 = nn.LayerNorm(embed_size, bias=bias)
         self.mlp = MLP(embed_size, dropout, bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, kv_cache=None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), kv_cache)
         return x + self.mlp(self.ln_2(x))
