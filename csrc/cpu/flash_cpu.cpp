@@ -1,0 +1,454 @@
+// CPU flash attention over packed variable-length sequences (flash-attn 2's varlen semantics): sliding windows with
+// bottom-right alignment, logit softcapping, ALiBi and GQA, forward and backward, O(N) extra memory.
+//
+// Sequence b holds queries [cu_q[b], cu_q[b+1]) and keys [cu_k[b], cu_k[b+1]) of the packed (T, H, D) tensors;
+// with Lq, Lk its lengths and shift = Lk - Lq, local query i sees key j iff
+//   (window_right < 0 or j <= i + shift + window_right) and (window_left < 0 or j >= i + shift - window_left).
+// So query i sees the contiguous key range [lo(i), hi(i)) (struct Window), and both ends grow with i: a block of
+// queries [i0, i1) sees at most [lo(i0), hi(i1 - 1)). Only that range is visited, key block by key block, so a
+// window of w costs O(N w) and causal attention half of the dense cost; rows of a block whose own range is smaller
+// are masked to -inf per row.
+//
+// Scores (score_tile): s = scale <q_i, k_j>; softcap > 0: s = softcap tanh(s / softcap); ALiBi: s -= slope[b, h]
+// |i + shift - j|; keys outside the row's range: -inf.
+// Forward, per (query head, block of BLOCK_Q queries of one sequence): online softmax over key blocks
+// (metagpt_fast/online_softmax.h); out = acc / l, lse = m + log(l) ((Hq, Tq) float32, +inf for a row with no key).
+// Backward, per (sequence, kv head), so dK and dV accumulate in the task's own buffers without races or atomics
+// (GQA: the group's query heads in turn) and every dQ row is written by the one task that owns its head:
+//   P = exp(S - lse);  dV += P^T dO;  dP = dO V^T;  dS = P * (dP - rowsum(dO * O));  softcap: dS *= 1 - tanh^2;
+//   dQ += scale dS K;  dK += scale dS^T Q.
+// Tasks are handed to the threads from a shared counter (dynamic scheduling: causal blocks and packed documents
+// differ in cost), and every task's arithmetic is the same whichever thread runs it, so results do not depend on
+// the thread count. Inputs float32 / bfloat16 / float16, all arithmetic in float32. No dropout (the reference
+// serves it).
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <numeric>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "common.h"
+#include "gemm.h"
+#include "row_ops.h"
+#include "metagpt_fast/online_softmax.h"
+
+// The score-row loops are also compiled for x86-64-v3 and x86-64-v4 and picked when the library loads (as in
+// row_ops.cpp).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+#define MGF_FLASH_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define MGF_FLASH_CLONES
+#endif
+
+namespace metagpt_fast::cpu {
+
+namespace flash_rows {
+
+// s <- cap * tanh(s / cap); t <- tanh(s / cap) for the backward's 1 - tanh^2 (t may be null). The C library's
+// tanhf (correctly rounded to about an ulp): a faster exp-based tanh loses ~1e-6 relative near 0.
+MGF_FLASH_CLONES void softcap_row(float* s, float* t, int64_t n, float cap) {
+  const float inv = 1.0f / cap;
+  for (int64_t c = 0; c < n; ++c) {
+    const float th = std::tanh(s[c] * inv);
+    if (t != nullptr) t[c] = th;
+    s[c] = cap * th;
+  }
+}
+
+// s[c] -= slope * |offset - c|, offset = i + shift - j0 (the ALiBi distance of key j0 + c).
+MGF_FLASH_CLONES void alibi_row(float* s, int64_t n, float slope, int64_t offset) {
+  for (int64_t c = 0; c < n; ++c) {
+    const float dist = static_cast<float>(offset - c);
+    s[c] -= slope * (dist < 0.0f ? -dist : dist);
+  }
+}
+
+// ds <- ds * (1 - t^2): through the softcap's tanh.
+MGF_FLASH_CLONES void softcap_grad_row(float* ds, const float* t, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) ds[c] *= 1.0f - t[c] * t[c];
+}
+
+}  // namespace flash_rows
+
+namespace {
+
+// Tile sizes: a (BLOCK_Q x BLOCK_K) float score tile is 64 KiB and stays in L2 next to its Q, K and V panels.
+constexpr int64_t BLOCK_Q = 64;
+constexpr int64_t BLOCK_K = 256;
+
+struct Problem {
+  int64_t batch, heads_q, heads_k, d, dv, total_q, total_k;
+  const int32_t* cu_q;
+  const int32_t* cu_k;
+  float scale, softcap;
+  int64_t window_left, window_right;  // -1: unbounded
+  const float* alibi;                 // (B, Hq) slopes, or null
+  int64_t group() const { return heads_q / heads_k; }
+  int64_t len_q(int64_t b) const { return cu_q[b + 1] - cu_q[b]; }
+  int64_t len_k(int64_t b) const { return cu_k[b + 1] - cu_k[b]; }
+  float slope(int64_t b, int64_t h) const { return alibi == nullptr ? 0.0f : alibi[b * heads_q + h]; }
+};
+
+// The keys [lo(i), hi(i)) that local query i of one sequence sees (empty when lo >= hi).
+struct Window {
+  int64_t lk, shift, left, right;
+  Window(const Problem& pb, int64_t b)
+      : lk(pb.len_k(b)), shift(pb.len_k(b) - pb.len_q(b)), left(pb.window_left), right(pb.window_right) {}
+  int64_t lo(int64_t i) const { return left < 0 ? 0 : std::clamp<int64_t>(i + shift - left, 0, lk); }
+  int64_t hi(int64_t i) const { return right < 0 ? lk : std::clamp<int64_t>(i + shift + right + 1, 0, lk); }
+};
+
+// Strides of a packed (T, H, D) tensor with unit last stride, in elements.
+struct Rows {
+  int64_t t, h;
+  explicit Rows(const at::Tensor& x) : t(x.stride(0)), h(x.stride(1)) {}
+  int64_t at(int64_t ti, int64_t hi) const { return ti * t + hi * h; }
+};
+
+// Rows [0, rows) x [0, cols) of src (leading dimension ld) as float32: the input itself for float, else converted
+// into buf (leading dimension cols). Returns the pointer and sets *ld_out.
+template <typename T>
+const float* float_rows(const T* src, int64_t rows, int64_t cols, int64_t ld, float* buf, int64_t* ld_out) {
+  if constexpr (std::is_same_v<T, float>) {
+    *ld_out = ld;
+    return src;
+  } else {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) buf[r * cols + c] = to_float(src[r * ld + c]);
+    *ld_out = cols;
+    return buf;
+  }
+}
+
+// Scores of local queries [i0, i0 + rows) x keys [j0, j0 + cols) of one (sequence, head) into s (leading dimension
+// BLOCK_K): scale Q K^T, softcap (tanh kept in t when t is not null), ALiBi, -inf outside each row's key range.
+void score_tile(const Problem& pb, const Window& w, float slope, const float* qf, int64_t ldq, const float* kf,
+                int64_t ldk, int64_t i0, int64_t rows, int64_t j0, int64_t cols, float* s, float* t) {
+  gemm(false, true, rows, cols, pb.d, pb.scale, qf, ldq, kf, ldk, 0.0f, s, BLOCK_K);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = i0 + r;
+    float* srow = s + r * BLOCK_K;
+    if (pb.softcap > 0.0f) flash_rows::softcap_row(srow, t == nullptr ? nullptr : t + r * BLOCK_K, cols, pb.softcap);
+    if (pb.alibi != nullptr) flash_rows::alibi_row(srow, cols, slope, i + w.shift - j0);
+    const int64_t lo = std::clamp<int64_t>(w.lo(i) - j0, 0, cols), hi = std::clamp<int64_t>(w.hi(i) - j0, lo, cols);
+    std::fill(srow, srow + lo, -INFINITY);
+    std::fill(srow + hi, srow + cols, -INFINITY);
+  }
+}
+
+// Runs task(worker_state, index) for index in [0, n) on torch's threads, each thread taking the next index from a
+// shared counter. make_state() builds one thread's scratch buffers.
+template <typename MakeState, typename Task>
+void dynamic_for(int64_t n, MakeState make_state, Task task) {
+  if (n <= 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(n, at::get_num_threads());
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    const SequentialBlas sequential;
+    auto state = make_state();
+    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) task(state, i);
+  });
+}
+
+struct QueryBlock {
+  int64_t b, i0, rows;
+};
+
+std::vector<QueryBlock> query_blocks(const Problem& pb) {
+  std::vector<QueryBlock> blocks;
+  for (int64_t b = 0; b < pb.batch; ++b)
+    for (int64_t i0 = 0; i0 < pb.len_q(b); i0 += BLOCK_Q) blocks.push_back({b, i0, std::min(BLOCK_Q, pb.len_q(b) - i0)});
+  return blocks;
+}
+
+struct ForwardScratch {
+  std::vector<float> qbuf, kbuf, vbuf, s, acc;
+  std::vector<OnlineSoftmax> state;
+};
+
+template <typename T>
+void forward(const Problem& pb, const T* q, Rows lq, const T* k, Rows lk, const T* v, Rows lv, T* out, float* lse) {
+  const std::vector<QueryBlock> blocks = query_blocks(pb);
+  const int64_t nblocks = static_cast<int64_t>(blocks.size()), group = pb.group();
+  auto make = [&] {
+    return ForwardScratch{std::vector<float>(BLOCK_Q * pb.d),  std::vector<float>(BLOCK_K * pb.d),
+                          std::vector<float>(BLOCK_K * pb.dv), std::vector<float>(BLOCK_Q * BLOCK_K),
+                          std::vector<float>(BLOCK_Q * pb.dv), std::vector<OnlineSoftmax>(BLOCK_Q)};
+  };
+  // Head-major order: neighbouring tasks share a head's K / V panels.
+  dynamic_for(nblocks * pb.heads_q, make, [&](ForwardScratch& sc, int64_t task) {
+    const QueryBlock& blk = blocks[task % nblocks];
+    const int64_t h = task / nblocks, hk = h / group, b = blk.b, i0 = blk.i0, rows = blk.rows;
+    const int64_t tq0 = pb.cu_q[b] + i0, tk0 = pb.cu_k[b];
+    const Window w(pb, b);
+    const float slope = pb.slope(b, h);
+    std::fill(sc.acc.begin(), sc.acc.end(), 0.0f);
+    std::fill(sc.state.begin(), sc.state.end(), online_softmax_init());
+    const int64_t jlo = w.lo(i0), jhi = w.hi(i0 + rows - 1);
+    if (jlo < jhi) {
+      int64_t ldq, ldk, ldv;
+      const float* qf = float_rows(q + lq.at(tq0, h), rows, pb.d, lq.t, sc.qbuf.data(), &ldq);
+      for (int64_t j0 = jlo; j0 < jhi; j0 += BLOCK_K) {
+        const int64_t cols = std::min(BLOCK_K, jhi - j0);
+        const float* kf = float_rows(k + lk.at(tk0 + j0, hk), cols, pb.d, lk.t, sc.kbuf.data(), &ldk);
+        const float* vf = float_rows(v + lv.at(tk0 + j0, hk), cols, pb.dv, lv.t, sc.vbuf.data(), &ldv);
+        score_tile(pb, w, slope, qf, ldq, kf, ldk, i0, rows, j0, cols, sc.s.data(), nullptr);
+        for (int64_t r = 0; r < rows; ++r) {
+          float* srow = sc.s.data() + r * BLOCK_K;
+          const float alpha = online_softmax_update(sc.state[r], row_max(srow, cols));
+          sc.state[r].l += softmax_row(srow, cols, online_softmax_shift(sc.state[r].m));
+          if (alpha != 1.0f) scale_row(sc.acc.data() + r * pb.dv, pb.dv, alpha);
+        }
+        gemm(false, false, rows, pb.dv, cols, 1.0f, sc.s.data(), BLOCK_K, vf, ldv, 1.0f, sc.acc.data(), pb.dv);
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const float inv = online_softmax_inv_sum(sc.state[r]);
+      const float* arow = sc.acc.data() + r * pb.dv;
+      T* orow = out + ((tq0 + r) * pb.heads_q + h) * pb.dv;
+      for (int64_t c = 0; c < pb.dv; ++c) orow[c] = from_float<T>(arow[c] * inv);
+      lse[h * pb.total_q + tq0 + r] = online_softmax_lse(sc.state[r]);
+    }
+  });
+}
+
+struct BackwardScratch {
+  std::vector<float> qbuf, dobuf, kbuf, vbuf, p, t, dp, dq_acc, delta, dk_acc, dv_acc;
+};
+
+template <typename T>
+void backward(const Problem& pb, const T* dout, Rows ldo, const T* q, Rows lq, const T* k, Rows lk, const T* v,
+              Rows lv, const T* out, Rows lout, const float* lse, T* dq, T* dk, T* dv) {
+  const int64_t group = pb.group(), d = pb.d, dvd = pb.dv;
+  int64_t max_lk = 0;
+  for (int64_t b = 0; b < pb.batch; ++b) max_lk = std::max(max_lk, pb.len_k(b));
+  // Tasks (sequence, kv head), the longest sequences first so the short ones fill in at the end.
+  std::vector<int64_t> order(pb.batch);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t c) {
+    return pb.len_q(a) * pb.len_k(a) > pb.len_q(c) * pb.len_k(c);
+  });
+  auto make = [&] {
+    BackwardScratch sc;
+    sc.qbuf.resize(BLOCK_Q * d);
+    sc.dobuf.resize(BLOCK_Q * dvd);
+    sc.kbuf.resize(BLOCK_K * d);
+    sc.vbuf.resize(BLOCK_K * dvd);
+    sc.p.resize(BLOCK_Q * BLOCK_K);
+    if (pb.softcap > 0.0f) sc.t.resize(BLOCK_Q * BLOCK_K);
+    sc.dp.resize(BLOCK_Q * BLOCK_K);
+    sc.dq_acc.resize(BLOCK_Q * d);
+    sc.delta.resize(BLOCK_Q);
+    sc.dk_acc.resize(max_lk * d);
+    sc.dv_acc.resize(max_lk * dvd);
+    return sc;
+  };
+  dynamic_for(pb.batch * pb.heads_k, make, [&](BackwardScratch& sc, int64_t task) {
+    const int64_t b = order[task / pb.heads_k], hk = task % pb.heads_k;
+    const int64_t lq_len = pb.len_q(b), lk_len = pb.len_k(b), tq_base = pb.cu_q[b], tk0 = pb.cu_k[b];
+    const Window w(pb, b);
+    std::fill(sc.dk_acc.begin(), sc.dk_acc.begin() + lk_len * d, 0.0f);
+    std::fill(sc.dv_acc.begin(), sc.dv_acc.begin() + lk_len * dvd, 0.0f);
+    float* tt = pb.softcap > 0.0f ? sc.t.data() : nullptr;
+    for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+      const float slope = pb.slope(b, h);
+      for (int64_t i0 = 0; i0 < lq_len; i0 += BLOCK_Q) {
+        const int64_t rows = std::min(BLOCK_Q, lq_len - i0), tq0 = tq_base + i0;
+        const int64_t jlo = w.lo(i0), jhi = w.hi(i0 + rows - 1);
+        std::fill(sc.dq_acc.begin(), sc.dq_acc.end(), 0.0f);
+        if (jlo < jhi) {
+          int64_t ldq, lddo, ldk, ldv;
+          const float* qf = float_rows(q + lq.at(tq0, h), rows, d, lq.t, sc.qbuf.data(), &ldq);
+          const float* dof = float_rows(dout + ldo.at(tq0, h), rows, dvd, ldo.t, sc.dobuf.data(), &lddo);
+          const float* lrow = lse + h * pb.total_q + tq0;
+          for (int64_t r = 0; r < rows; ++r) {  // delta = rowsum(dO * O): the softmax-Jacobian correction
+            const T* orow = out + lout.at(tq0 + r, h);
+            const float* drow = dof + r * lddo;
+            float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+            for (int64_t c = 0; c < dvd; ++c) acc += drow[c] * to_float(orow[c]);
+            sc.delta[r] = acc;
+          }
+          for (int64_t j0 = jlo; j0 < jhi; j0 += BLOCK_K) {
+            const int64_t cols = std::min(BLOCK_K, jhi - j0);
+            const float* kf = float_rows(k + lk.at(tk0 + j0, hk), cols, d, lk.t, sc.kbuf.data(), &ldk);
+            const float* vf = float_rows(v + lv.at(tk0 + j0, hk), cols, dvd, lv.t, sc.vbuf.data(), &ldv);
+            float* p = sc.p.data();
+            score_tile(pb, w, slope, qf, ldq, kf, ldk, i0, rows, j0, cols, p, tt);
+            for (int64_t r = 0; r < rows; ++r) probabilities_row(p + r * BLOCK_K, cols, lrow[r]);
+            gemm(true, false, cols, dvd, rows, 1.0f, p, BLOCK_K, dof, lddo, 1.0f, sc.dv_acc.data() + j0 * dvd, dvd);
+            gemm(false, true, rows, cols, dvd, 1.0f, dof, lddo, vf, ldv, 0.0f, sc.dp.data(), BLOCK_K);
+            for (int64_t r = 0; r < rows; ++r) {  // dS = P * (dP - delta), written over dP; through the softcap
+              float* dsrow = sc.dp.data() + r * BLOCK_K;
+              softmax_grad_row(dsrow, p + r * BLOCK_K, nullptr, cols, sc.delta[r]);
+              if (tt != nullptr) flash_rows::softcap_grad_row(dsrow, tt + r * BLOCK_K, cols);
+            }
+            gemm(false, false, rows, d, cols, pb.scale, sc.dp.data(), BLOCK_K, kf, ldk, 1.0f, sc.dq_acc.data(), d);
+            gemm(true, false, cols, d, rows, pb.scale, sc.dp.data(), BLOCK_K, qf, ldq, 1.0f,
+                 sc.dk_acc.data() + j0 * d, d);
+          }
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          T* dqrow = dq + ((tq0 + r) * pb.heads_q + h) * d;
+          const float* arow = sc.dq_acc.data() + r * d;
+          for (int64_t c = 0; c < d; ++c) dqrow[c] = from_float<T>(arow[c]);
+        }
+      }
+    }
+    for (int64_t j = 0; j < lk_len; ++j) {
+      T* dkrow = dk + ((tk0 + j) * pb.heads_k + hk) * d;
+      T* dvrow = dv + ((tk0 + j) * pb.heads_k + hk) * dvd;
+      for (int64_t c = 0; c < d; ++c) dkrow[c] = from_float<T>(sc.dk_acc[j * d + c]);
+      for (int64_t c = 0; c < dvd; ++c) dvrow[c] = from_float<T>(sc.dv_acc[j * dvd + c]);
+    }
+  });
+}
+
+// Checks cu_seqlens: int32, 1-D, on the CPU, non-decreasing from 0 to total. Returns a contiguous copy or view.
+at::Tensor checked_cu_seqlens(const at::Tensor& cu, int64_t batch_plus_one, int64_t total, const char* name,
+                              const char* op) {
+  TORCH_CHECK(cu.device().is_cpu() && cu.scalar_type() == at::kInt && cu.dim() == 1, op, ": ", name,
+              " must be a 1-D int32 CPU tensor, got ", cu.sizes(), " ", cu.scalar_type(), " on ", cu.device());
+  TORCH_CHECK(cu.size(0) >= 1 && (batch_plus_one < 0 || cu.size(0) == batch_plus_one), op, ": ", name,
+              " must have B + 1 entries (as many as the other cu_seqlens), got ", cu.size(0));
+  at::Tensor c = cu.contiguous();
+  const int32_t* p = c.data_ptr<int32_t>();
+  TORCH_CHECK(p[0] == 0 && p[c.size(0) - 1] == total, op, ": ", name, " must run from 0 to ", total, ", got ", p[0],
+              " to ", p[c.size(0) - 1]);
+  for (int64_t i = 1; i < c.size(0); ++i)
+    TORCH_CHECK(p[i] >= p[i - 1], op, ": ", name, " must be non-decreasing, got ", p[i - 1], " then ", p[i]);
+  return c;
+}
+
+// Checks the inputs shared by forward and backward and fills the problem description (cu_q / cu_k / slopes keep
+// the checked tensors alive).
+Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+                     const at::Tensor& cu_seqlens_k, double softmax_scale, bool causal, int64_t window_left,
+                     int64_t window_right, double softcap, const c10::optional<at::Tensor>& alibi_slopes,
+                     double dropout_p, at::Tensor& cu_q, at::Tensor& cu_k, at::Tensor& slopes, const char* op) {
+  check_cpu_float(q, "q");
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, op, ": q, k and v must be (T, H, D), got ", q.sizes(),
+              ", ", k.sizes(), ", ", v.sizes());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
+              ": q, k and v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ", v.scalar_type());
+  TORCH_CHECK(k.device().is_cpu() && v.device().is_cpu(), op, ": k and v must be CPU tensors");
+  TORCH_CHECK(k.size(2) == q.size(2), op, ": k's head dim must equal q's (", q.size(2), "), got ", k.size(2));
+  TORCH_CHECK(v.size(0) == k.size(0) && v.size(1) == k.size(1), op, ": v must be (Tk, Hk, Dv) for k ", k.sizes(),
+              ", got ", v.sizes());
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, op, ": k's heads (", k.size(1),
+              ") must divide q's heads (", q.size(1), ")");
+  TORCH_CHECK(window_left >= -1 && window_right >= -1, op, ": window sizes must be >= -1, got (", window_left, ", ",
+              window_right, ")");
+  TORCH_CHECK(softcap >= 0.0, op, ": softcap must be >= 0, got ", softcap);
+  TORCH_CHECK(dropout_p == 0.0, op, ": the CPU kernel has no dropout (dropout_p must be 0, got ", dropout_p, ")");
+  cu_q = checked_cu_seqlens(cu_seqlens_q, -1, q.size(0), "cu_seqlens_q", op);
+  cu_k = checked_cu_seqlens(cu_seqlens_k, cu_q.size(0), k.size(0), "cu_seqlens_k", op);
+  const int64_t batch = cu_q.size(0) - 1;
+  Problem pb{batch, q.size(1), k.size(1), q.size(2), v.size(2), q.size(0), k.size(0),
+             cu_q.data_ptr<int32_t>(), cu_k.data_ptr<int32_t>(), static_cast<float>(softmax_scale),
+             static_cast<float>(softcap), window_left, causal ? 0 : window_right, nullptr};
+  if (alibi_slopes.has_value()) {
+    const at::Tensor& a = *alibi_slopes;
+    TORCH_CHECK(a.device().is_cpu() && a.scalar_type() == at::kFloat && a.dim() == 2 && a.size(0) == batch &&
+                    a.size(1) == pb.heads_q,
+                op, ": alibi_slopes must be float32 (B, Hq) = (", batch, ", ", pb.heads_q, ") on the CPU, got ",
+                a.sizes(), " ", a.scalar_type(), " on ", a.device());
+    slopes = a.contiguous();
+    pb.alibi = slopes.data_ptr<float>();
+  }
+  return pb;
+}
+
+std::tuple<at::Tensor, at::Tensor> flash_attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                       const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                                       int64_t max_seqlen_q, int64_t max_seqlen_k,
+                                                       double softmax_scale, bool causal, int64_t window_left,
+                                                       int64_t window_right, double softcap,
+                                                       const c10::optional<at::Tensor>& alibi_slopes,
+                                                       double dropout_p, const c10::optional<at::Tensor>& seed) {
+  at::Tensor cu_q, cu_k, slopes;
+  const Problem pb = make_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, window_left,
+                                  window_right, softcap, alibi_slopes, dropout_p, cu_q, cu_k, slopes,
+                                  "flash_attention_fwd");
+  const at::Tensor qs = unit_last_stride(q), ks = unit_last_stride(k), vs = unit_last_stride(v);
+  at::Tensor out = at::empty({pb.total_q, pb.heads_q, pb.dv}, q.options());
+  at::Tensor lse = at::empty({pb.heads_q, pb.total_q}, q.options().dtype(at::kFloat));
+  if (lse.numel() == 0) return {out, lse};
+  MGF_DISPATCH_FLOATING(q.scalar_type(), "flash_attention_fwd", [&] {
+    forward<scalar_t>(pb, qs.data_ptr<scalar_t>(), Rows(qs), ks.data_ptr<scalar_t>(), Rows(ks),
+                      vs.data_ptr<scalar_t>(), Rows(vs), out.data_ptr<scalar_t>(), lse.data_ptr<float>());
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, double softmax_scale, bool causal, int64_t window_left, int64_t window_right,
+    double softcap, const c10::optional<at::Tensor>& alibi_slopes, double dropout_p,
+    const c10::optional<at::Tensor>& seed) {
+  at::Tensor cu_q, cu_k, slopes;
+  const Problem pb = make_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, window_left,
+                                  window_right, softcap, alibi_slopes, dropout_p, cu_q, cu_k, slopes,
+                                  "flash_attention_bwd");
+  const std::vector<int64_t> out_shape{pb.total_q, pb.heads_q, pb.dv};
+  TORCH_CHECK(grad_out.sizes() == out_shape && grad_out.scalar_type() == q.scalar_type() &&
+                  grad_out.device().is_cpu(),
+              "flash_attention_bwd: grad_out must be ", out_shape, " of q's dtype on the CPU, got ", grad_out.sizes(),
+              " ", grad_out.scalar_type());
+  TORCH_CHECK(out.sizes() == out_shape && out.scalar_type() == q.scalar_type() && out.device().is_cpu(),
+              "flash_attention_bwd: out must be ", out_shape, " of q's dtype on the CPU, got ", out.sizes(), " ",
+              out.scalar_type());
+  const std::vector<int64_t> lse_shape{pb.heads_q, pb.total_q};
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.sizes() == lse_shape && lse.device().is_cpu(),
+              "flash_attention_bwd: lse must be float32 ", lse_shape, " on the CPU, got ", lse.sizes(), " ",
+              lse.scalar_type());
+  const at::Tensor qs = unit_last_stride(q), ks = unit_last_stride(k), vs = unit_last_stride(v);
+  const at::Tensor gs = unit_last_stride(grad_out), os = unit_last_stride(out), ls = lse.contiguous();
+  at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  if (dq.numel() + dk.numel() + dv.numel() == 0) return {dq, dk, dv};
+  MGF_DISPATCH_FLOATING(q.scalar_type(), "flash_attention_bwd", [&] {
+    backward<scalar_t>(pb, gs.data_ptr<scalar_t>(), Rows(gs), qs.data_ptr<scalar_t>(), Rows(qs),
+                       ks.data_ptr<scalar_t>(), Rows(ks), vs.data_ptr<scalar_t>(), Rows(vs), os.data_ptr<scalar_t>(),
+                       Rows(os), ls.data_ptr<float>(), dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(),
+                       dv.data_ptr<scalar_t>());
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+// The op's schema, declared beside its CPU kernel. The Python side (fake kernels, autograd) is the module named by
+// set_python_module.
+TORCH_LIBRARY_FRAGMENT(metagpt_fast, m) {
+  m.set_python_module("metagpt_fast.backends.compiled.flash");
+
+  // Flash attention over packed sequences (flash-attn 2's varlen form). q (Tq, Hq, D), k (Tk, Hk, D),
+  // v (Tk, Hk, Dv), last dims contiguous; Hq % Hk == 0 (query head h reads kv head h / (Hq / Hk)). cu_seqlens_q /
+  // cu_seqlens_k: int32 (B + 1,), non-decreasing from 0 to Tq / Tk. max_seqlen_*: informational (the kernel reads
+  // the lengths). causal: window_right = 0. window_left / window_right: -1 = unbounded, aligned to the bottom right
+  // (shift = Lk - Lq). softcap: 0 = off. alibi_slopes: float32 (B, Hq) or None. dropout_p must be 0 (seed unused).
+  // out (Tq, Hq, Dv) of q's dtype; lse float32 (Hq, Tq), +inf for rows with no visible key.
+  m.def(
+      "flash_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
+      "int max_seqlen_k, float softmax_scale, bool causal, int window_left, int window_right, float softcap, "
+      "Tensor? alibi_slopes, float dropout_p, Tensor? seed) -> (Tensor out, Tensor lse)");
+  m.def(
+      "flash_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale, "
+      "bool causal, int window_left, int window_right, float softcap, Tensor? alibi_slopes, float dropout_p, "
+      "Tensor? seed) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+}
+
+TORCH_LIBRARY_IMPL(metagpt_fast, CPU, m) {
+  m.impl("flash_attention_fwd", &flash_attention_fwd);
+  m.impl("flash_attention_bwd", &flash_attention_bwd);
+}
+
+}  // namespace metagpt_fast::cpu
