@@ -15,6 +15,9 @@ saved, which inputs get a gradient, how dropout is replayed from the saved seed)
 - flash_attention: ``forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
   window_left, window_right, softcap, alibi_slopes, dropout_p, seed) -> (out, lse)`` over packed varlen tensors;
   gradients to q, k and v only (alibi_slopes and cu_seqlens are constants); ``lse`` is never differentiable.
+- linear_cross_entropy: ``forward(hidden, weight, targets, bias, grad_rows, ..., grad_hidden, grad_weight,
+  grad_bias) -> (loss, dhidden, dweight, dbias)``; a reduced loss's gradients come from the forward (scaled by the
+  loss's gradient), reduction none's from a second call with the rows' gradients.
 """
 
 from __future__ import annotations
@@ -116,3 +119,65 @@ def flash_attention(forward: str, backward: Callable[..., tuple[torch.Tensor, to
         return (dq, dk, dv) + (None,) * 12
 
     torch.library.register_autograd(forward, grad, setup_context=setup_context)
+
+
+LINEAR_CROSS_ENTROPY_REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+
+
+def linear_cross_entropy(forward: str, op: Callable[..., tuple[torch.Tensor, ...]]) -> Callable[..., torch.Tensor]:
+    """``op`` is the forward op itself, ``op(hidden, weight, targets, bias, grad_rows, ignore_index, reduction,
+    label_smoothing, softcap, chunk_size, grad_hidden, grad_weight, grad_bias) -> (loss, dhidden, dweight, dbias)``.
+
+    A reduced loss (mean / sum) has a scalar gradient: the forward computes the gradients it will need with the
+    logits at hand, and the backward scales them by the loss's gradient (nothing else is saved). With reduction
+    none the gradient of each row is known only in the backward, which calls ``op`` again with it as
+    ``grad_rows`` (the logits are recomputed chunk by chunk). Returns the call ``(hidden, weight, targets, bias,
+    ignore_index, reduction, label_smoothing, softcap, chunk_size) -> loss`` (``hidden``'s dtype) that asks the
+    forward for the gradients autograd will want.
+    """
+
+    def setup_context(ctx, inputs, output):
+        hidden, weight, targets, bias, _rows, ignore_index, reduction, smoothing, softcap, chunk, *wanted = inputs
+        _loss, dhidden, dweight, dbias = output
+        ctx.mark_non_differentiable(dhidden, dweight, dbias)
+        ctx.eager = any(wanted)
+        ctx.has_bias = bias is not None
+        if ctx.eager:
+            ctx.save_for_backward(dhidden, dweight, dbias)
+        else:
+            ctx.save_for_backward(hidden, weight, targets, bias)
+            ctx.args = (ignore_index, reduction, smoothing, softcap, chunk)
+
+    def grad(ctx, grad_loss, *_unused):
+        needs = ctx.needs_input_grad
+        wanted = (needs[0], needs[1], ctx.has_bias and needs[3])
+        if ctx.eager:
+            grads = ctx.saved_tensors
+            if any(w and g.numel() == 0 for w, g in zip(wanted, grads, strict=True)):
+                raise RuntimeError("linear_cross_entropy: a gradient the forward did not compute is needed")
+            # A loss gradient of exactly 1 (loss.backward()) leaves the gradients as they are, with no copy.
+            one = not torch.compiler.is_compiling() and bool(grad_loss == 1)
+            dh, dw, db = (g if not w else g if one else g * grad_loss for w, g in zip(wanted, grads, strict=True))
+        else:
+            hidden, weight, targets, bias = ctx.saved_tensors
+            rows = grad_loss.float().expand(hidden.shape[0]) if grad_loss.dim() == 0 else grad_loss.float()
+            _, dh, dw, db = op(hidden, weight, targets, bias, rows, *ctx.args, *wanted)
+        return (
+            dh if wanted[0] else None,
+            dw if wanted[1] else None,
+            None,
+            db if wanted[2] else None,
+            *([None] * 9),
+        )
+
+    torch.library.register_autograd(forward, grad, setup_context=setup_context)
+
+    def call(hidden, weight, targets, bias, ignore_index, reduction, label_smoothing, softcap, chunk_size):
+        code = LINEAR_CROSS_ENTROPY_REDUCTIONS[reduction]
+        eager = code != 0 and torch.is_grad_enabled()
+        wanted = [eager and t is not None and t.requires_grad for t in (hidden, weight, bias)]
+        loss = op(hidden, weight, targets, bias, None, ignore_index, code, label_smoothing, softcap or 0.0,
+                  chunk_size, *wanted)[0]  # fmt: skip
+        return loss.to(hidden.dtype)
+
+    return call
