@@ -121,6 +121,57 @@ def flash_attention(forward: str, backward: Callable[..., tuple[torch.Tensor, to
     torch.library.register_autograd(forward, grad, setup_context=setup_context)
 
 
+def norm(forward: str, backward: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+    """LayerNorm / RMSNorm over the rows of ``x`` (M, N): ``forward(x, residual, weight, bias, eps, rms) -> (out,
+    sum, mean, rstd)`` (``sum = x + residual``, empty without a residual; ``mean`` empty for RMSNorm; float32 row
+    statistics, never differentiable). ``backward(grad_out, grad_sum, x, weight, mean, rstd, rms, weight_grad,
+    bias_grad) -> (dx, dweight, dbias)``, ``x`` the normalised tensor (the saved sum with a residual), ``grad_sum``
+    None without one; the gradient of ``input`` and ``residual`` is the same ``dx``."""
+
+    def setup_context(ctx, inputs, output):
+        x, residual, weight, bias, _eps, rms = inputs
+        _out, total, mean, rstd = output
+        ctx.save_for_backward(x if residual is None else total, weight, mean, rstd)
+        ctx.rms, ctx.has_residual, ctx.has_bias = rms, residual is not None, bias is not None
+        ctx.mark_non_differentiable(mean, rstd)
+
+    def grad(ctx, grad_out, grad_sum, _grad_mean, _grad_rstd):
+        x, weight, mean, rstd = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        dx, dweight, dbias = backward(
+            grad_out, grad_sum if ctx.has_residual else None, x, weight, mean, rstd, ctx.rms,
+            weight is not None and needs[2], ctx.has_bias and needs[3],
+        )  # fmt: skip
+        return (
+            dx if needs[0] else None,
+            dx if ctx.has_residual and needs[1] else None,
+            dweight if weight is not None and needs[2] else None,
+            dbias if ctx.has_bias and needs[3] else None,
+            None,
+            None,
+        )
+
+    torch.library.register_autograd(forward, grad, setup_context=setup_context)
+
+
+def bias_gelu(forward: str, backward: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """``forward(x, bias, tanh) -> gelu(x + bias)`` over the rows of ``x`` (M, N); ``backward(grad_out, x, bias, tanh,
+    bias_grad) -> (dx, dbias)`` recomputes ``x + bias`` (nothing saved but the inputs)."""
+
+    def setup_context(ctx, inputs, output):
+        x, bias, tanh = inputs
+        ctx.save_for_backward(x, bias)
+        ctx.tanh = tanh
+
+    def grad(ctx, grad_out):
+        x, bias = ctx.saved_tensors
+        needs_bias = bias is not None and ctx.needs_input_grad[1]
+        dx, dbias = backward(grad_out, x, bias, ctx.tanh, needs_bias)
+        return dx, dbias if needs_bias else None, None
+
+    torch.library.register_autograd(forward, grad, setup_context=setup_context)
+
+
 LINEAR_CROSS_ENTROPY_REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 
 
