@@ -2,13 +2,16 @@
 
 from metagpt_fast.nn.attention import MLP, CausalSelfAttention, TransformerBlock
 from metagpt_fast.nn.multihead import MultiheadAttention
+from metagpt_fast.nn.norm import LayerNorm, RMSNorm
 from metagpt_fast.nn.positional import PositionalEncoding, RotaryEmbedding, TokenPositionalEmbedding
 
 __all__ = [
     "MLP",
     "CausalSelfAttention",
+    "LayerNorm",
     "MultiheadAttention",
     "PositionalEncoding",
+    "RMSNorm",
     "RotaryEmbedding",
     "TokenPositionalEmbedding",
     "TransformerBlock",
