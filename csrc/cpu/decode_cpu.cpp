@@ -42,32 +42,40 @@ constexpr int64_t BLOCK_KEYS = 32;
 // than the parallelism gains.
 constexpr int64_t MIN_SPLIT_KEYS = 256;
 
-// s[r * ld + c] = q_r . k_c for the g packed query rows (q: g x d, row-major) and n keys (row pointers).
-MGF_DECODE_CLONES void block_scores(const float* q, int64_t g, int64_t d, const float* const* keys, int64_t n,
-                                    float* s, int64_t ld) {
+// Scores of every head's packed query rows against n keys, key by key so the cache is read in address order (all
+// heads of a key are adjacent): s[(hk * g + r) * ld + c] = q_(hk, r) . k_(c, hk), with q (Hk * g) x d row-major and
+// keys[c] the row of head 0 of key c (head hk at keys[c] + hk * head_stride).
+MGF_DECODE_CLONES void block_scores(const float* q, int64_t heads, int64_t g, int64_t d, const float* const* keys,
+                                    int64_t head_stride, int64_t n, float* s, int64_t ld) {
   for (int64_t c = 0; c < n; ++c) {
-    const float* k = keys[c];
-    for (int64_t r = 0; r < g; ++r) {
-      const float* qr = q + r * d;
-      float acc = 0.0f;
+    if (c + 2 < n) __builtin_prefetch(keys[c + 2] + heads * head_stride - 1);
+    for (int64_t hk = 0; hk < heads; ++hk) {
+      const float* k = keys[c] + hk * head_stride;
+      for (int64_t r = 0; r < g; ++r) {
+        const float* qr = q + (hk * g + r) * d;
+        float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
-      for (int64_t e = 0; e < d; ++e) acc += qr[e] * k[e];
-      s[r * ld + c] = acc;
+        for (int64_t e = 0; e < d; ++e) acc += qr[e] * k[e];
+        s[(hk * g + r) * ld + c] = acc;
+      }
     }
   }
 }
 
-// acc_r += sum_c p[r * ld + c] v_c for the g rows (acc: g x d) and n values (row pointers).
-MGF_DECODE_CLONES void block_accumulate(float* acc, int64_t g, int64_t d, const float* p, int64_t ld,
-                                        const float* const* values, int64_t n) {
+// acc_(hk, r) += sum_c p[(hk * g + r) * ld + c] v_(c, hk), key by key (address order, as block_scores).
+MGF_DECODE_CLONES void block_accumulate(float* acc, int64_t heads, int64_t g, int64_t d, const float* p, int64_t ld,
+                                        const float* const* values, int64_t head_stride, int64_t n) {
   for (int64_t c = 0; c < n; ++c) {
-    const float* v = values[c];
-    for (int64_t r = 0; r < g; ++r) {
-      const float w = p[r * ld + c];
-      if (w == 0.0f) continue;
-      float* a = acc + r * d;
+    if (c + 2 < n) __builtin_prefetch(values[c + 2] + heads * head_stride - 1);
+    for (int64_t hk = 0; hk < heads; ++hk) {
+      const float* v = values[c] + hk * head_stride;
+      for (int64_t r = 0; r < g; ++r) {
+        const float w = p[(hk * g + r) * ld + c];
+        if (w == 0.0f) continue;
+        float* a = acc + (hk * g + r) * d;
 #pragma omp simd
-      for (int64_t e = 0; e < d; ++e) a[e] += w * v[e];
+        for (int64_t e = 0; e < d; ++e) a[e] += w * v[e];
+      }
     }
   }
 }
@@ -152,54 +160,52 @@ void process_task(const Problem& pb, const T* q, const int64_t* q_stride, const 
   std::fill(acc.begin(), acc.begin() + rows * d, 0.0f);
   std::fill(state.begin(), state.begin() + rows, online_softmax_init());
 
+  // Head 0 of each key of the block; float caches are read in place, others converted to float (key, head, d).
+  const int64_t head_stride = std::is_same_v<T, float> ? pb.stride_head : d;
   for (int64_t j0 = task_lo; j0 < task_hi; j0 += BLOCK_KEYS) {
     const int64_t cols = std::min(BLOCK_KEYS, task_hi - j0);
     for (int64_t c = 0; c < cols; ++c) {
       const int64_t base = key_offset(pb, b, j0 + c);
-      for (int64_t hk = 0; hk < hk_count; ++hk) {
-        const T* kr = k_cache + base + hk * pb.stride_head;
-        const T* vr = v_cache + base + hk * pb.stride_head;
-        const int64_t slot = hk * BLOCK_KEYS + c;
-        if constexpr (std::is_same_v<T, float>) {
-          kptr[slot] = kr;
-          vptr[slot] = vr;
-        } else {
-          float* kb = kbuf.data() + slot * d;
-          float* vb = vbuf.data() + slot * d;
-          for (int64_t e = 0; e < d; ++e) kb[e] = to_float(kr[e]);
-          for (int64_t e = 0; e < d; ++e) vb[e] = to_float(vr[e]);
-          kptr[slot] = kb;
-          vptr[slot] = vb;
-        }
+      if constexpr (std::is_same_v<T, float>) {
+        kptr[c] = k_cache + base;
+        vptr[c] = v_cache + base;
+      } else {
+        float* kb = kbuf.data() + c * hk_count * d;
+        float* vb = vbuf.data() + c * hk_count * d;
+        for (int64_t hk = 0; hk < hk_count; ++hk)
+          for (int64_t e = 0; e < d; ++e) {
+            kb[hk * d + e] = to_float(k_cache[base + hk * pb.stride_head + e]);
+            vb[hk * d + e] = to_float(v_cache[base + hk * pb.stride_head + e]);
+          }
+        kptr[c] = kb;
+        vptr[c] = vb;
       }
     }
-    for (int64_t hk = 0; hk < hk_count; ++hk) {
-      const float* qh = qf.data() + hk * g * d;
-      block_scores(qh, g, d, kptr.data() + hk * BLOCK_KEYS, cols, s.data(), BLOCK_KEYS);
-      for (int64_t r = 0; r < g; ++r) {
-        const int64_t i = r / pb.group, h = hk * pb.group + r % pb.group, pos = i + n - pb.nq;
-        float* srow = s.data() + r * BLOCK_KEYS;
-        if (pb.softcap > 0.0f)
-          for (int64_t c = 0; c < cols; ++c) srow[c] = pb.softcap * std::tanh(srow[c] / pb.softcap);
-        if (pb.slopes != nullptr) {
-          const float slope = pb.slopes[b * pb.heads_q + h];
-          for (int64_t c = 0; c < cols; ++c) srow[c] -= slope * static_cast<float>(std::abs(pos - (j0 + c)));
-        }
-        for (int64_t c = 0; c < cols; ++c)
-          if (j0 + c < lo[i] || j0 + c >= hi[i]) srow[c] = -INFINITY;
-        float block_max = -INFINITY;
-        for (int64_t c = 0; c < cols; ++c) block_max = std::max(block_max, srow[c]);
-        OnlineSoftmax& st = state[hk * g + r];
-        if (block_max == -INFINITY) {  // nothing visible here: weights all 0
-          std::fill(srow, srow + cols, 0.0f);
-          continue;
-        }
-        const float alpha = online_softmax_update(st, block_max);
-        st.l += block_softmax(srow, cols, online_softmax_shift(st.m));
-        if (alpha != 1.0f) scale_rows(acc.data() + (hk * g + r) * d, d, alpha);
+    block_scores(qf.data(), hk_count, g, d, kptr.data(), head_stride, cols, s.data(), BLOCK_KEYS);
+    for (int64_t row = 0; row < rows; ++row) {
+      const int64_t hk = row / g, r = row % g;
+      const int64_t i = r / pb.group, h = hk * pb.group + r % pb.group, pos = i + n - pb.nq;
+      float* srow = s.data() + row * BLOCK_KEYS;
+      if (pb.softcap > 0.0f)
+        for (int64_t c = 0; c < cols; ++c) srow[c] = pb.softcap * std::tanh(srow[c] / pb.softcap);
+      if (pb.slopes != nullptr) {
+        const float slope = pb.slopes[b * pb.heads_q + h];
+        for (int64_t c = 0; c < cols; ++c) srow[c] -= slope * static_cast<float>(std::abs(pos - (j0 + c)));
       }
-      block_accumulate(acc.data() + hk * g * d, g, d, s.data(), BLOCK_KEYS, vptr.data() + hk * BLOCK_KEYS, cols);
+      for (int64_t c = 0; c < cols; ++c)
+        if (j0 + c < lo[i] || j0 + c >= hi[i]) srow[c] = -INFINITY;
+      float block_max = -INFINITY;
+      for (int64_t c = 0; c < cols; ++c) block_max = std::max(block_max, srow[c]);
+      if (block_max == -INFINITY) {  // nothing visible here: weights all 0
+        std::fill(srow, srow + cols, 0.0f);
+        continue;
+      }
+      OnlineSoftmax& st = state[row];
+      const float alpha = online_softmax_update(st, block_max);
+      st.l += block_softmax(srow, cols, online_softmax_shift(st.m));
+      if (alpha != 1.0f) scale_rows(acc.data() + row * d, d, alpha);
     }
+    block_accumulate(acc.data(), hk_count, g, d, s.data(), BLOCK_KEYS, vptr.data(), head_stride, cols);
   }
   // Normalised partial rows (B-major output layout is the caller's: out_rows[(i, h)], lse_rows[(h, i)]).
   for (int64_t hk = 0; hk < hk_count; ++hk)
@@ -238,11 +244,11 @@ void run(const Problem& pb, const at::Tensor& q, const at::Tensor& k_cache, cons
   std::vector<float> part_lse(static_cast<size_t>(splits * batch * lse_elems));
   const int64_t rows = hq * nq;
   at::parallel_for(0, batch * splits, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> qf(rows * d), acc(rows * d), s(pb.group * nq * BLOCK_KEYS);
+    std::vector<float> qf(rows * d), acc(rows * d), s(rows * BLOCK_KEYS);
     std::vector<OnlineSoftmax> state(rows);
     const bool convert = !std::is_same_v<T, float>;
     std::vector<float> kbuf(convert ? pb.heads_k * BLOCK_KEYS * d : 0), vbuf(kbuf.size());
-    std::vector<const float*> kptr(pb.heads_k * BLOCK_KEYS), vptr(pb.heads_k * BLOCK_KEYS);
+    std::vector<const float*> kptr(BLOCK_KEYS), vptr(BLOCK_KEYS);
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t b = task / splits, split = task % splits;
       process_task<T>(pb, qp, q_stride, kp, vp, b, split, part_out.data() + (split * batch + b) * row_elems,
