@@ -23,6 +23,7 @@
 #include "common.h"
 #include "gemm.h"
 #include "row_ops.h"
+#include "tile_kernels.h"
 #include "metagpt_fast/online_softmax.h"
 #include "metagpt_fast/philox.h"
 
@@ -102,8 +103,28 @@ void dropout_factors(const Problem& pb, float* f, int64_t n, int64_t b, int64_t 
 // Keys a query block [i0, i1) can see: all, or j < i1 when causal (top-left alignment: query i sees j <= i).
 int64_t key_end(const Problem& pb, int64_t i1) { return pb.causal ? std::min(pb.nk, i1) : pb.nk; }
 
+// Writes rows [0, rows) of a query block: out = acc / l, and the saved row statistics.
 template <typename T>
-void forward(const Problem& pb, const T* q, Layout lq, const T* k, Layout lk, const T* v, Layout lv, T* out,
+void write_rows(const Problem& pb, const std::vector<float>& acc, const std::vector<OnlineSoftmax>& state, int64_t rows,
+                int64_t b, int64_t h, int64_t i0, T* out, float* lse) {
+  T* orow0 = out + ((b * pb.heads_q + h) * pb.nq + i0) * pb.dv;
+  float* lrow = lse + (b * pb.heads_q + h) * pb.nq + i0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float inv = online_softmax_inv_sum(state[r]);
+    const float* arow = acc.data() + r * pb.dv;
+    T* orow = orow0 + r * pb.dv;
+    for (int64_t c = 0; c < pb.dv; ++c) orow[c] = from_float<T>(arow[c] * inv);
+    if (pb.split_lse) {
+      lrow[r] = online_softmax_saved_max(state[r]);
+      lrow[pb.batch * pb.heads_q * pb.nq + r] = online_softmax_log_sum(state[r]);
+    } else {
+      lrow[r] = online_softmax_lse(state[r]);
+    }
+  }
+}
+
+template <typename T>
+void forward_blas(const Problem& pb, const T* q, Layout lq, const T* k, Layout lk, const T* v, Layout lv, T* out,
              float* lse) {
   const int64_t group = pb.heads_q / pb.heads_k, q_blocks = (pb.nq + BLOCK_Q - 1) / BLOCK_Q;
   at::parallel_for(0, pb.batch * pb.heads_q * q_blocks, 1, [&](int64_t t0, int64_t t1) {
@@ -137,22 +158,108 @@ void forward(const Problem& pb, const T* q, Layout lq, const T* k, Layout lk, co
         }
         gemm(false, false, rows, pb.dv, cols, 1.0f, s.data(), BLOCK_K, vf, ldv, 1.0f, acc.data(), pb.dv);
       }
-      T* orow0 = out + ((b * pb.heads_q + h) * pb.nq + i0) * pb.dv;
-      float* lrow = lse + (b * pb.heads_q + h) * pb.nq + i0;
-      for (int64_t r = 0; r < rows; ++r) {
-        const float inv = online_softmax_inv_sum(state[r]);
-        const float* arow = acc.data() + r * pb.dv;
-        T* orow = orow0 + r * pb.dv;
-        for (int64_t c = 0; c < pb.dv; ++c) orow[c] = from_float<T>(arow[c] * inv);
-        if (pb.split_lse) {
-          lrow[r] = online_softmax_saved_max(state[r]);
-          lrow[pb.batch * pb.heads_q * pb.nq + r] = online_softmax_log_sum(state[r]);
-        } else {
-          lrow[r] = online_softmax_lse(state[r]);
-        }
-      }
+      write_rows(pb, acc, state, rows, b, h, i0, out, lse);
     }
   });
+}
+
+// Forward on the AVX-512 tile kernels (tile_kernels.h). Each thread keeps the current kv head's K^T packed in panels
+// of TILE_KEYS keys (and, for 16-bit inputs, V in float32), filled lazily up to the keys its query blocks reach, so
+// consecutive query blocks of one head reuse them; a query block of TILE_Q rows then runs scores_tile and
+// accumulate_tile over key tiles of TILE_K, with the online softmax between them.
+constexpr int64_t TILE_Q = 64;
+constexpr int64_t TILE_K = 256;  // a multiple of TILE_KEYS
+// Per-thread cap on the packed head (floats): beyond it (nk * d > 2^23, e.g. N = 65536 at D = 128) the BLAS path
+// serves the call.
+constexpr int64_t MAX_PACKED = int64_t(1) << 23;
+
+bool tiles_fit(const Problem& pb) {
+  const int64_t panels = (pb.nk + TILE_KEYS - 1) / TILE_KEYS;
+  return tile_kernels_available() && panels * TILE_KEYS * std::max(pb.d, pb.dv) <= MAX_PACKED;
+}
+
+// Query block of task t within its head, ordered (0, last, 1, last - 1, ...): a causal head's cheap and expensive
+// blocks alternate, so the contiguous task ranges of at::parallel_for get balanced work.
+int64_t zigzag_block(int64_t t, int64_t blocks) { return t % 2 == 0 ? t / 2 : blocks - 1 - t / 2; }
+
+template <typename T>
+void forward_tiles(const Problem& pb, const T* q, Layout lq, const T* k, Layout lk, const T* v, Layout lv, T* out,
+                   float* lse) {
+  const int64_t group = pb.heads_q / pb.heads_k, q_blocks = (pb.nq + TILE_Q - 1) / TILE_Q, d = pb.d, dv = pb.dv;
+  const int64_t all_panels = (pb.nk + TILE_KEYS - 1) / TILE_KEYS;
+  at::parallel_for(0, pb.batch * pb.heads_q * q_blocks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> qbuf(TILE_Q * d), s(TILE_Q * TILE_K), f(TILE_K), acc(TILE_Q * dv), alpha(TILE_Q);
+    std::vector<float> packed(all_panels * TILE_KEYS * d), vbuf;
+    if constexpr (!std::is_same_v<T, float>) vbuf.resize(pb.nk * dv);
+    std::vector<OnlineSoftmax> state(TILE_Q);
+    int64_t head = -1, packed_panels = 0;
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t qb = zigzag_block(task % q_blocks, q_blocks), h = (task / q_blocks) % pb.heads_q;
+      const int64_t b = task / (q_blocks * pb.heads_q), hk = h / group;
+      if (b * pb.heads_k + hk != head) {
+        head = b * pb.heads_k + hk;
+        packed_panels = 0;
+      }
+      const int64_t i0 = qb * TILE_Q, rows = std::min(TILE_Q, pb.nq - i0), jend = key_end(pb, i0 + rows);
+      const int64_t need = (jend + TILE_KEYS - 1) / TILE_KEYS;
+      for (; packed_panels < need; ++packed_panels) {  // K^T panels (zero past nk); V in float32 for 16-bit
+        float* panel = packed.data() + packed_panels * d * TILE_KEYS;
+        for (int64_t c = 0; c < TILE_KEYS; ++c) {
+          const int64_t j = packed_panels * TILE_KEYS + c;
+          if (j < pb.nk) {
+            const T* krow = k + lk.at(b, hk, j);
+            for (int64_t x = 0; x < d; ++x) panel[x * TILE_KEYS + c] = to_float(krow[x]);
+            if constexpr (!std::is_same_v<T, float>) {
+              const T* vrow = v + lv.at(b, hk, j);
+              for (int64_t x = 0; x < dv; ++x) vbuf[j * dv + x] = to_float(vrow[x]);
+            }
+          } else {
+            for (int64_t x = 0; x < d; ++x) panel[x * TILE_KEYS + c] = 0.0f;
+          }
+        }
+      }
+      const float* vf;
+      int64_t ldv = dv;
+      if constexpr (std::is_same_v<T, float>) {
+        vf = v + lv.at(b, hk, 0);
+        ldv = lv.n;
+      } else {
+        vf = vbuf.data();
+      }
+      int64_t ldq;
+      const float* qf = float_rows(q + lq.at(b, h, i0), rows, d, lq.n, qbuf.data(), &ldq);
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      std::fill(state.begin(), state.end(), online_softmax_init());
+      for (int64_t j0 = 0; j0 < jend; j0 += TILE_K) {
+        const int64_t cols = std::min(TILE_K, jend - j0);
+        scores_tile(qf, ldq, packed.data() + (j0 / TILE_KEYS) * d * TILE_KEYS, d, (cols + TILE_KEYS - 1) / TILE_KEYS,
+                    pb.scale, s.data(), TILE_K, rows);
+        for (int64_t r = 0; r < rows; ++r) {
+          float* srow = s.data() + r * TILE_K;
+          mask_row<T>(pb, srow, cols, b, h, i0 + r, j0);
+          alpha[r] = online_softmax_update(state[r], row_max(srow, cols));
+          state[r].l += softmax_row(srow, cols, online_softmax_shift(state[r].m));
+          if (pb.dropout_p > 0.0) {
+            dropout_factors(pb, f.data(), cols, b, h, i0 + r, j0);
+            multiply_row(srow, srow, f.data(), cols);
+          }
+        }
+        accumulate_tile(s.data(), TILE_K, vf + j0 * ldv, ldv, cols, dv, j0 == 0 ? nullptr : alpha.data(), acc.data(),
+                        dv, rows);
+      }
+      write_rows(pb, acc, state, rows, b, h, i0, out, lse);
+    }
+  });
+}
+
+template <typename T>
+void forward(const Problem& pb, const T* q, Layout lq, const T* k, Layout lk, const T* v, Layout lv, T* out,
+             float* lse) {
+  if (tiles_fit(pb)) {
+    forward_tiles(pb, q, lq, k, lk, v, lv, out, lse);
+  } else {
+    forward_blas(pb, q, lq, k, lk, v, lv, out, lse);
+  }
 }
 
 template <typename T>

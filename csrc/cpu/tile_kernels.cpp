@@ -1,0 +1,193 @@
+#include "tile_kernels.h"
+
+#include <cstdlib>
+#include <cstring>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define MGF_TILES_AVX512 1
+#define MGF_AVX512 __attribute__((target("avx512f")))
+#else
+#define MGF_TILES_AVX512 0
+#endif
+
+namespace metagpt_fast::cpu {
+
+bool tile_kernels_available() {
+  static const bool available = [] {
+    const char* env = std::getenv("METAGPT_FAST_CPU_TILES");
+    if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+#if MGF_TILES_AVX512
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") != 0;
+#else
+    return false;
+#endif
+  }();
+  return available;
+}
+
+namespace {
+
+// Portable loops with the same contracts (used where AVX-512 is not compiled in; callers check availability first).
+void scores_tile_loops(const float* a, int64_t lda, const float* packed, int64_t depth, int64_t panels, float scale,
+                       float* s, int64_t lds, int64_t rows) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t p = 0; p < panels; ++p) {
+      float acc[TILE_KEYS] = {};
+      const float* panel = packed + p * depth * TILE_KEYS;
+      for (int64_t k = 0; k < depth; ++k)
+        for (int64_t c = 0; c < TILE_KEYS; ++c) acc[c] += a[r * lda + k] * panel[k * TILE_KEYS + c];
+      for (int64_t c = 0; c < TILE_KEYS; ++c) s[r * lds + p * TILE_KEYS + c] = scale * acc[c];
+    }
+}
+
+void accumulate_tile_loops(const float* p, int64_t ldp, const float* v, int64_t ldv, int64_t depth, int64_t n,
+                           const float* alpha, float* acc, int64_t ldacc, int64_t rows) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* arow = acc + r * ldacc;
+    if (alpha != nullptr)
+      for (int64_t c = 0; c < n; ++c) arow[c] *= alpha[r];
+    for (int64_t k = 0; k < depth; ++k) {
+      const float pk = p[r * ldp + k];
+      for (int64_t c = 0; c < n; ++c) arow[c] += pk * v[k * ldv + c];
+    }
+  }
+}
+
+#if MGF_TILES_AVX512
+
+// MR rows x 32 keys of scores: 2 * MR accumulators over the whole depth, one broadcast of a per row and step.
+template <int MR>
+MGF_AVX512 void scores_block(const float* a, int64_t lda, const float* panel, int64_t depth, float scale, float* s,
+                             int64_t lds) {
+  __m512 c0[MR], c1[MR];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) c0[r] = c1[r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < depth; ++k) {
+    const __m512 b0 = _mm512_loadu_ps(panel + k * TILE_KEYS), b1 = _mm512_loadu_ps(panel + k * TILE_KEYS + 16);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m512 ar = _mm512_set1_ps(a[r * lda + k]);
+      c0[r] = _mm512_fmadd_ps(ar, b0, c0[r]);
+      c1[r] = _mm512_fmadd_ps(ar, b1, c1[r]);
+    }
+  }
+  const __m512 sc = _mm512_set1_ps(scale);
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    _mm512_storeu_ps(s + r * lds, _mm512_mul_ps(c0[r], sc));
+    _mm512_storeu_ps(s + r * lds + 16, _mm512_mul_ps(c1[r], sc));
+  }
+}
+
+// MR rows x up to 32 columns of the accumulator (masked to n), rescaled by alpha, plus p v over depth.
+template <int MR>
+MGF_AVX512 void accumulate_block(const float* p, int64_t ldp, const float* v, int64_t ldv, int64_t depth,
+                                 const float* alpha, float* acc, int64_t ldacc, __mmask16 m0, __mmask16 m1) {
+  __m512 c0[MR], c1[MR];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    c0[r] = _mm512_maskz_loadu_ps(m0, acc + r * ldacc);
+    c1[r] = _mm512_maskz_loadu_ps(m1, acc + r * ldacc + 16);
+    if (alpha != nullptr) {
+      const __m512 ar = _mm512_set1_ps(alpha[r]);
+      c0[r] = _mm512_mul_ps(c0[r], ar);
+      c1[r] = _mm512_mul_ps(c1[r], ar);
+    }
+  }
+  for (int64_t k = 0; k < depth; ++k) {
+    const __m512 b0 = _mm512_maskz_loadu_ps(m0, v + k * ldv), b1 = _mm512_maskz_loadu_ps(m1, v + k * ldv + 16);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m512 pr = _mm512_set1_ps(p[r * ldp + k]);
+      c0[r] = _mm512_fmadd_ps(pr, b0, c0[r]);
+      c1[r] = _mm512_fmadd_ps(pr, b1, c1[r]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    _mm512_mask_storeu_ps(acc + r * ldacc, m0, c0[r]);
+    _mm512_mask_storeu_ps(acc + r * ldacc + 16, m1, c1[r]);
+  }
+}
+
+constexpr int MR = 8;
+
+MGF_AVX512 void scores_tile_avx512(const float* a, int64_t lda, const float* packed, int64_t depth, int64_t panels,
+                                   float scale, float* s, int64_t lds, int64_t rows) {
+  for (int64_t p = 0; p < panels; ++p) {
+    const float* panel = packed + p * depth * TILE_KEYS;
+    float* sp = s + p * TILE_KEYS;
+    int64_t r = 0;
+    for (; r + MR <= rows; r += MR) scores_block<MR>(a + r * lda, lda, panel, depth, scale, sp + r * lds, lds);
+    const float* ar = a + r * lda;
+    float* sr = sp + r * lds;
+    switch (rows - r) {
+      case 7: scores_block<7>(ar, lda, panel, depth, scale, sr, lds); break;
+      case 6: scores_block<6>(ar, lda, panel, depth, scale, sr, lds); break;
+      case 5: scores_block<5>(ar, lda, panel, depth, scale, sr, lds); break;
+      case 4: scores_block<4>(ar, lda, panel, depth, scale, sr, lds); break;
+      case 3: scores_block<3>(ar, lda, panel, depth, scale, sr, lds); break;
+      case 2: scores_block<2>(ar, lda, panel, depth, scale, sr, lds); break;
+      case 1: scores_block<1>(ar, lda, panel, depth, scale, sr, lds); break;
+      default: break;
+    }
+  }
+}
+
+MGF_AVX512 void accumulate_tile_avx512(const float* p, int64_t ldp, const float* v, int64_t ldv, int64_t depth,
+                                       int64_t n, const float* alpha, float* acc, int64_t ldacc, int64_t rows) {
+  for (int64_t c = 0; c < n; c += 32) {
+    const int64_t w = n - c < 32 ? n - c : 32;
+    const __mmask16 m0 = w >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << w) - 1u);
+    const __mmask16 m1 = w >= 32 ? __mmask16(0xFFFF) : w <= 16 ? __mmask16(0) : __mmask16((1u << (w - 16)) - 1u);
+    const float* vc = v + c;
+    float* ac = acc + c;
+    int64_t r = 0;
+    for (; r + MR <= rows; r += MR)
+      accumulate_block<MR>(p + r * ldp, ldp, vc, ldv, depth, alpha ? alpha + r : nullptr, ac + r * ldacc, ldacc, m0,
+                           m1);
+    const float* pr = p + r * ldp;
+    const float* al = alpha ? alpha + r : nullptr;
+    float* ar = ac + r * ldacc;
+    switch (rows - r) {
+      case 7: accumulate_block<7>(pr, ldp, vc, ldv, depth, al, ar, ldacc, m0, m1); break;
+      case 6: accumulate_block<6>(pr, ldp, vc, ldv, depth, al, ar, ldacc, m0, m1); break;
+      case 5: accumulate_block<5>(pr, ldp, vc, ldv, depth, al, ar, ldacc, m0, m1); break;
+      case 4: accumulate_block<4>(pr, ldp, vc, ldv, depth, al, ar, ldacc, m0, m1); break;
+      case 3: accumulate_block<3>(pr, ldp, vc, ldv, depth, al, ar, ldacc, m0, m1); break;
+      case 2: accumulate_block<2>(pr, ldp, vc, ldv, depth, al, ar, ldacc, m0, m1); break;
+      case 1: accumulate_block<1>(pr, ldp, vc, ldv, depth, al, ar, ldacc, m0, m1); break;
+      default: break;
+    }
+  }
+}
+
+#endif  // MGF_TILES_AVX512
+
+}  // namespace
+
+void scores_tile(const float* a, int64_t lda, const float* packed, int64_t depth, int64_t panels, float scale, float* s,
+                 int64_t lds, int64_t rows) {
+#if MGF_TILES_AVX512
+  if (tile_kernels_available()) {
+    scores_tile_avx512(a, lda, packed, depth, panels, scale, s, lds, rows);
+    return;
+  }
+#endif
+  scores_tile_loops(a, lda, packed, depth, panels, scale, s, lds, rows);
+}
+
+void accumulate_tile(const float* p, int64_t ldp, const float* v, int64_t ldv, int64_t depth, int64_t n,
+                     const float* alpha, float* acc, int64_t ldacc, int64_t rows) {
+#if MGF_TILES_AVX512
+  if (tile_kernels_available()) {
+    accumulate_tile_avx512(p, ldp, v, ldv, depth, n, alpha, acc, ldacc, rows);
+    return;
+  }
+#endif
+  accumulate_tile_loops(p, ldp, v, ldv, depth, n, alpha, acc, ldacc, rows);
+}
+
+}  // namespace metagpt_fast::cpu
