@@ -15,6 +15,7 @@ import math
 import sys
 import types
 
+import helpers
 import pytest
 import torch
 from helpers import kernel_params, skip_unless_supported
@@ -375,21 +376,32 @@ def _head_dim_rows(dtype, seqlen, dims):
     return [_kcase(*seqlen, d, dtype, causal=True, b=2) for d in dims]
 
 
-def _with_slow(rows):
-    """Cases with a head dim of 128 or 256 are marked slow (the quick tier keeps the others)."""
-    return {name: (pytest.param(c, marks=pytest.mark.slow) if c["dims"][0] in EXPENSIVE_DIMS else c)
-            for name, c in _kcases(rows).items()}  # fmt: skip
+def _tiered(quick, slow):
+    """The ``quick`` cases (less those with a head dim of 128 or 256), and the others marked slow."""
+    cases = {name: pytest.param(c, marks=pytest.mark.slow) for name, c in _kcases(slow).items()}
+    for name, c in _kcases(quick).items():
+        cases[name] = pytest.param(c, marks=pytest.mark.slow) if c["dims"][0] in EXPENSIVE_DIMS else c
+    return cases
+
+
+TRITON_CPU_VARLEN = ([0, 1, 9, 16], [3, 0, 20, 16])
+TRITON_CPU_ROWS = _feature_rows((F32,), [(17, 33), (1, 29), (24, 24)], [16, 40, 59], 5, varlen=TRITON_CPU_VARLEN)
+TRITON_CPU_QUICK = (0, 3, 5, 7, 8, 11)  # causal, (w, 0), softcap, ALiBi (B, H) with (w, w), GQA + window, varlen
 
 
 FLASH_CASES = {
     # C++ kernels: every feature in float32 and bfloat16 on the issue's seqlen pairs, every head dim.
-    ("cpu", "cpu"): _with_slow(
-        _feature_rows((F32, BF16), SEQLENS, HEAD_DIMS, 32) + _head_dim_rows(F16, (108, 256), HEAD_DIMS)
+    # Quick tier: float32; slow: bfloat16 and the float16 sweep of head dims.
+    ("cpu", "cpu"): _tiered(
+        _feature_rows((F32,), SEQLENS, HEAD_DIMS, 32),
+        _feature_rows((BF16,), SEQLENS, HEAD_DIMS[1:], 32) + _head_dim_rows(F16, (108, 256), HEAD_DIMS),
     ),
     # Interpreted Triton: small shapes (the interpreter runs one program at a time), float32 / float16.
-    ("triton", "cpu"): _with_slow(
-        _feature_rows((F32,), [(17, 33), (1, 29), (24, 24)], [16, 40, 59], 5, varlen=([0, 1, 9, 16], [3, 0, 20, 16]))
-        + [_kcase(0, 0, 32, F16, lens=([0, 1, 9, 16], [3, 0, 20, 16]), causal=True)]
+    # Quick tier: one case per feature.
+    ("triton", "cpu"): _tiered(
+        [TRITON_CPU_ROWS[i] for i in TRITON_CPU_QUICK],
+        [r for i, r in enumerate(TRITON_CPU_ROWS) if i not in TRITON_CPU_QUICK]
+        + [_kcase(0, 0, 32, F16, lens=TRITON_CPU_VARLEN, causal=True)],
     ),
     # Compiled Triton and CUDA: the issue's pairs, the long ones too, every head dim.
     ("triton", "cuda"): _kcases(
@@ -446,18 +458,14 @@ def test_flash_attention_matches_reference(backend, device, case):
 
     def run(name, dt):
         def fn(q, k, v):
-            out, lse, _ = metagpt_fast.flash_attn_varlen_func(
-                q, k, v, cu_q, cu_k, max_q, max_k, return_attn_probs=True, backend=name, **kwargs
-            )
-            return out, lse
+            return metagpt_fast.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, backend=name, **kwargs)
 
-        results = outputs_and_grads(lambda q, k, v: fn(q, k, v)[0], [t.to(dt).requires_grad_() for t in (q, k, v)],
-                                    device)  # fmt: skip
-        with torch.no_grad():
-            lse = fn(*(t.to(dt) for t in (q, k, v)))[1]
+        results = outputs_and_grads(fn, [t.to(dt).requires_grad_() for t in (q, k, v)], device)
+        with torch.no_grad():  # lse straight from the implementation (return_attn_probs would run the reference)
+            up = {n: t.to(dt) for n, t in inputs.items() if n in ("q", "k", "v")}
+            lse = helpers.implementation("flash_attention", name).fn(**{**inputs, **up}, seed=None)[1]
         return results, lse
 
-    # return_attn_probs computes probs with the reference: only the out/lse of the backend are under test here.
     (fast, fast_lse), (lowp, lowp_lse), (exact, exact_lse) = (
         run(backend, dtype), run("reference", dtype), run("reference", oracle_dtype(dtype))
     )  # fmt: skip
