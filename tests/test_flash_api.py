@@ -628,3 +628,40 @@ def test_shim_against_this_environment(clean_flash_attn):
     assert shim.install() == absent
     if not absent:
         assert "flash_attn" not in sys.modules or not shim.installed()
+
+
+DETERMINISTIC_CASES = {
+    ("cpu", "cpu"): {"gqa-window-varlen": dict(lens=([3, 40, 0, 17], [9, 40, 5, 30]), heads=(4, 2), window=(7, 0))},
+    ("triton", "cpu"): {"gqa-window-varlen": dict(lens=([3, 16, 0, 9], [9, 16, 5, 20]), heads=(4, 2), window=(5, 0))},
+    ("triton", "cuda"): {
+        "gqa-window-varlen": dict(lens=([3, 400, 0, 777], [9, 400, 5, 1024]), heads=(8, 2), window=(64, 0))
+    },  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("backend, device, case", kernel_params("flash_attention", DETERMINISTIC_CASES))
+def test_deterministic_backward_is_bitwise_repeatable(backend, device, case):
+    impl = helpers.implementation("flash_attention", backend)
+    if "deterministic" not in impl.capabilities.features:
+        with pytest.raises(ValueError, match="deterministic"):
+            metagpt_fast.flash_attn_func(*(torch.randn(1, 4, 2, 8, device=device) for _ in range(3)),
+                                         deterministic=True, backend=backend)  # fmt: skip
+        return
+    lq, lk = case["lens"]
+    hq, hk = case["heads"]
+    q, k, v = (
+        torch.randn(sum(lq), hq, 32, device=device),
+        torch.randn(sum(lk), hk, 32, device=device),
+        torch.randn(sum(lk), hk, 32, device=device),
+    )
+    g = torch.randn(sum(lq), hq, 32, device=device)
+    results = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        cu_q, cu_k = _cu(lq, device), _cu(lk, device)
+        out = metagpt_fast.flash_attn_varlen_func(
+            *leaves, cu_q, cu_k, max(lq), max(lk), window_size=case["window"], deterministic=True, backend=backend
+        )
+        results.append([out.detach(), *torch.autograd.grad(out, leaves, g)])
+    for name, a, b in zip(("out", "dq", "dk", "dv"), *results, strict=True):
+        assert torch.equal(a, b), name
