@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from metagpt_fast._spec import MAX_GRID_YZ
-from metagpt_fast.backends import autograd, compiled
+from metagpt_fast.backends import autograd, compiled, measured
 
 
 def lse_shape(q: torch.Tensor, attn_mask: torch.Tensor | None) -> tuple[int, ...]:
@@ -56,18 +56,25 @@ def extra_reasons(query, key, value, attn_mask, dropout_p, is_causal, scale, ena
 
 
 def cuda_priority(inputs) -> int:
-    """30 (above Triton's 20) on sm_80-class GPUs, 15 (below it) on sm_90 and newer.
+    """The measured priority where ``measured_speed.json`` has the input's size class (backends/measured.py), else
+    30 (above Triton's 20) on sm_80-class GPUs, 15 (below it) on sm_90 and newer.
 
     On Hopper, Triton's kernels use wgmma while these use mma.sync with 254 registers (one CTA per SM) and 3 to 3.7
     shared-memory wavefronts per mma, estimated (not measured) at about 185 TFLOP/s forward on an H200 against about
     280 for Triton's: static figures from the sm_90 SASS of both. No GPU measurement exists yet for either order.
     """
-    return 15 if torch.cuda.get_device_capability(inputs["query"].device) >= (9, 0) else 30
+    static = 15 if torch.cuda.get_device_capability(inputs["query"].device) >= (9, 0) else 30
+    return measured.attention_priority("cuda", static, inputs)
 
 
-# CPU: faster than the reference's materialised softmax at every measured size. Interleaved, 1 thread, causal,
-# (1, 4, N, D) float32, median of 9 rounds: forward 1.95x at N=128, 7.0x at N=1024 (D=64), 6.1x at N=2048 (D=128);
-# forward+backward 1.48x, 3.25x, 4.25x.
+def cpu_priority(inputs) -> int:
+    """The measured priority where ``measured_speed.json`` has the input's size class (its speedups over the
+    reference are written there, per class), else 10: faster than the reference's materialised softmax at every
+    measured size. Interleaved, 1 thread, causal, (1, 4, N, D) float32, median of 9 rounds: forward 1.95x at N=128,
+    7.0x at N=1024 (D=64), 6.1x at N=2048 (D=128); forward+backward 1.48x, 3.25x, 4.25x."""
+    return measured.attention_priority("cpu", 10, inputs)
+
+
 CPU = dict(features=frozenset({"dropout", "bool_mask", "additive_mask", "gqa"}))
 CUDA = dict(
     min_compute_capability=(8, 0),
@@ -75,4 +82,4 @@ CUDA = dict(
     dtypes=(torch.float16, torch.bfloat16),
     features=frozenset({"dropout", "bool_mask", "gqa"}),
 )
-compiled.register("attention", attention, extra_reasons, cpu=(10, CPU), cuda=(cuda_priority, CUDA))
+compiled.register("attention", attention, extra_reasons, cpu=(cpu_priority, CPU), cuda=(cuda_priority, CUDA))

@@ -12,7 +12,7 @@ import torch
 from torch.library import triton_op, wrap_triton
 
 from metagpt_fast._spec import MAX_GRID_YZ
-from metagpt_fast.backends import autograd
+from metagpt_fast.backends import autograd, measured
 from metagpt_fast.backends import triton as triton_backend
 from metagpt_fast.kernels.triton import attention as kernels
 
@@ -90,4 +90,7 @@ CAPABILITIES = triton_backend.capabilities(
     max_head_dim=kernels.MAX_HEAD_DIM,
     features=frozenset({"dropout", "bool_mask", "additive_mask", "gqa"}),
 )
-triton_backend.register("attention", attention, CAPABILITIES, extra_reasons, priority=20)
+triton_backend.register(
+    "attention", attention, CAPABILITIES, extra_reasons,
+    priority=lambda inputs: measured.attention_priority("triton", 20, inputs),  # the measured class first
+)  # fmt: skip
