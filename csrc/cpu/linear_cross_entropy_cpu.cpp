@@ -66,18 +66,20 @@ MGF_LCE_CLONES double sum_row(const float* z, int64_t n) {
   return s;
 }
 
-// z_j <- scale * (exp(z_j - lse) - smooth) [* (1 - (z_j / c)^2)]: the logit gradient but for the target's term.
-MGF_LCE_CLONES void grad_row(float* z, int64_t n, float lse, float scale, float smooth, float cap) {
+// z_j <- scale * (exp(z_j - m) / l - smooth) [* (1 - (z_j / c)^2)]: the logit gradient but for the target's term.
+// exp(z - m) / l rather than exp(z - lse): the rounding of lse = m + log(l) (~|lse| ulps) would scale the whole row's
+// probabilities alike, that of 1 / l is one ulp.
+MGF_LCE_CLONES void grad_row(float* z, int64_t n, float shift, float inv_sum, float scale, float smooth, float cap) {
   if (cap > 0.0f) {
     const float inv = 1.0f / cap;
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
       const float t = z[j] * inv;
-      z[j] = scale * (mgf_exp(z[j] - lse) - smooth) * (1.0f - t * t);
+      z[j] = scale * (mgf_exp(z[j] - shift) * inv_sum - smooth) * (1.0f - t * t);
     }
   } else {
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) z[j] = scale * (mgf_exp(z[j] - lse) - smooth);
+    for (int64_t j = 0; j < n; ++j) z[j] = scale * (mgf_exp(z[j] - shift) * inv_sum - smooth);
   }
 }
 
@@ -101,15 +103,17 @@ float row_pass(float* z, int64_t target, float scale, const RowParams& p) {
   const float m = max_row(z, n);
   // An infinite maximum (an overflowed product): the softmax is NaN, as torch's is.
   const float shift = std::isfinite(m) ? m : 0.0f;
-  const float lse = shift + std::log(exp_sum_row(z, n, shift));
+  const float sum = exp_sum_row(z, n, shift);
+  const float lse = shift + std::log(sum);
   const float zt = z[target];
   double loss = static_cast<double>(lse) - (1.0 - p.eps) * static_cast<double>(zt);
   if (p.eps > 0.0f) loss -= p.eps * (sum_row(z, n) / static_cast<double>(n));
   if (p.grads) {
     const float smooth = p.eps / static_cast<float>(n);
-    grad_row(z, n, lse, scale, smooth, p.cap);
+    const float inv_sum = 1.0f / sum;
+    grad_row(z, n, shift, inv_sum, scale, smooth, p.cap);
     const float t = p.cap > 0.0f ? zt / p.cap : 0.0f;
-    z[target] = scale * (mgf_exp(zt - lse) - smooth - (1.0f - p.eps)) * (1.0f - t * t);
+    z[target] = scale * (mgf_exp(zt - shift) * inv_sum - smooth - (1.0f - p.eps)) * (1.0f - t * t);
   }
   return static_cast<float>(loss);
 }

@@ -206,8 +206,9 @@ def linear_cross_entropy(forward: str, op: Callable[..., tuple[torch.Tensor, ...
             grads = ctx.saved_tensors
             if any(w and g.numel() == 0 for w, g in zip(wanted, grads, strict=True)):
                 raise RuntimeError("linear_cross_entropy: a gradient the forward did not compute is needed")
-            # A loss gradient of exactly 1 (loss.backward()) leaves the gradients as they are, with no copy.
-            one = not torch.compiler.is_compiling() and bool(grad_loss == 1)
+            # A loss gradient of exactly 1 (loss.backward()) leaves the gradients as they are, with no copy. Only
+            # read on plain tensors: traces (fake, functional tensors) have no value to read.
+            one = type(grad_loss) is torch.Tensor and not torch.compiler.is_compiling() and bool(grad_loss == 1)
             dh, dw, db = (g if not w else g if one else g * grad_loss for w, g in zip(wanted, grads, strict=True))
         else:
             hidden, weight, targets, bias = ctx.saved_tensors

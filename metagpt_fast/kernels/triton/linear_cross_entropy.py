@@ -103,11 +103,14 @@ def _cross_entropy_rows_kernel(
         if HAS_ROWS:
             scale *= tl.load(rows_scale_ptr + row)
         smooth = eps / V
+        # exp(z - m) / s rather than exp(z - lse): the rounding of lse (~|lse| ulps) would scale the whole row's
+        # probabilities alike, that of 1 / s is one ulp.
+        inv_s = 1.0 / s
         for start in range(0, V, BLOCK):
             offs = start + cols
             mask = offs < V
             z = _capped(tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32), cap, SOFTCAP)
-            g = tl.exp(z - lse) - smooth - tl.where(offs == target, 1.0 - eps, 0.0)
+            g = tl.exp(z - m) * inv_s - smooth - tl.where(offs == target, 1.0 - eps, 0.0)
             if SOFTCAP:
                 t = z / cap
                 g = g * (1.0 - t * t)
