@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from metagpt_fast.backends import BACKENDS
-from metagpt_fast.nn import TokenPositionalEmbedding, TransformerBlock
+from metagpt_fast.nn import LayerNorm, TokenPositionalEmbedding, TransformerBlock
+from metagpt_fast.ops import linear_cross_entropy
 from metagpt_fast.ops import validation as check
 
 IGNORE_INDEX = -1
@@ -34,6 +35,9 @@ class MetaGPTConfig:
     backend: str = "auto"  # kernel backend for every op: auto, reference, triton, cuda or cpu
     bias: bool = True  # biases in Linear and LayerNorm layers, as GPT-2
     tie_weights: bool = True  # LM head shares the token embedding matrix, as GPT-2
+    # Fused training kernels: LayerNorm with the residual add, bias+GELU, and (forward(..., return_logits=False)) the
+    # LM head's loss without its logits. Parameters and state_dict keys are the same either way.
+    fused: bool = True
 
     def __post_init__(self):
         for name in ("vocab_size", "embed_size", "num_layers", "num_heads", "max_seq_length"):
@@ -49,6 +53,7 @@ class MetaGPTConfig:
             raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {self.backend!r}")
         if self.positional == "rotary" and (self.embed_size // self.num_heads) % 2:
             raise ValueError(f"rotary needs an even head dim, got {self.embed_size // self.num_heads}")
+        check.flag("fused", self.fused)
 
 
 class MetaGPT(nn.Module):
@@ -65,6 +70,7 @@ class MetaGPT(nn.Module):
         backend: str = "auto",
         bias: bool = True,
         tie_weights: bool = True,
+        fused: bool = True,
     ):
         super().__init__()
         cfg = MetaGPTConfig(
@@ -78,6 +84,7 @@ class MetaGPT(nn.Module):
             backend,
             bias,
             tie_weights,
+            fused=fused,
         )
         self.config = cfg
         rotary = cfg.positional == "rotary"
@@ -91,10 +98,10 @@ class MetaGPT(nn.Module):
             sinusoidal=not rotary,
         )
         self.blocks = nn.ModuleList(
-            TransformerBlock(cfg.embed_size, cfg.num_heads, cfg.dropout, bias=cfg.bias, rotary=rotary)
+            TransformerBlock(cfg.embed_size, cfg.num_heads, cfg.dropout, bias=cfg.bias, rotary=rotary, fused=cfg.fused)
             for _ in range(cfg.num_layers)
         )
-        self.ln_f = nn.LayerNorm(cfg.embed_size, bias=cfg.bias)
+        self.ln_f = (LayerNorm if cfg.fused else nn.LayerNorm)(cfg.embed_size, bias=cfg.bias)
         self.lm_head = nn.Linear(cfg.embed_size, cfg.vocab_size, bias=False)
         if cfg.tie_weights:
             self.lm_head.weight = self.embedding.weight
@@ -134,24 +141,47 @@ class MetaGPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, return_logits: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``idx`` ``(B, T)`` token ids → logits ``(B, T, vocab)`` and, with ``targets`` ``(B, T)``, the mean
-        cross-entropy (targets equal to -1 are ignored)."""
+        cross-entropy in float32 (float64 for a float64 model; targets equal to -1 are ignored).
+
+        ``return_logits=False`` (with ``targets``; training loops) returns ``(None, loss)``: with ``config.fused`` the
+        loss then comes from :func:`metagpt_fast.linear_cross_entropy`, which never holds the ``(B, T, vocab)``
+        logits or their gradient (the step's largest tensors at GPT-2's vocabulary).
+        """
         self._check_tokens(idx)
+        check.flag("return_logits", return_logits)
         x = self.embedding(idx)
         for block in self.blocks:
             x = block(x)
-        logits = self.lm_head(self.ln_f(x))
+        h = self.ln_f(x)
         if targets is None:
-            return logits, None
+            return self.lm_head(h), None
         check.tensor("targets", targets)
         if targets.shape != idx.shape:
             raise ValueError(f"targets must have idx's shape {tuple(idx.shape)}, got {tuple(targets.shape)}")
         if targets.dtype.is_floating_point or targets.dtype == torch.bool:
             raise TypeError(f"targets must hold integer token ids, got {targets.dtype}")
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
-        return logits, loss
+        if self.config.fused and not return_logits:
+            return None, self._fused_loss(h, targets)
+        logits = self.lm_head(h)
+        loss_dtype = torch.promote_types(logits.dtype, torch.float32)  # float32, or float64 for a float64 model
+        loss = F.cross_entropy(logits.flatten(0, 1).to(loss_dtype), targets.flatten(), ignore_index=IGNORE_INDEX)
+        return (logits if return_logits else None), loss
+
+    def _fused_loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The LM head's mean cross-entropy through linear_cross_entropy; under autocast the head runs in the autocast
+        dtype, as ``self.lm_head(h)`` would."""
+        weight = self.lm_head.weight
+        if torch.is_autocast_enabled(h.device.type):
+            dtype = torch.get_autocast_dtype(h.device.type)
+            h, weight = h.to(dtype), weight.to(dtype)
+        backend = None if self.config.backend == "auto" else self.config.backend
+        loss = linear_cross_entropy(
+            h.flatten(0, 1), weight, targets.flatten(), ignore_index=IGNORE_INDEX, backend=backend
+        )
+        return loss.to(torch.promote_types(loss.dtype, torch.float32))
 
     def _check_tokens(self, idx: torch.Tensor) -> None:
         check.tensor("idx", idx, dims=(2,))

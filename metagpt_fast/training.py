@@ -66,7 +66,7 @@ def evaluate(model: MetaGPT, tokens: torch.Tensor, cfg: TrainConfig, seq_len: in
     losses = []
     for _ in range(cfg.eval_batches):
         x, y = batch(tokens, cfg.batch_size, seq_len, generator)
-        losses.append(model(x.to(cfg.device), y.to(cfg.device))[1].item())
+        losses.append(model(x.to(cfg.device), y.to(cfg.device), return_logits=False)[1].item())
     model.train(was_training)
     return sum(losses) / len(losses)
 
@@ -105,7 +105,7 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
         x, y = batch(splits.train, cfg.batch_size, seq_len, sampler)
-        _, loss = model(x.to(cfg.device), y.to(cfg.device))
+        _, loss = model(x.to(cfg.device), y.to(cfg.device), return_logits=False)  # fused loss: no logits held
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:

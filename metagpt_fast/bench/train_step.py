@@ -57,7 +57,7 @@ class TrainStep:
 
     def loss(self) -> torch.Tensor:
         with autocast(self.tokens.device.type, self.dtype):
-            return self.model(self.tokens, self.targets)[1]
+            return self.model(self.tokens, self.targets, return_logits=False)[1]
 
     def step(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from metagpt_fast.nn.norm import LayerNorm
 from metagpt_fast.nn.positional import RotaryEmbedding
-from metagpt_fast.ops import scaled_dot_product_attention
+from metagpt_fast.ops import bias_gelu, scaled_dot_product_attention
 
 
 class CausalSelfAttention(nn.Module):
@@ -48,19 +50,42 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, embed_size: int, dropout: float = 0.0, bias: bool = True):
+    """``c_proj(gelu(c_fc(x)))`` (GPT-2's tanh GELU); ``fused=True`` runs ``c_fc`` without its bias and adds the bias
+    inside :func:`metagpt_fast.bias_gelu` (one pass over the 4x-wide activation instead of two)."""
+
+    def __init__(
+        self,
+        embed_size: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        *,
+        fused: bool = False,
+        backend: str | None = None,
+    ):
         super().__init__()
         self.c_fc = nn.Linear(embed_size, 4 * embed_size, bias=bias)
         self.gelu = nn.GELU(approximate="tanh")
         self.c_proj = nn.Linear(4 * embed_size, embed_size, bias=bias)
         self.dropout = nn.Dropout(dropout)
+        self.fused, self.backend = fused, backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        if not self.fused:
+            return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        h = F.linear(x, self.c_fc.weight)
+        bias = self.c_fc.bias
+        # Under autocast the product is in the autocast dtype: the bias follows it, as in autocast's own addmm.
+        bias = bias.to(h.dtype) if bias is not None else None
+        return self.dropout(self.c_proj(bias_gelu(h, bias, self.gelu.approximate, backend=self.backend)))
 
 
 class TransformerBlock(nn.Module):
-    """``x + attn(ln_1(x))`` then ``x + mlp(ln_2(x))``."""
+    """``x + attn(ln_1(x))`` then ``x + mlp(ln_2(x))``.
+
+    ``fused=True``: the norms are :class:`metagpt_fast.nn.LayerNorm` (same parameters and state_dict keys), ``ln_2``
+    adds the attention branch to the residual stream in the same pass (``metagpt_fast.layer_norm(..., residual=)``),
+    and the MLP's bias and GELU are one op.
+    """
 
     def __init__(
         self,
@@ -71,13 +96,21 @@ class TransformerBlock(nn.Module):
         bias: bool = True,
         rotary: bool = False,
         backend: str | None = None,
+        fused: bool = False,
     ):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(embed_size, bias=bias)
+        norm = {"backend": backend} if fused else {}
+        self.ln_1 = (LayerNorm if fused else nn.LayerNorm)(embed_size, bias=bias, **norm)
         self.attn = CausalSelfAttention(embed_size, num_heads, dropout, bias=bias, rotary=rotary, backend=backend)
-        self.ln_2 = nn.LayerNorm(embed_size, bias=bias)
-        self.mlp = MLP(embed_size, dropout, bias)
+        self.ln_2 = (LayerNorm if fused else nn.LayerNorm)(embed_size, bias=bias, **norm)
+        self.mlp = MLP(embed_size, dropout, bias, fused=fused, backend=backend)
+        self.fused = fused
 
     def forward(self, x: torch.Tensor, kv_cache=None) -> torch.Tensor:
+        if self.fused:
+            # x + attn(...) is written once and normalised in the same pass; the branch is cast to the stream's dtype
+            # first (what the unfused sum's type promotion does under autocast).
+            h, x = self.ln_2(self.attn(self.ln_1(x), kv_cache).to(x.dtype), x)
+            return x + self.mlp(h)
         x = x + self.attn(self.ln_1(x), kv_cache)
         return x + self.mlp(self.ln_2(x))
