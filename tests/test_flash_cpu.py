@@ -55,9 +55,9 @@ def dense(q, k, v, cu_q, cu_k, scale, left, right, softcap, slopes):
 
 CASES = {
     "dense": dict(),
-    "causal-gqa": dict(right=0, hk=1),
+    "causal-gqa": dict(right=0, hk=1),  # 6 sequences x 1 kv head
     "window-bottom-right": dict(left=37, right=5, longer_keys=True),
-    "left-only": dict(left=0, right=-1, longer_keys=True),
+    "left-only": dict(left=0, right=-1, longer_keys=True, hk=2),
     "softcap-window": dict(left=70, right=0, softcap=1.5),
     "alibi-causal": dict(right=0, alibi=True, longer_keys=True),
     "everything": dict(left=50, right=3, softcap=2.0, alibi=True, hk=2, longer_keys=True),
@@ -92,8 +92,22 @@ def _fwd(q, k, v, a):
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_kernel_matches_dense_float64_oracle(name):
+@pytest.fixture
+def threads(request):
+    count = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(count)
+
+
+# One thread: the backward's fused pass. 16 threads, more than the (sequence, kv head) pairs of the GQA cases: its
+# split passes (dK / dV per key block, then dQ per query block).
+@pytest.mark.parametrize(
+    ("name", "threads"),
+    [(name, 1) for name in CASES] + [(name, 16) for name in ("causal-gqa", "everything", "left-only")],
+    indirect=["threads"],
+)
+def test_kernel_matches_dense_float64_oracle(name, threads):
     (q, k, v, grad), a = _inputs(CASES[name])
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     out, lse = _fwd(q, k, v, a)
@@ -129,9 +143,11 @@ def test_half_precisions_compute_in_float32(dtype):
         torch.testing.assert_close(got.detach().float(), want.to(dtype).float(), atol=eps, rtol=eps)
 
 
-def test_key_blocks_outside_the_window_are_skipped():
+@pytest.mark.parametrize("threads", [1, 16], indirect=True)  # the fused backward pass, the split ones
+def test_key_blocks_outside_the_window_are_skipped(threads):
     # Keys 0..255 poisoned with NaN: a visited key block propagates NaN even where its weights are 0 (0 * NaN), so
-    # the rows that stay finite are exactly those whose key range the kernel never entered.
+    # the rows that stay finite are exactly those whose key range the kernel never entered. dK / dV: from key 512 on
+    # (the split pass tiles keys from 0 by 256, and queries 256..319 saw poisoned keys, so their lse is NaN).
     n, w, hq = 1024, 64, 2
     g = torch.Generator().manual_seed(3)
     q, k, v, grad = (torch.randn(n, hq, 32, generator=g) for _ in range(4))
@@ -144,7 +160,7 @@ def test_key_blocks_outside_the_window_are_skipped():
     near, far = slice(0, 256), slice(256 + w + 64, n)  # far: query blocks whose windows start past key 255
     assert torch.isnan(out[near]).all() and torch.isfinite(out[far]).all()
     assert torch.isnan(q.grad[near]).all() and torch.isfinite(q.grad[far]).all()
-    assert torch.isfinite(k.grad[256 + w + 64 :]).all() and torch.isfinite(v.grad[256 + w + 64 :]).all()
+    assert torch.isfinite(k.grad[512:]).all() and torch.isfinite(v.grad[512:]).all()
 
 
 def test_results_do_not_depend_on_the_thread_count():

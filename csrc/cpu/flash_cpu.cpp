@@ -13,14 +13,15 @@
 // |i + shift - j|; keys outside the row's range: -inf.
 // Forward, per (query head, block of BLOCK_Q queries of one sequence): online softmax over key blocks
 // (metagpt_fast/online_softmax.h); out = acc / l, lse = m + log(l) ((Hq, Tq) float32, +inf for a row with no key).
-// Backward, per (sequence, kv head), so dK and dV accumulate in the task's own buffers without races or atomics
-// (GQA: the group's query heads in turn) and every dQ row is written by the one task that owns its head:
-//   P = exp(S - lse);  dV += P^T dO;  dP = dO V^T;  dS = P * (dP - rowsum(dO * O));  softcap: dS *= 1 - tanh^2;
-//   dQ += scale dS K;  dK += scale dS^T Q.
+// Backward: P = exp(S - lse);  dV += P^T dO;  dP = dO V^T;  dS = P * (dP - rowsum(dO * O));  softcap:
+// dS *= 1 - tanh^2;  dQ += scale dS K;  dK += scale dS^T Q. Every output element is written by exactly one task,
+// without races or atomics: per (sequence, kv head) in one pass, dK and dV accumulating in the task's own buffers
+// (GQA: the group's query heads in turn); or, when there are fewer such pairs than threads, in two passes (dK / dV
+// per (kv head, key block) over the queries that see the block, then dQ per (query head, query block)).
 // Tasks are handed to the threads from a shared counter (dynamic scheduling: causal blocks and packed documents
 // differ in cost), and every task's arithmetic is the same whichever thread runs it, so results do not depend on
-// the thread count. Inputs float32 / bfloat16 / float16, all arithmetic in float32. No dropout (the reference
-// serves it).
+// scheduling (nor, within one backward scheme, on the thread count). Inputs float32 / bfloat16 / float16, all
+// arithmetic in float32. No dropout (the reference serves it).
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -162,7 +163,8 @@ struct QueryBlock {
 std::vector<QueryBlock> query_blocks(const Problem& pb) {
   std::vector<QueryBlock> blocks;
   for (int64_t b = 0; b < pb.batch; ++b)
-    for (int64_t i0 = 0; i0 < pb.len_q(b); i0 += BLOCK_Q) blocks.push_back({b, i0, std::min(BLOCK_Q, pb.len_q(b) - i0)});
+    for (int64_t i0 = 0; i0 < pb.len_q(b); i0 += BLOCK_Q)
+      blocks.push_back({b, i0, std::min(BLOCK_Q, pb.len_q(b) - i0)});
   return blocks;
 }
 
@@ -219,11 +221,75 @@ void forward(const Problem& pb, const T* q, Rows lq, const T* k, Rows lk, const 
 
 struct BackwardScratch {
   std::vector<float> qbuf, dobuf, kbuf, vbuf, p, t, dp, dq_acc, delta, dk_acc, dv_acc;
+  BackwardScratch(const Problem& pb, int64_t key_rows) {
+    qbuf.resize(BLOCK_Q * pb.d);
+    dobuf.resize(BLOCK_Q * pb.dv);
+    kbuf.resize(BLOCK_K * pb.d);
+    vbuf.resize(BLOCK_K * pb.dv);
+    p.resize(BLOCK_Q * BLOCK_K);
+    if (pb.softcap > 0.0f) t.resize(BLOCK_Q * BLOCK_K);
+    dp.resize(BLOCK_Q * BLOCK_K);
+    dq_acc.resize(BLOCK_Q * pb.d);
+    delta.resize(BLOCK_Q);
+    dk_acc.resize(key_rows * pb.d);
+    dv_acc.resize(key_rows * pb.dv);
+  }
+};
+
+// The backward's operands of one (query head, block of query rows): Q and dO as float32, delta = rowsum(dO * O)
+// (the softmax-Jacobian correction) and the saved lse rows.
+struct QueryPanel {
+  const float* qf;
+  const float* dof;
+  const float* lse;
+  int64_t ldq, lddo;
 };
 
 template <typename T>
-void backward(const Problem& pb, const T* dout, Rows ldo, const T* q, Rows lq, const T* k, Rows lk, const T* v,
-              Rows lv, const T* out, Rows lout, const float* lse, T* dq, T* dk, T* dv) {
+QueryPanel query_panel(const Problem& pb, const T* dout, Rows ldo, const T* q, Rows lq, const T* out, Rows lout,
+                       const float* lse, int64_t h, int64_t tq0, int64_t rows, BackwardScratch& sc) {
+  QueryPanel qp{};
+  qp.qf = float_rows(q + lq.at(tq0, h), rows, pb.d, lq.t, sc.qbuf.data(), &qp.ldq);
+  qp.dof = float_rows(dout + ldo.at(tq0, h), rows, pb.dv, ldo.t, sc.dobuf.data(), &qp.lddo);
+  qp.lse = lse + h * pb.total_q + tq0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* orow = out + lout.at(tq0 + r, h);
+    const float* drow = qp.dof + r * qp.lddo;
+    float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t c = 0; c < pb.dv; ++c) acc += drow[c] * to_float(orow[c]);
+    sc.delta[r] = acc;
+  }
+  return qp;
+}
+
+// One tile of the backward: sc.p <- P = exp(S - lse) (the forward's probabilities), sc.dp <- dS = P * (dO V^T -
+// delta), taken through the softcap's tanh (the gradient of the score before capping).
+void grad_tile(const Problem& pb, const Window& w, float slope, const QueryPanel& qp, const float* kf, int64_t ldk,
+               const float* vf, int64_t ldv, int64_t i0, int64_t rows, int64_t j0, int64_t cols, BackwardScratch& sc) {
+  float* p = sc.p.data();
+  float* t = pb.softcap > 0.0f ? sc.t.data() : nullptr;
+  score_tile(pb, w, slope, qp.qf, qp.ldq, kf, ldk, i0, rows, j0, cols, p, t);
+  for (int64_t r = 0; r < rows; ++r) probabilities_row(p + r * BLOCK_K, cols, qp.lse[r]);
+  gemm(false, true, rows, cols, pb.dv, 1.0f, qp.dof, qp.lddo, vf, ldv, 0.0f, sc.dp.data(), BLOCK_K);
+  for (int64_t r = 0; r < rows; ++r) {
+    float* dsrow = sc.dp.data() + r * BLOCK_K;
+    softmax_grad_row(dsrow, p + r * BLOCK_K, nullptr, cols, sc.delta[r]);
+    if (t != nullptr) flash_rows::softcap_grad_row(dsrow, t + r * BLOCK_K, cols);
+  }
+}
+
+template <typename T>
+void store_rows(T* dst, int64_t row_stride, const float* src, int64_t rows, int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[r * row_stride + c] = from_float<T>(src[r * cols + c]);
+}
+
+// One pass per (sequence, kv head): dK / dV of the whole sequence accumulate in the task's buffers while it walks
+// the group's query heads and their query blocks; each dQ block is finished by its one visit. Five tile products.
+template <typename T>
+void backward_fused(const Problem& pb, const T* dout, Rows ldo, const T* q, Rows lq, const T* k, Rows lk, const T* v,
+                    Rows lv, const T* out, Rows lout, const float* lse, T* dq, T* dk, T* dv) {
   const int64_t group = pb.group(), d = pb.d, dvd = pb.dv;
   int64_t max_lk = 0;
   for (int64_t b = 0; b < pb.batch; ++b) max_lk = std::max(max_lk, pb.len_k(b));
@@ -233,80 +299,117 @@ void backward(const Problem& pb, const T* dout, Rows ldo, const T* q, Rows lq, c
   std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t c) {
     return pb.len_q(a) * pb.len_k(a) > pb.len_q(c) * pb.len_k(c);
   });
-  auto make = [&] {
-    BackwardScratch sc;
-    sc.qbuf.resize(BLOCK_Q * d);
-    sc.dobuf.resize(BLOCK_Q * dvd);
-    sc.kbuf.resize(BLOCK_K * d);
-    sc.vbuf.resize(BLOCK_K * dvd);
-    sc.p.resize(BLOCK_Q * BLOCK_K);
-    if (pb.softcap > 0.0f) sc.t.resize(BLOCK_Q * BLOCK_K);
-    sc.dp.resize(BLOCK_Q * BLOCK_K);
-    sc.dq_acc.resize(BLOCK_Q * d);
-    sc.delta.resize(BLOCK_Q);
-    sc.dk_acc.resize(max_lk * d);
-    sc.dv_acc.resize(max_lk * dvd);
-    return sc;
-  };
+  auto make = [&] { return BackwardScratch(pb, max_lk); };
   dynamic_for(pb.batch * pb.heads_k, make, [&](BackwardScratch& sc, int64_t task) {
     const int64_t b = order[task / pb.heads_k], hk = task % pb.heads_k;
-    const int64_t lq_len = pb.len_q(b), lk_len = pb.len_k(b), tq_base = pb.cu_q[b], tk0 = pb.cu_k[b];
+    const int64_t lq_len = pb.len_q(b), lk_len = pb.len_k(b), tk0 = pb.cu_k[b];
     const Window w(pb, b);
     std::fill(sc.dk_acc.begin(), sc.dk_acc.begin() + lk_len * d, 0.0f);
     std::fill(sc.dv_acc.begin(), sc.dv_acc.begin() + lk_len * dvd, 0.0f);
-    float* tt = pb.softcap > 0.0f ? sc.t.data() : nullptr;
     for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
       const float slope = pb.slope(b, h);
       for (int64_t i0 = 0; i0 < lq_len; i0 += BLOCK_Q) {
-        const int64_t rows = std::min(BLOCK_Q, lq_len - i0), tq0 = tq_base + i0;
+        const int64_t rows = std::min(BLOCK_Q, lq_len - i0), tq0 = pb.cu_q[b] + i0;
         const int64_t jlo = w.lo(i0), jhi = w.hi(i0 + rows - 1);
         std::fill(sc.dq_acc.begin(), sc.dq_acc.end(), 0.0f);
         if (jlo < jhi) {
-          int64_t ldq, lddo, ldk, ldv;
-          const float* qf = float_rows(q + lq.at(tq0, h), rows, d, lq.t, sc.qbuf.data(), &ldq);
-          const float* dof = float_rows(dout + ldo.at(tq0, h), rows, dvd, ldo.t, sc.dobuf.data(), &lddo);
-          const float* lrow = lse + h * pb.total_q + tq0;
-          for (int64_t r = 0; r < rows; ++r) {  // delta = rowsum(dO * O): the softmax-Jacobian correction
-            const T* orow = out + lout.at(tq0 + r, h);
-            const float* drow = dof + r * lddo;
-            float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-            for (int64_t c = 0; c < dvd; ++c) acc += drow[c] * to_float(orow[c]);
-            sc.delta[r] = acc;
-          }
+          const QueryPanel qp = query_panel(pb, dout, ldo, q, lq, out, lout, lse, h, tq0, rows, sc);
           for (int64_t j0 = jlo; j0 < jhi; j0 += BLOCK_K) {
             const int64_t cols = std::min(BLOCK_K, jhi - j0);
+            int64_t ldk, ldv;
             const float* kf = float_rows(k + lk.at(tk0 + j0, hk), cols, d, lk.t, sc.kbuf.data(), &ldk);
             const float* vf = float_rows(v + lv.at(tk0 + j0, hk), cols, dvd, lv.t, sc.vbuf.data(), &ldv);
-            float* p = sc.p.data();
-            score_tile(pb, w, slope, qf, ldq, kf, ldk, i0, rows, j0, cols, p, tt);
-            for (int64_t r = 0; r < rows; ++r) probabilities_row(p + r * BLOCK_K, cols, lrow[r]);
-            gemm(true, false, cols, dvd, rows, 1.0f, p, BLOCK_K, dof, lddo, 1.0f, sc.dv_acc.data() + j0 * dvd, dvd);
-            gemm(false, true, rows, cols, dvd, 1.0f, dof, lddo, vf, ldv, 0.0f, sc.dp.data(), BLOCK_K);
-            for (int64_t r = 0; r < rows; ++r) {  // dS = P * (dP - delta), written over dP; through the softcap
-              float* dsrow = sc.dp.data() + r * BLOCK_K;
-              softmax_grad_row(dsrow, p + r * BLOCK_K, nullptr, cols, sc.delta[r]);
-              if (tt != nullptr) flash_rows::softcap_grad_row(dsrow, tt + r * BLOCK_K, cols);
-            }
+            grad_tile(pb, w, slope, qp, kf, ldk, vf, ldv, i0, rows, j0, cols, sc);
+            gemm(true, false, cols, dvd, rows, 1.0f, sc.p.data(), BLOCK_K, qp.dof, qp.lddo, 1.0f,
+                 sc.dv_acc.data() + j0 * dvd, dvd);
             gemm(false, false, rows, d, cols, pb.scale, sc.dp.data(), BLOCK_K, kf, ldk, 1.0f, sc.dq_acc.data(), d);
-            gemm(true, false, cols, d, rows, pb.scale, sc.dp.data(), BLOCK_K, qf, ldq, 1.0f,
+            gemm(true, false, cols, d, rows, pb.scale, sc.dp.data(), BLOCK_K, qp.qf, qp.ldq, 1.0f,
                  sc.dk_acc.data() + j0 * d, d);
           }
         }
-        for (int64_t r = 0; r < rows; ++r) {
-          T* dqrow = dq + ((tq0 + r) * pb.heads_q + h) * d;
-          const float* arow = sc.dq_acc.data() + r * d;
-          for (int64_t c = 0; c < d; ++c) dqrow[c] = from_float<T>(arow[c]);
-        }
+        store_rows(dq + (tq0 * pb.heads_q + h) * d, pb.heads_q * d, sc.dq_acc.data(), rows, d);
       }
     }
-    for (int64_t j = 0; j < lk_len; ++j) {
-      T* dkrow = dk + ((tk0 + j) * pb.heads_k + hk) * d;
-      T* dvrow = dv + ((tk0 + j) * pb.heads_k + hk) * dvd;
-      for (int64_t c = 0; c < d; ++c) dkrow[c] = from_float<T>(sc.dk_acc[j * d + c]);
-      for (int64_t c = 0; c < dvd; ++c) dvrow[c] = from_float<T>(sc.dv_acc[j * dvd + c]);
-    }
+    store_rows(dk + (tk0 * pb.heads_k + hk) * d, pb.heads_k * d, sc.dk_acc.data(), lk_len, d);
+    store_rows(dv + (tk0 * pb.heads_k + hk) * dvd, pb.heads_k * dvd, sc.dv_acc.data(), lk_len, dvd);
   });
+}
+
+// Two passes, for inputs with fewer (sequence, kv head) pairs than threads (one long sequence, MQA): dK / dV per
+// (kv head, key block), over the queries that see the block, then dQ per (query head, query block), over its keys.
+// Each pass recomputes P and dS (seven tile products instead of five) but has a task per block.
+template <typename T>
+void backward_split(const Problem& pb, const T* dout, Rows ldo, const T* q, Rows lq, const T* k, Rows lk, const T* v,
+                    Rows lv, const T* out, Rows lout, const float* lse, T* dq, T* dk, T* dv) {
+  const int64_t group = pb.group(), d = pb.d, dvd = pb.dv;
+  std::vector<QueryBlock> key_blocks;  // (sequence, first key, keys): the same tiling over the keys
+  for (int64_t b = 0; b < pb.batch; ++b)
+    for (int64_t j0 = 0; j0 < pb.len_k(b); j0 += BLOCK_K)
+      key_blocks.push_back({b, j0, std::min(BLOCK_K, pb.len_k(b) - j0)});
+  const int64_t nkb = static_cast<int64_t>(key_blocks.size());
+  auto make_k = [&] { return BackwardScratch(pb, BLOCK_K); };
+  dynamic_for(nkb * pb.heads_k, make_k, [&](BackwardScratch& sc, int64_t task) {
+    const QueryBlock& blk = key_blocks[task % nkb];
+    const int64_t hk = task / nkb, b = blk.b, j0 = blk.i0, cols = blk.rows, lq_len = pb.len_q(b);
+    const int64_t tk0 = pb.cu_k[b];
+    const Window w(pb, b);
+    // Queries that see a key of [j0, j0 + cols): hi(i) > j0 and lo(i) < j0 + cols (both ends grow with i).
+    const int64_t ilo = w.right < 0 ? 0 : std::clamp<int64_t>(j0 - w.shift - w.right, 0, lq_len);
+    const int64_t ihi = w.left < 0 ? lq_len : std::clamp<int64_t>(j0 + cols - w.shift + w.left, 0, lq_len);
+    std::fill(sc.dk_acc.begin(), sc.dk_acc.end(), 0.0f);
+    std::fill(sc.dv_acc.begin(), sc.dv_acc.end(), 0.0f);
+    int64_t ldk, ldv;
+    const float* kf = float_rows(k + lk.at(tk0 + j0, hk), cols, d, lk.t, sc.kbuf.data(), &ldk);
+    const float* vf = float_rows(v + lv.at(tk0 + j0, hk), cols, dvd, lv.t, sc.vbuf.data(), &ldv);
+    for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+      const float slope = pb.slope(b, h);
+      for (int64_t i0 = ilo; i0 < ihi; i0 += BLOCK_Q) {
+        const int64_t rows = std::min(BLOCK_Q, ihi - i0), tq0 = pb.cu_q[b] + i0;
+        const QueryPanel qp = query_panel(pb, dout, ldo, q, lq, out, lout, lse, h, tq0, rows, sc);
+        grad_tile(pb, w, slope, qp, kf, ldk, vf, ldv, i0, rows, j0, cols, sc);
+        gemm(true, false, cols, dvd, rows, 1.0f, sc.p.data(), BLOCK_K, qp.dof, qp.lddo, 1.0f, sc.dv_acc.data(), dvd);
+        gemm(true, false, cols, d, rows, pb.scale, sc.dp.data(), BLOCK_K, qp.qf, qp.ldq, 1.0f, sc.dk_acc.data(), d);
+      }
+    }
+    store_rows(dk + ((tk0 + j0) * pb.heads_k + hk) * d, pb.heads_k * d, sc.dk_acc.data(), cols, d);
+    store_rows(dv + ((tk0 + j0) * pb.heads_k + hk) * dvd, pb.heads_k * dvd, sc.dv_acc.data(), cols, dvd);
+  });
+  const std::vector<QueryBlock> blocks = query_blocks(pb);
+  const int64_t nqb = static_cast<int64_t>(blocks.size());
+  auto make_q = [&] { return BackwardScratch(pb, 0); };
+  dynamic_for(nqb * pb.heads_q, make_q, [&](BackwardScratch& sc, int64_t task) {
+    const QueryBlock& blk = blocks[task % nqb];
+    const int64_t h = task / nqb, hk = h / group, b = blk.b, i0 = blk.i0, rows = blk.rows;
+    const int64_t tq0 = pb.cu_q[b] + i0, tk0 = pb.cu_k[b];
+    const Window w(pb, b);
+    const int64_t jlo = w.lo(i0), jhi = w.hi(i0 + rows - 1);
+    std::fill(sc.dq_acc.begin(), sc.dq_acc.end(), 0.0f);
+    if (jlo < jhi) {
+      const QueryPanel qp = query_panel(pb, dout, ldo, q, lq, out, lout, lse, h, tq0, rows, sc);
+      for (int64_t j0 = jlo; j0 < jhi; j0 += BLOCK_K) {
+        const int64_t cols = std::min(BLOCK_K, jhi - j0);
+        int64_t ldk, ldv;
+        const float* kf = float_rows(k + lk.at(tk0 + j0, hk), cols, d, lk.t, sc.kbuf.data(), &ldk);
+        const float* vf = float_rows(v + lv.at(tk0 + j0, hk), cols, dvd, lv.t, sc.vbuf.data(), &ldv);
+        grad_tile(pb, w, pb.slope(b, h), qp, kf, ldk, vf, ldv, i0, rows, j0, cols, sc);
+        gemm(false, false, rows, d, cols, pb.scale, sc.dp.data(), BLOCK_K, kf, ldk, 1.0f, sc.dq_acc.data(), d);
+      }
+    }
+    store_rows(dq + (tq0 * pb.heads_q + h) * d, pb.heads_q * d, sc.dq_acc.data(), rows, d);
+  });
+}
+
+// The fused pass when there are at least as many (sequence, kv head) pairs as threads, else the split passes. Either
+// way every output element is written by one task: no atomics, and the same bits on every run with the same inputs
+// and thread count.
+template <typename T>
+void backward(const Problem& pb, const T* dout, Rows ldo, const T* q, Rows lq, const T* k, Rows lk, const T* v,
+              Rows lv, const T* out, Rows lout, const float* lse, T* dq, T* dk, T* dv) {
+  if (pb.batch * pb.heads_k >= at::get_num_threads() || at::in_parallel_region()) {
+    backward_fused(pb, dout, ldo, q, lq, k, lk, v, lv, out, lout, lse, dq, dk, dv);
+  } else {
+    backward_split(pb, dout, ldo, q, lq, k, lk, v, lv, out, lout, lse, dq, dk, dv);
+  }
 }
 
 // Checks cu_seqlens: int32, 1-D, on the CPU, non-decreasing from 0 to total. Returns a contiguous copy or view.
