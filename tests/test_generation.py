@@ -2,6 +2,7 @@
 step), for both positional modes, ragged batches, float32 and float64; sampling, top-k/top-p, stop tokens, sliding
 past max_seq_length, streaming, argument errors, the compiled decode step and the CLI's streamed output."""
 
+import copy
 import dataclasses
 import io
 
@@ -304,3 +305,46 @@ def test_cli_streams_the_text_as_it_comes(saved_checkpoint, monkeypatch, capsys)
     assert capsys.readouterr().out == whole  # same seed, same draws
     assert main([*base, "--stop", "ab"]) == 2
     assert "--stop must be one byte" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("batch,padding", [(1, False), (2, False), (2, True)])
+def test_hf_decode_steps_go_through_the_decode_op(batch, padding, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    hf = pytest.importorskip("metagpt_fast.integrations.hf")
+    hf.register()
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+    )  # fmt: skip
+    models = {}
+    for impl in ("metagpt_fast", "eager"):
+        torch.manual_seed(0)
+        # from_config records the implementation in the config: one config per model
+        models[impl] = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=impl)
+        models[impl].eval()
+    calls = []
+    decode = hf.flash_attn_with_kvcache
+
+    def counting(q, *args, **kwargs):
+        calls.append(tuple(q.shape))
+        return decode(q, *args, **kwargs)
+
+    monkeypatch.setattr(hf, "flash_attn_with_kvcache", counting)
+    ids = torch.randint(1, VOCAB, (batch, 5))
+    mask = torch.ones_like(ids)
+    if padding:
+        mask[1, :2] = 0  # left padding: the decode steps carry a mask, which the decode op does not take
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    got = models["metagpt_fast"].generate(ids, **kwargs)
+    assert torch.equal(got, models["eager"].generate(ids, **kwargs))
+    if padding:
+        assert calls == []
+    else:
+        assert calls == [(batch, 1, 4, 8)] * (5 * 2)  # 5 decode steps (the 6th token needs none) x 2 layers
+    # With gradients (training), a single query keeps to the differentiable attention.
+    calls.clear()
+    q = torch.randn(1, 4, 1, 8, requires_grad=True)
+    kv = torch.randn(1, 2, 7, 8)
+    out, _ = hf.attention_forward(torch.nn.Module(), q, kv, kv, None)
+    out.sum().backward()
+    assert calls == [] and q.grad is not None

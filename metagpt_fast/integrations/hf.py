@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from metagpt_fast.ops import apply_rotary, scaled_dot_product_attention
+from metagpt_fast.ops.kvcache import flash_attn_with_kvcache
 
 NAME = "metagpt_fast"
 
@@ -159,6 +160,12 @@ def attention_forward(
             attention_mask = attention_mask.to(query.dtype)
     if sliding_window is not None:
         _check_sliding_window(int(sliding_window), attention_mask, key.shape[-2])
+    if _is_decode_step(query, key, value, attention_mask, dropout, position_bias):
+        # One query over the whole cache: the decode kernel (split-KV), reading the cache in place.
+        out = flash_attn_with_kvcache(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), softmax_scale=scaling
+        )
+        return out.contiguous(), None
     is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     # A single query (decoding) sees the whole cache; a mask, when given, already holds the causal pattern.
     is_causal = bool(is_causal) and attention_mask is None and query.shape[2] > 1
@@ -181,6 +188,18 @@ def attention_forward(
         enable_gqa=key.shape[1] != query.shape[1],
     )
     return out.transpose(1, 2).contiguous(), None
+
+
+def _is_decode_step(query, key, value, attention_mask, dropout, position_bias) -> bool:
+    """A decoding step that :func:`metagpt_fast.flash_attn_with_kvcache` computes exactly: one query token that sees
+    every key (no mask: transformers passes none when nothing is padded), no dropout, no T5 bias, nothing that needs
+    a gradient (the decode op has no backward). Several queries over a cache always come with a mask (their causal
+    pattern is offset), which the decode op cannot take, so they stay on the attention kernel."""
+    if query.shape[2] != 1 or attention_mask is not None or position_bias is not None or dropout:
+        return False
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        return False
+    return key.stride(-1) == 1 and value.stride(-1) == 1 and query.dtype == key.dtype == value.dtype
 
 
 _dispatches: dict[str, bool] = {}
