@@ -13,6 +13,9 @@ included):
   ``(B, T, d_model)``, with at most an ``nn.Dropout`` inside) become :class:`metagpt_fast.nn.PositionalEncoding`,
   which computes the table in the kernel. Detection is conservative: the module must have no parameters, and its
   output must match the package's on a probe input; its buffers are kept (unused) so state_dicts still load;
+- every ``torch.nn.LayerNorm`` / ``torch.nn.RMSNorm`` becomes :class:`metagpt_fast.nn.LayerNorm` / ``RMSNorm`` (class
+  changed in place), and Hugging Face RMSNorm classes (``LlamaRMSNorm`` & co., checked on a probe) get a subclass
+  whose forward runs :func:`metagpt_fast.rms_norm` (``metagpt_fast.integrations.norms``);
 - modules of this package pinned to the ``reference`` backend are pointed at the requested backend (with an explicit
   ``backend=``, every module of the package is).
 
@@ -31,6 +34,7 @@ import torch
 from torch import nn
 
 from metagpt_fast import backends
+from metagpt_fast.integrations import norms
 from metagpt_fast.nn.multihead import MultiheadAttention
 from metagpt_fast.nn.positional import PositionalEncoding
 from metagpt_fast.ops.reference.positional import add_positional_encoding as reference_add_positional_encoding
@@ -124,6 +128,15 @@ def _swap(model: nn.Module, backend: str, module_backend: str | None) -> Optimiz
             module.__class__ = MultiheadAttention
             module.backend = module_backend
             report.swapped.append((name, "torch.nn.MultiheadAttention", "metagpt_fast.nn.MultiheadAttention"))
+        elif type(module) in norms.TORCH_NORMS:
+            report.swapped.append((name, *norms.swap_torch_norm(module, module_backend)))
+        elif norms.is_hf_rms_norm(module):
+            old = _qualname(module)
+            why_not = norms.swap_hf_rms_norm(module, module_backend)
+            if why_not:
+                report.skipped.append((name, why_not))
+            else:
+                report.swapped.append((name, old, _qualname(module)))
         elif _is_article_positional_encoding(module):
             new, why_not = _fused_positional_encoding(module, module_backend)
             if new is None:

@@ -302,3 +302,59 @@ def test_empty_inputs():
 def test_bad_arguments_name_the_argument(call, name):
     with pytest.raises((ValueError, TypeError), match=name):
         call(torch.randn(4, 61))
+
+
+# -------------------------------------------------------------------------------------------------------- optimize
+
+
+def test_optimize_swaps_torch_norms_in_place():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 61), torch.nn.LayerNorm(61), torch.nn.RMSNorm(61, eps=1e-6))
+    with torch.no_grad():
+        model[1].weight.normal_()
+        model[2].weight.normal_()
+    x = torch.randn(3, 8)
+    expected = model(x)
+    ln, weight = model[1], model[1].weight
+    same, report = metagpt_fast.optimize(model, report=True)
+    assert same is model and model[1] is ln and model[1].weight is weight  # same objects, parameters shared
+    assert type(model[1]) is metagpt_fast.nn.LayerNorm and type(model[2]) is metagpt_fast.nn.RMSNorm
+    assert ("1", "torch.nn.LayerNorm", "metagpt_fast.nn.LayerNorm") in report.swapped
+    assert ("2", "torch.nn.RMSNorm", "metagpt_fast.nn.RMSNorm") in report.swapped
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_optimize_swaps_hugging_face_rms_norms():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=61, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_()
+    idx = torch.randint(0, 64, (2, 9))
+    expected = model(idx).logits
+    norm_cls = type(model.model.norm)
+    _, report = metagpt_fast.optimize(model, report=True)
+    swapped = [old for _, old, new in report.swapped if new.endswith(f"Fused{norm_cls.__name__}")]
+    assert len(swapped) == 3 and isinstance(model.model.norm, norm_cls)  # input, post-attention and final norms
+    assert model.model.norm.backend is None
+    torch.testing.assert_close(model(idx).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_optimize_leaves_other_rms_norm_variants_alone():
+    class GemmaLikeRMSNorm(torch.nn.Module):  # (1 + weight), as Gemma's
+        def __init__(self, dim):
+            super().__init__()
+            self.weight, self.eps = torch.nn.Parameter(torch.zeros(dim)), 1e-6
+
+        def forward(self, x):
+            return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + self.eps) * (1 + self.weight)
+
+    model = torch.nn.Sequential(GemmaLikeRMSNorm(16))
+    _, report = metagpt_fast.optimize(model, report=True)
+    assert type(model[0]) is GemmaLikeRMSNorm and not report.swapped
+    assert "not weight * x / rms(x)" in report.skipped[0][1]

@@ -80,6 +80,7 @@ def test_article_model_outputs_and_gradients_unchanged(backend):
         "positional_encoding": "metagpt_fast.nn.PositionalEncoding",
         "encoder.layers.0.self_attn": "metagpt_fast.nn.MultiheadAttention",
         "encoder.layers.1.self_attn": "metagpt_fast.nn.MultiheadAttention",
+        **{f"encoder.layers.{i}.norm{j}": "metagpt_fast.nn.LayerNorm" for i in (0, 1) for j in (1, 2)},
     }, str(report)
     assert isinstance(model.encoder.layers[0].self_attn, MultiheadAttention)
     tokens = torch.randint(0, VOCAB, (3, T))
@@ -126,13 +127,15 @@ def test_nn_transformer_encoder_decoder():
     model = nn.Transformer(D, HEADS, num_encoder_layers=1, num_decoder_layers=2, dim_feedforward=32, dropout=0.0)
     original = copy.deepcopy(model)
     _, report = metagpt_fast.optimize(model, report=True)
-    assert sorted(name for name, _, _ in report.swapped) == [
+    assert sorted(name for name, _, new in report.swapped if new != "metagpt_fast.nn.LayerNorm") == [
         "decoder.layers.0.multihead_attn",
         "decoder.layers.0.self_attn",
         "decoder.layers.1.multihead_attn",
         "decoder.layers.1.self_attn",
         "encoder.layers.0.self_attn",
     ]
+    norms = [name for name, _, new in report.swapped if new == "metagpt_fast.nn.LayerNorm"]
+    assert len(norms) == 10  # 2 per encoder layer, 3 per decoder layer, the encoder's and the decoder's final norm
     src, tgt = torch.randn(7, 2, D), torch.randn(5, 2, D)  # sequence-first
     tgt_mask = nn.Transformer.generate_square_subsequent_mask(5)
     memory_padding = torch.tensor([[False] * 7, [False] * 4 + [True] * 3])
@@ -156,7 +159,7 @@ def test_optimize_is_idempotent_and_reports():
     model = ArticleModel()
     _, first = metagpt_fast.optimize(model, report=True)
     _, second = metagpt_fast.optimize(model, report=True)
-    assert len(first.swapped) == 3 and second.swapped == []
+    assert len(first.swapped) == 7 and second.swapped == []  # attention x2, positional encoding, LayerNorm x4
     assert "swapped" in str(first) and "encoder.layers.0.self_attn" in str(first)
 
 
