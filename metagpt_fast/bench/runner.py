@@ -30,6 +30,7 @@ from metagpt_fast.bench.core import (
 )
 from metagpt_fast.bench.interleave import clock_for, estimate, interleave
 from metagpt_fast.bench.memory import peak_memory
+from metagpt_fast.bench.norms import LayerNormBench
 from metagpt_fast.bench.positional import AddPositionalEncodingBench, EmbedPositionsBench
 from metagpt_fast.bench.results import ResultsFile, device_name, make_row
 from metagpt_fast.bench.rotary import RotaryBench
@@ -43,6 +44,7 @@ BENCHES: dict[str, type[OpBench]] = {
     "embed_positions": EmbedPositionsBench,
     "add_positional_encoding": AddPositionalEncodingBench,
     "rotary": RotaryBench,
+    "layer_norm": LayerNormBench,
     "train_step": TrainStepBench,
 }
 INTERPRETED_NOTE = "interpreted Triton (TRITON_INTERPRET=1): checked for parity, never timed"
