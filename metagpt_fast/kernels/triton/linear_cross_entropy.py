@@ -126,10 +126,10 @@ def _identity(kernel):
 
 
 def block_size(vocab: int) -> int:
-    """Logits per block of the row pass: the whole row up to ``MAX_BLOCK`` (256 under the interpreter, so test
-    rows span several blocks)."""
+    """Logits per block of the row pass: the whole row up to ``MAX_BLOCK``; under the interpreter 256 up to
+    V = 2048 and 1024 above, so test rows span several blocks at a few NumPy calls per block."""
     if triton_interpreted():
-        return 256 if vocab > 256 else triton.next_power_of_2(max(vocab, 1))
+        return min(256 if vocab <= 2048 else 1024, triton.next_power_of_2(max(vocab, 1)))
     return min(MAX_BLOCK, triton.next_power_of_2(max(vocab, 1)))
 
 
