@@ -28,6 +28,7 @@ from metagpt_fast.bench.core import (
     Unsupported,
     compare,
 )
+from metagpt_fast.bench.decode import DecodeBench
 from metagpt_fast.bench.interleave import clock_for, estimate, interleave
 from metagpt_fast.bench.memory import peak_memory
 from metagpt_fast.bench.norms import LayerNormBench
@@ -45,6 +46,7 @@ BENCHES: dict[str, type[OpBench]] = {
     "add_positional_encoding": AddPositionalEncodingBench,
     "rotary": RotaryBench,
     "layer_norm": LayerNormBench,
+    "decode": DecodeBench,
     "train_step": TrainStepBench,
 }
 INTERPRETED_NOTE = "interpreted Triton (TRITON_INTERPRET=1): checked for parity, never timed"
