@@ -326,7 +326,7 @@ def test_paged_and_contiguous_caches_give_identical_outputs(backend):
 def test_num_splits_does_not_change_the_result(backend):
     case = _case(2, 1, 4, 1, 16, 96, 1, F32)
     x = _inputs(case, helpers.device_for(backend))
-    outs = [_run(dict(case, num_splits=s), x, F32, backend) for s in (1, 2, 5, 0, 200)]
+    outs = [_run(dict(case, num_splits=s), x, F32, backend) for s in (1, 3, 0, 7)]
     for out, lse, *_ in outs[1:]:
         torch.testing.assert_close(out, outs[0][0], atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(lse, outs[0][1], atol=1e-6, rtol=1e-6)

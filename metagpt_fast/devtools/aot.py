@@ -34,8 +34,9 @@ from triton.backends.compiler import GPUTarget
 from metagpt_fast._spec import triton_interpreted
 from metagpt_fast.devtools import sass, ttgir
 from metagpt_fast.kernels.triton import attention as attn
+from metagpt_fast.kernels.triton import decode, rotary
+from metagpt_fast.kernels.triton import flash as flash_attn
 from metagpt_fast.kernels.triton import positional as pe
-from metagpt_fast.kernels.triton import rotary
 
 ARCHS = (80, 90)
 DTYPES = {16: "bf16", 32: "fp32"}  # the attention cases' data type per operand width
@@ -245,6 +246,49 @@ def attention_cases() -> list[AotCase]:
     return cases
 
 
+def flash_cases() -> list[AotCase]:
+    """The flash attention kernels (kernels/triton/flash.py): every tile of every (bits, head-dim bucket) family,
+    for the family's widest head dim, with the training default (causal: the right window edge only, the scale
+    folded) and the heaviest variant (both window edges, softcap and ALiBi); the backward preprocess per head dim
+    bucket. Strides in tokens are multiples of 16 elements (head dims multiples of 16); the ALiBi and lse row strides
+    (B and Tq) are not assumed aligned."""
+    data = {name: "*{}" for name in ("Q", "K", "V", "Out", "DOut", "DQ", "DK", "DV")}
+    others = {
+        "Cu_q": "*i32", "Cu_k": "*i32", "Alibi": "*fp32", "Lse": "*fp32", "Delta": "*fp32", "Visits": "*i32",
+        "qk_scale": "fp32", "cap_scale": "fp32", "cap2": "fp32", "sm_scale": "fp32",
+    }  # fmt: skip
+    layout = {"unaligned": ("stride_ab", "stride_lh", "Tq")}
+    cases = []
+    for kind, table in flash_attn.TILES.items():
+        for (bits, width), tiles in table.items():
+            types = {**{k: v.format(DTYPES[bits]) for k, v in data.items()}, **others}
+            for heavy in (False, True):
+                flags = {"WINDOW_LEFT": heavy, "WINDOW_RIGHT": True, "SOFTCAP": heavy, "ALIBI": heavy}
+                for block_m, block_n, num_warps, num_stages in tiles:
+                    constexprs = {
+                        "HEAD_DIM": width, "HEAD_DIM_V": width, "BLOCK_D": width, "BLOCK_DV": width, **flags,
+                        **({"FOLD_SCALE": not heavy} if kind == "fwd" else {}), "COUNT_VISITS": False,
+                        "BLOCK_M": block_m, "BLOCK_N": block_n,
+                    }  # fmt: skip
+                    cases.append(
+                        case(
+                            flash_attn.KERNELS[kind], constexprs, types, **layout, num_warps=num_warps,
+                            num_stages=num_stages,
+                            expect_wgmma=bits == 16 and (block_n if kind == "dkdv" else block_m) >= 64,
+                            role=kind, dtype=DTYPES[bits], streamed_rows=block_m if kind == "dkdv" else block_n,
+                        )
+                    )  # fmt: skip
+    for width in (64, 128, 256):
+        for bits in (16, 32):
+            types = {**{k: v.format(DTYPES[bits]) for k, v in data.items()}, **others}
+            constexprs = {"HEAD_DIM_V": width, "BLOCK_DV": width, "BLOCK_M": flash_attn.PREPROCESS_BLOCK_M}
+            preprocess = flash_attn.KERNELS["preprocess"]
+            cases.append(
+                case(preprocess, constexprs, types, **layout, num_stages=1, role="preprocess", dtype=DTYPES[bits])
+            )
+    return cases
+
+
 def positional_cases() -> list[AotCase]:
     """Every tile the launchers pick on a GPU, with the heaviest variant (gather + sinusoid + dropout) in bfloat16 and
     the add variant in float32; the embedding-gradient kernels with dropout. ``d`` is a multiple of 16."""
@@ -290,8 +334,36 @@ def rotary_cases() -> list[AotCase]:
     return cases
 
 
+def decode_cases() -> list[AotCase]:
+    """The decode split kernel at every tile the launcher picks for D = 64 and 128 (16 packed rows: a GQA group of 4
+    to 16 query heads; 64: Nq = 4 x 16), 16-bit and float32 caches, paged and contiguous, with every score option
+    on (softcap, ALiBi) and partial outputs; the combine kernel for up to 128 splits."""
+    types = {"seqlens_ptr": "*i32", "batch_idx_ptr": "*i32", "table_ptr": "*i32", "slopes_ptr": "*fp32",
+             "out_ptr": "*fp32", "lse_ptr": "*fp32", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32",
+             "scale_log2": "fp32", "softcap": "fp32"}  # fmt: skip
+    cases = []
+    for dtype, itemsize in (("bf16", 2), ("fp32", 4)):
+        for block_d in (64, 128):
+            for block_m in (16, decode.MAX_PACKED_ROWS):
+                block_n, warps = decode.gpu_tile(block_m, block_d, itemsize)
+                for paged in (False, True):
+                    constexprs = {
+                        "GROUP": 4, "PAGE_SIZE": 16 if paged else 1, "PAGED": paged, "HAS_BATCH_IDX": not paged,
+                        "HAS_ALIBI": True, "SOFTCAP": True, "SPLIT": True, "BLOCK_M": block_m, "BLOCK_N": block_n,
+                        "BLOCK_D": block_d,
+                    }  # fmt: skip
+                    data = dict.fromkeys(("q_ptr", "k_ptr", "v_ptr"), f"*{dtype}")
+                    kernel = decode.KERNELS["decode_split"]
+                    cases.append(case(kernel, constexprs, {**types, **data}, aligned=("D",), num_warps=warps))
+    for block_d in (64, 128):
+        constexprs = {"BLOCK_S": decode.MAX_SPLITS, "BLOCK_D": block_d}
+        types_c = {**types, "out_ptr": "*bf16"}
+        cases.append(case(decode.KERNELS["decode_combine"], constexprs, types_c, aligned=("D",), num_warps=4))
+    return cases
+
+
 def all_cases() -> list[AotCase]:
-    return attention_cases() + positional_cases() + rotary_cases()
+    return attention_cases() + flash_cases() + positional_cases() + rotary_cases() + decode_cases()
 
 
 # ----------------------------------------------------------------------------------------------------------------

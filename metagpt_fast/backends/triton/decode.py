@@ -45,8 +45,8 @@ def decode_reasons(q, k_cache, v_cache, seqlens, batch_idx, block_table, scale, 
     group = hq // max(k_cache.shape[2], 1)
     if d > MAX_HEAD_DIM:
         reasons.append(f"head dim up to {MAX_HEAD_DIM}, got {d}")
-    if nq * group > 128:
-        reasons.append(f"Nq * (Hq / Hk) up to 128 packed rows per tile, got {nq * group}")
+    if nq * group > kernels.MAX_PACKED_ROWS:
+        reasons.append(f"Nq * (Hq / Hk) up to {kernels.MAX_PACKED_ROWS} packed rows per tile, got {nq * group}")
     splits = num_splits if num_splits > 0 else 1
     if splits > MAX_GRID_YZ:
         reasons.append(f"num_splits up to {MAX_GRID_YZ} (CUDA grid limit), got {num_splits}")

@@ -37,6 +37,7 @@ MAX_SPLITS = 128
 PROGRAMS_PER_SM = 2
 # SM count assumed under the interpreter, so test shapes exercise the splits.
 INTERPRETER_SMS = 8
+NUM_WARPS = 4
 
 
 @triton.jit
@@ -227,14 +228,31 @@ def sm_count(device: torch.device) -> int:
 
 
 def config(nq: int, group: int, d: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps): the packed rows padded to a tile (16 at least, for ``tl.dot``), keys
-    per block sized so a (BLOCK_N, BLOCK_D) K and V tile each stay at 16-32 KiB."""
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps): the packed rows padded to a tile (16 at least, for ``tl.dot``), and
+    the keys per block and warps of :func:`gpu_tile`."""
     block_m = max(16, triton.next_power_of_2(nq * group))
     block_d = max(16, triton.next_power_of_2(d))
     if triton_interpreted():
-        return block_m, 16, block_d, 4  # small key blocks: several blocks per split at test shapes
-    block_n = 64 if block_d * torch.empty(0, dtype=dtype).element_size() <= 256 else 32
-    return block_m, block_n, block_d, 4
+        return block_m, 16, block_d, NUM_WARPS  # small key blocks: several blocks per split at test shapes
+    block_n, num_warps = gpu_tile(block_m, block_d, torch.empty(0, dtype=dtype).element_size())
+    return block_m, block_n, block_d, num_warps
+
+
+def gpu_tile(block_m: int, block_d: int, itemsize: int) -> tuple[int, int]:
+    """(BLOCK_N, num_warps) on a GPU, from the AOT statistics (devtools/aot.py, sm_80 and sm_90, every score option
+    on): at 16 packed rows, 64 keys of 16-bit data (64-125 registers at D <= 128) or 32 of float32 (70-125; 64 keys
+    spilled 8 bytes at D = 64 on sm_80) on 4 warps; at up to 64 rows, 8 warps with 64 keys of 16-bit data (165
+    registers at D = 128; 4 warps spilled 24 bytes), 32 float32 keys at D <= 64 and 16 at D = 128 (4 warps spilled
+    5-7 KiB, 32 keys at D = 128 on 8 warps 64 bytes)."""
+    if block_m <= 16:
+        return (64 if itemsize <= 2 else 32), NUM_WARPS
+    if itemsize <= 2:
+        return 64, 8
+    return (32 if block_d <= 64 else 16), 8
+
+
+# Packed rows (Nq x Hq / Hk) the tiles above are sized for.
+MAX_PACKED_ROWS = 64
 
 
 def choose_splits(num_splits: int, batch: int, heads_k: int, capacity: int, block_n: int, sms: int) -> int:
