@@ -390,6 +390,7 @@ def _full_forward_logits(model: MetaGPT, seq: torch.Tensor, cur: torch.Tensor) -
     return model(window)[0].gather(1, last)[:, 0]
 
 
+@torch.inference_mode()  # as a decorator: entered and left around each step, never while the caller runs
 def _steps(model: MetaGPT, req: _Request) -> Iterator[torch.Tensor]:
     """Yields the next token of every row ``(B,)``, one step at a time (rows that stopped get ``pad_token``)."""
     idx, lengths = req.idx, req.lengths
@@ -398,19 +399,21 @@ def _steps(model: MetaGPT, req: _Request) -> Iterator[torch.Tensor]:
     if n == 0:
         return
     limit = model.config.max_seq_length
-    # The whole sequence, right-padded: row b's tokens are seq[b, :cur[b]].
-    seq = torch.full((b, t + n), req.pad_token, dtype=torch.long, device=idx.device)
-    seq[:, :t] = idx
-    cur = lengths.clone()
+    cur = lengths.clone()  # each row's length so far
     done = torch.zeros(b, dtype=torch.bool, device=idx.device)
-    rows = torch.arange(b, device=idx.device)
+    stopping = req.stop_tokens.numel() > 0
     cache = table = step = token = None
-    cached_steps = 0  # steps whose logits come from the cache: positions < max_seq_length
+    cached_steps = 0  # steps whose logits come from the cache: the sequence still fits max_seq_length
     if req.use_cache:
         cached_steps = min(n, limit - int(lengths.max()) + 1)
         cache = KVCache.for_model(model, b, limit)
         table = _position_table(model)
         step = _compiled_decode_step(model, idx.device) if req.compile else decode_step
+    seq = rows = None
+    if cached_steps < n:  # the full-forward steps read the whole sequence, right-padded: row b is seq[b, :cur[b]]
+        seq = torch.full((b, t + n), req.pad_token, dtype=torch.long, device=idx.device)
+        seq[:, :t] = idx
+        rows = torch.arange(b, device=idx.device)
     for i in range(n):
         if i == 0 and cached_steps > 0:
             logits = prefill(model, idx, lengths, cache)
@@ -419,11 +422,13 @@ def _steps(model: MetaGPT, req: _Request) -> Iterator[torch.Tensor]:
         else:
             logits = _full_forward_logits(model, seq, cur)
         token = sample(logits, req.temperature, req.top_k, req.top_p, req.generator)
-        token = token.masked_fill(done, req.pad_token)
-        seq[rows, cur.long()] = token
-        cur += 1
+        if stopping:
+            token = token.masked_fill(done, req.pad_token)
+        if seq is not None:
+            seq[rows, cur.long()] = token
+            cur += 1
         yield token
-        if req.stop_tokens.numel():
+        if stopping:
             done |= torch.isin(token, req.stop_tokens)
             if bool(done.all()):
                 return
@@ -469,8 +474,8 @@ def _eval_steps(model: MetaGPT, req: _Request) -> Iterator[torch.Tensor]:
     training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            yield from _steps(model, req)
+        for token in _steps(model, req):
+            yield token.clone()  # out of inference mode: a plain tensor the caller may modify in place
     finally:
         model.train(training)
 

@@ -190,6 +190,8 @@ def test_stream_generate_yields_the_new_tokens_one_step_at_a_time():
     steps = stream_generate(model, prompts, 6, temperature=0)
     first = next(steps)
     assert first.shape == (2,) and first.dtype == torch.long
+    assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()  # nothing leaks between steps
+    assert not first.is_inference()  # a plain tensor: the caller may modify it in place
     rest = list(steps)
     got = torch.stack([first, *rest], dim=1)
     expected = model.generate(prompts, 6, temperature=0)
