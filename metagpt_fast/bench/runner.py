@@ -30,6 +30,7 @@ from metagpt_fast.bench.core import (
 )
 from metagpt_fast.bench.decode import DecodeBench
 from metagpt_fast.bench.interleave import clock_for, estimate, interleave
+from metagpt_fast.bench.linear_cross_entropy import LinearCrossEntropyBench
 from metagpt_fast.bench.memory import peak_memory
 from metagpt_fast.bench.norms import LayerNormBench
 from metagpt_fast.bench.positional import AddPositionalEncodingBench, EmbedPositionsBench
@@ -46,6 +47,7 @@ BENCHES: dict[str, type[OpBench]] = {
     "add_positional_encoding": AddPositionalEncodingBench,
     "rotary": RotaryBench,
     "layer_norm": LayerNormBench,
+    "linear_cross_entropy": LinearCrossEntropyBench,
     "decode": DecodeBench,
     "train_step": TrainStepBench,
 }
