@@ -1,7 +1,14 @@
-"""End-to-end MetaGPT training step (forward, loss, backward, gradient clipping, AdamW) per backend.
+"""End-to-end MetaGPT training step (forward, loss, backward, gradient clipping, AdamW): fused against reference.
 
-Throughput is tokens/s; model FLOPs follow PaLM's count (``formulas.train_step_flops``) for TFLOP/s and MFU.
-Low-precision dtypes run under ``torch.autocast`` with float32 master weights, as mixed-precision training does.
+The ``reference`` provider is the unfused model on the reference backend (torch's LayerNorm and GELU, the loss by
+``F.cross_entropy`` over the full ``(B, T, V)`` float32 logits); every other backend runs the fused model
+(``MetaGPTConfig.fused``: LayerNorm with the residual add, bias+GELU, the loss by ``linear_cross_entropy``, which never
+holds the logits), and ``unfused`` is the unfused model on ``auto`` (what fusion alone changes). The runner reports
+each one's tokens/s, its speedup over ``reference`` and its peak memory (``bench/memory.py``). The cases at GPT-2's
+vocabulary (V=50257) are where the LM head's logits dominate the step's memory.
+
+Model FLOPs follow PaLM's count (``formulas.train_step_flops``) for TFLOP/s and MFU. Low-precision dtypes run under
+``torch.autocast`` with float32 master weights, as mixed-precision training does.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from metagpt_fast.model import MetaGPT, MetaGPTConfig
 from metagpt_fast.training import TrainConfig, make_optimizer
 
 VOCAB_SIZE = 256  # byte-level, as the CLI's training corpus
+GPT2_VOCAB_SIZE = 50257
 # Model sizes: (embed_size, num_layers, num_heads).
 MODEL_SIZES = {
     "tiny": (64, 2, 2),  # CI smoke size
@@ -28,13 +36,16 @@ MODEL_SIZES = {
     "medium": (512, 8, 8),
     "gpt2": (768, 12, 12),  # GPT-2 small's shape
 }
+UNFUSED = "unfused"  # the unfused model on the auto backend
 
 
-def model_config(size: str, seq_len: int, backend: str = "auto") -> MetaGPTConfig:
+def model_config(
+    size: str, seq_len: int, backend: str = "auto", vocab: int = VOCAB_SIZE, fused: bool = True
+) -> MetaGPTConfig:
     if size not in MODEL_SIZES:
         raise ValueError(f"model size must be one of {sorted(MODEL_SIZES)}, got {size!r}")
     embed, layers, heads = MODEL_SIZES[size]
-    return MetaGPTConfig(VOCAB_SIZE, embed, layers, heads, dropout=0.0, max_seq_length=seq_len, backend=backend)
+    return MetaGPTConfig(vocab, embed, layers, heads, dropout=0.0, max_seq_length=seq_len, backend=backend, fused=fused)
 
 
 def autocast(device: str, dtype: torch.dtype):
@@ -84,14 +95,18 @@ def build_train_step(
 
 
 @functools.cache
-def num_parameters(size: str, seq_len: int) -> int:
+def num_parameters(size: str, seq_len: int, vocab: int = VOCAB_SIZE) -> int:
     """Parameters of a model size (tied embedding counted once)."""
-    return MetaGPT.from_config(model_config(size, seq_len)).num_parameters()
+    return MetaGPT.from_config(model_config(size, seq_len, vocab=vocab)).num_parameters()
 
 
 def setup_train_step(backend: str, case: Case, inputs: dict) -> Prepared:
+    """The fused model on ``backend``; the unfused one on the reference backend (``reference``) or on auto."""
     s = case.shape
-    cfg = model_config(s["size"], s["T"], backend)
+    if backend == UNFUSED:
+        cfg = model_config(s["size"], s["T"], "auto", s["V"], fused=False)
+    else:
+        cfg = model_config(s["size"], s["T"], backend, s["V"], fused=backend != "reference")
     train = build_train_step(cfg, s["B"], case.device, case.dtype, inputs["state"])
     check = build_train_step(cfg, s["B"], case.device, case.dtype, inputs["state"])
     return Prepared(run=train.step, parity=lambda: loss_and_grads(check))
@@ -111,40 +126,37 @@ class TrainStepBench(OpBench):
     unit = "tokens"
 
     def cases(self, device: str, dtypes: list[torch.dtype], quick: bool) -> list[Case]:
+        # (size, B, T, V) per device and suite; the last ones of each have GPT-2's vocabulary.
         if torch.device(device).type == "cuda":
-            size, batch, seqs = "gpt2", 8, (512, 1024) if quick else (512, 1024, 2048)
+            runs = [("gpt2", 8, t, GPT2_VOCAB_SIZE) for t in ((512, 1024) if quick else (512, 1024, 2048))]
         elif quick:
-            size, batch, seqs = "tiny", 2, (32, 64)
+            runs = [("tiny", 2, 32, VOCAB_SIZE), ("tiny", 2, 64, VOCAB_SIZE), ("tiny", 2, 32, GPT2_VOCAB_SIZE)]
         else:
-            size, batch, seqs = "small", 8, (128, 256)
-        embed, layers, heads = MODEL_SIZES[size]
-        return [
-            Case(
-                self.op,
-                "train",
-                (("size", size), ("B", batch), ("T", t), ("d", embed), ("L", layers), ("H", heads)),
-                dtype,
-                device,
+            runs = [("small", 8, 128, VOCAB_SIZE), ("small", 8, 256, VOCAB_SIZE), ("small", 8, 128, GPT2_VOCAB_SIZE)]
+        cases = []
+        for dtype in dtypes:
+            for i, (size, batch, t, vocab) in enumerate(runs):
+                embed, layers, heads = MODEL_SIZES[size]
+                dims = (("size", size), ("B", batch), ("T", t), ("V", vocab), ("d", embed), ("L", layers), ("H", heads))
                 # Interpreted Triton runs a whole model only at the CI size.
-                interpret_ok=size == "tiny" and t == seqs[0],
-            )
-            for dtype in dtypes
-            for t in seqs
-        ]
+                cases.append(Case(self.op, "train", dims, dtype, device, interpret_ok=size == "tiny" and i == 0))
+        return cases
 
     def inputs(self, case: Case) -> dict:
         s = case.shape
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            state = MetaGPT.from_config(model_config(s["size"], s["T"])).state_dict()
+            state = MetaGPT.from_config(model_config(s["size"], s["T"], vocab=s["V"])).state_dict()
         return {"state": state}
 
     def providers(self, device: str) -> list[Provider]:
-        return registry_providers("attention", device, setup_train_step)
+        return registry_providers("attention", device, setup_train_step) + [
+            Provider(UNFUSED, "baseline", lambda case, inputs: setup_train_step(UNFUSED, case, inputs))
+        ]
 
     def oracle(self, case: Case, inputs: dict) -> list[torch.Tensor]:
         s = case.shape
-        cfg = model_config(s["size"], s["T"], "reference")
+        cfg = model_config(s["size"], s["T"], "reference", s["V"], fused=False)
         return loss_and_grads(build_train_step(cfg, s["B"], case.device, oracle_dtype(case.dtype), inputs["state"]))
 
     def work(self, case: Case) -> float:
@@ -153,7 +165,8 @@ class TrainStepBench(OpBench):
 
     def model_flops(self, case: Case) -> float:
         s = case.shape
-        return formulas.train_step_flops(num_parameters(s["size"], s["T"]), s["L"], s["T"], s["d"], s["B"] * s["T"])
+        params = num_parameters(s["size"], s["T"], s["V"])
+        return formulas.train_step_flops(params, s["L"], s["T"], s["d"], s["B"] * s["T"])
 
     def extra_metrics(self, case: Case, timing: Timing) -> dict[str, float]:
         flops_per_s = self.model_flops(case) / (timing.median_ms * 1e-3)
