@@ -169,10 +169,10 @@ def test_generate_with_cache_matches_eager():
     torch.testing.assert_close(fast.generate(ids, **kwargs), eager.generate(ids, **kwargs), rtol=0, atol=0)
 
 
-def test_softcap_is_rejected():
+def test_negative_softcap_is_rejected():
     with pytest.raises(ValueError, match="softcap"):
         q = torch.randn(1, 2, 3, 4)
-        hf.attention_forward(torch.nn.Module(), q, q, q, None, softcap=30.0)
+        hf.attention_forward(torch.nn.Module(), q, q, q, None, softcap=-30.0)
 
 
 def test_llama_compiles_fullgraph_with_fused_rope():
@@ -275,12 +275,12 @@ def test_sparse_attention_indices_are_refused():
 @pytest.mark.parametrize(
     "name, value",
     [
-        ("softcap", 30.0),
+        ("softcap", -30.0),
         ("s_aux", torch.zeros(2)),
         ("sinks", torch.zeros(2)),
         ("block_indices", torch.zeros(1, dtype=torch.long)),
-        ("cu_seq_lens_q", torch.tensor([0, 5], dtype=torch.int32)),
-        ("max_length_k", 5),
+        ("cu_seq_lens_q", torch.tensor([0, 5], dtype=torch.int32)),  # without cu_seq_lens_k
+        ("max_length_k", 5),  # without cu_seq_lens_*
         ("seq_idx", torch.zeros(1, 5, dtype=torch.int32)),
         ("output_attentions", True),
         ("some_future_argument", 1.0),
@@ -336,11 +336,14 @@ def test_sliding_window_through_the_mask_matches_eager(attention_calls):
     assert len(attention_calls) == config.num_hidden_layers
 
 
-def test_sliding_window_without_a_mask_that_holds_it_is_refused():
+def test_sliding_window_without_a_mask_runs_the_window():
+    """No mask holds the window: the flash-attention op applies it (key j visible from query i when i - 3 < j <= i)."""
     q = torch.randn(1, 2, 5, 8)
-    with pytest.raises(ValueError, match="sliding_window"):
-        hf.attention_forward(torch.nn.Module(), q, q, q, None, sliding_window=3)
-    hf.attention_forward(torch.nn.Module(), q, q, q, None, sliding_window=5)  # every key inside the window
+    got, _ = hf.attention_forward(torch.nn.Module(), q, q, q, None, sliding_window=3)
+    i = torch.arange(5)
+    window = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - 3)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=window).transpose(1, 2)
+    torch.testing.assert_close(got, expected)
 
 
 @pytest.mark.parametrize("model_type", ["bloom", "mpt"])

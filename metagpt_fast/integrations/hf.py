@@ -12,8 +12,10 @@ grouped-query attention runs on the un-repeated key/value heads (``enable_gqa``)
 masked) give 0 where ``eager`` gives a uniform average; those positions are padding and excluded from any loss.
 
 Every keyword argument is honoured or refused, never dropped (docs/hf.md has the table): T5's ``position_bias``
-is added to the scores (differentiably), ``sliding_window`` is accepted where the mask holds the window;
-``output_attentions=True``, softcapping, attention sinks, sparse ``indices``, packed ``cu_seq_lens_*`` and unknown
+is added to the scores (differentiably); ``sliding_window``, ``softcap`` and packed batches (``cu_seq_lens_*`` /
+``max_length_*``, or sequences restarting in the ``position_ids`` of one row, as flash_attention_2 reads them) run
+through :func:`metagpt_fast.flash_attn_func` / ``flash_attn_varlen_func`` (no dense mask for a window: the mask
+builder skips it for unpadded batches); ``output_attentions=True``, attention sinks, sparse ``indices`` and unknown
 names raise ``ValueError``. Models whose attention does not dispatch through ``AttentionInterface`` (BLOOM, MPT)
 fail on their first forward.
 
@@ -39,6 +41,7 @@ import torch
 from torch import nn
 
 from metagpt_fast.ops import apply_rotary, scaled_dot_product_attention
+from metagpt_fast.ops.flash import flash_attn_func, flash_attn_varlen_func
 from metagpt_fast.ops.kvcache import flash_attn_with_kvcache
 
 NAME = "metagpt_fast"
@@ -50,11 +53,12 @@ NAME = "metagpt_fast"
 # raises when it is not None, so an argument that changes the math is never dropped.
 #
 # Honoured: ``dropout``, ``scaling``, ``is_causal`` (parameters), ``position_bias`` (T5 family: an additive float
-# mask, differentiable), ``sliding_window`` (only where the mask already holds the window, see
-# ``_check_sliding_window``), ``output_attentions`` when falsy.
+# mask, differentiable), ``sliding_window`` (through the flash-attention op's window when no mask holds it),
+# ``softcap`` and the packed-batch keywords ``cu_seq_lens_q/k``, ``max_length_q/k`` (parameters, through the
+# flash-attention op), ``output_attentions`` when falsy.
 # Informational (they do not change attention given the mask transformers built): the names below. ``position_ids``
-# of packed sequences are turned into a block-diagonal mask by transformers' mask builder registered under the
-# same name, exactly as for ``sdpa``.
+# of packed sequences (one row whose positions restart) give the varlen boundaries, as in flash_attention_2; the
+# block-diagonal mask transformers' sdpa mask builder makes for them is checked against them, not read.
 _INFORMATIONAL = frozenset(
     {
         "position_ids",
@@ -69,15 +73,10 @@ _INFORMATIONAL = frozenset(
 )
 # Refused with a reason when not None (nothing here implements them yet).
 _UNSUPPORTED = {
-    "softcap": "logit softcapping (Gemma 2) is not implemented by the kernels",
     "s_aux": "attention sinks are not implemented by the kernels",
     "sinks": "attention sinks are not implemented by the kernels",
     "indices": "sparse attention over top-k key indices is not implemented",
     "block_indices": "block-sparse attention is not implemented",
-    "cu_seq_lens_q": "packed variable-length batches (cu_seq_lens) are not implemented",
-    "cu_seq_lens_k": "packed variable-length batches (cu_seq_lens) are not implemented",
-    "max_length_q": "packed variable-length batches (cu_seq_lens) are not implemented",
-    "max_length_k": "packed variable-length batches (cu_seq_lens) are not implemented",
     "seq_idx": "packed variable-length batches (seq_idx) are not implemented",
 }
 
@@ -135,6 +134,116 @@ def _position_bias_mask(
     return position_bias + attention_mask
 
 
+def _softcap_value(softcap) -> float | None:
+    """Gemma 2's ``softcap`` (``attn_logit_softcapping``): None / 0 is off; anything else a positive float."""
+    if softcap is None:
+        return None
+    if isinstance(softcap, torch.Tensor) or isinstance(softcap, bool) or not isinstance(softcap, int | float):
+        raise _refuse("softcap", f"a positive float is expected, got {type(softcap).__name__}")
+    if softcap < 0 or softcap != softcap:
+        raise _refuse("softcap", f"a positive float is expected, got {softcap}")
+    return float(softcap) or None
+
+
+def _packed_boundaries(query, key, position_ids, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k):
+    """``(cu_seqlens_q, cu_seqlens_k, max_q, max_k)`` of a padding-free packed batch, as transformers'
+    flash_attention_2 reads them: the ``cu_seq_lens_*`` / ``max_length_*`` keywords (data collators with
+    ``return_flash_attn_kwargs``), else sequences restarting in the ``position_ids`` of a one-row batch
+    (``prepare_fa_kwargs_from_position_ids``), with a last item saying which (True: from ``position_ids``). None
+    when the batch is not packed."""
+    given = [x is not None for x in (cu_seq_lens_q, cu_seq_lens_k)]
+    if any(given):
+        if not all(given):
+            raise _refuse("cu_seq_lens_q", "packed batches need both cu_seq_lens_q and cu_seq_lens_k")
+        cu_q, cu_k = (c.to(device=query.device, dtype=torch.int32) for c in (cu_seq_lens_q, cu_seq_lens_k))
+        longest = [int(c.diff().max()) if c.numel() > 1 else 0 for c in (cu_q, cu_k)]
+        max_q = longest[0] if max_length_q is None else int(max_length_q)
+        max_k = longest[1] if max_length_k is None else int(max_length_k)
+        return cu_q, cu_k, max_q, max_k, False
+    if max_length_q is not None or max_length_k is not None:
+        raise _refuse("max_length_q", "max_length_q / max_length_k come with cu_seq_lens_q / cu_seq_lens_k")
+    if (
+        not isinstance(position_ids, torch.Tensor)
+        or query.shape[0] != 1
+        or query.shape[2] < 2
+        or query.shape[2] != key.shape[2]
+        or position_ids.shape[-1] != query.shape[2]
+        or position_ids.numel() != query.shape[2]
+    ):
+        return None
+    positions = position_ids.reshape(-1)
+    first = positions.min()
+    if torch.equal(positions, torch.arange(positions.numel(), device=positions.device) + first):
+        return None  # one sequence
+    starts = (positions == first).nonzero().view(-1).to(torch.int32)
+    if int(starts[0]) != 0:  # not packed sequences (left padding of one row): the mask says what to attend to
+        return None
+    cu = torch.cat((starts, torch.tensor([positions.numel()], dtype=torch.int32, device=starts.device)))
+    longest = int(cu.diff().max())
+    return cu, cu, longest, longest, True
+
+
+def _mask_matches_packed(attention_mask, cu_q, cu_k, causal: bool, window: tuple[int, int]) -> bool:
+    """Whether ``attention_mask`` (None, or what transformers built for a packed batch under the sdpa mask builder:
+    block-diagonal) says the same as the varlen call that replaces it."""
+    if attention_mask is None:
+        return True
+    if attention_mask.dtype != torch.bool or not torch.equal(cu_q, cu_k):
+        return False
+    total = int(cu_q[-1])
+    segment = torch.repeat_interleave(torch.arange(cu_q.numel() - 1, device=cu_q.device), cu_q.diff().long(), 0)
+    i = torch.arange(total, device=cu_q.device)
+    expected = segment[:, None] == segment[None, :]
+    left, right = window
+    right = 0 if causal else right
+    if right >= 0:
+        expected &= i[None, :] <= i[:, None] + right
+    if left >= 0:
+        expected &= i[None, :] >= i[:, None] - left
+    return attention_mask.shape[-2:] == expected.shape and bool((attention_mask == expected).all())
+
+
+def _softcapped_masked_attention(query, key, value, attention_mask, dropout, scaling, softcap):
+    """Softcapping with a mask the kernels cannot take (padding): the scores written out, as ``eager`` computes
+    them (``softcap * tanh(s / softcap)``, then the mask), in float32 or better; rows with no key give 0."""
+    group = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+    acc = torch.promote_types(query.dtype, torch.float32)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = (query.to(acc) @ key.to(acc).transpose(-2, -1)) * scale
+    scores = softcap * torch.tanh(scores / softcap)
+    if attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask, float("-inf"))
+    else:
+        scores = scores + attention_mask.to(acc)
+    has_key = torch.isfinite(scores.amax(-1, keepdim=True))
+    probs = torch.softmax(torch.where(has_key, scores, torch.zeros_like(scores)), dim=-1) * has_key
+    probs = torch.nn.functional.dropout(probs, dropout, training=True) if dropout else probs
+    return (probs.to(value.dtype) @ value).transpose(1, 2).contiguous()
+
+
+def _flash_forward(query, key, value, attention_mask, dropout, scaling, is_causal, sliding_window, softcap, packed):
+    """The call through :func:`metagpt_fast.flash_attn_func` / ``flash_attn_varlen_func`` (windows, softcap and packed
+    batches without a dense mask), ``(B, Nq, Hq, D)``; None where the mask holds something else (padding)."""
+    causal = bool(is_causal)
+    # transformers' sliding window of w: key j visible from query i when i - w < j (flash_attention_2's (w-1, w-1)).
+    window = (-1, -1) if sliding_window is None else (int(sliding_window) - 1, int(sliding_window) - 1)
+    kwargs = dict(dropout_p=dropout, softmax_scale=scaling, causal=causal, window_size=window, softcap=softcap or 0.0)
+    if packed is not None:
+        cu_q, cu_k, max_q, max_k = packed
+        if not _mask_matches_packed(attention_mask, cu_q, cu_k, causal, window):
+            raise _refuse("cu_seq_lens_q", "the attention mask does not match the packed sequences")
+        if query.shape[0] != 1:
+            raise _refuse("cu_seq_lens_q", f"a packed batch has one row, got {query.shape[0]}")
+        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+        return flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)[None]
+    if attention_mask is not None:
+        return None
+    if causal and key.shape[2] > query.shape[2]:  # prefill into an empty static cache: the rest is unused
+        key, value = key[:, :, : query.shape[2]], value[:, :, : query.shape[2]]
+    return flash_attn_func(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), **kwargs)
+
+
 def attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -146,6 +255,11 @@ def attention_forward(
     is_causal: bool | None = None,
     position_bias: torch.Tensor | None = None,
     sliding_window: int | None = None,
+    softcap: float | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    cu_seq_lens_k: torch.Tensor | None = None,
+    max_length_q: int | None = None,
+    max_length_k: int | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention-function contract: ``query`` ``(B, Hq, Nq, D)``, ``key``/``value`` ``(B, Hk, Nk, D)``
@@ -158,6 +272,27 @@ def attention_forward(
         attention_mask = attention_mask[:, :, :, : key.shape[-2]]
         if attention_mask.dtype != torch.bool:
             attention_mask = attention_mask.to(query.dtype)
+    # Windows, softcapping and packed batches go through the flash-attention op: no dense mask for a window, the
+    # packed sequences' block-diagonal mask replaced by their boundaries.
+    softcap = _softcap_value(softcap)
+    packed = _packed_boundaries(
+        query, key, kwargs.get("position_ids"), cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k
+    )
+    causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    window = (-1, -1) if sliding_window is None else (int(sliding_window) - 1, int(sliding_window) - 1)
+    if packed is not None and packed[-1] and not _mask_matches_packed(attention_mask, *packed[:2], causal, window):
+        packed = None  # position_ids-derived boundaries the mask does not hold (padding): the mask decides
+    windowed = sliding_window is not None and attention_mask is None and key.shape[-2] > int(sliding_window)
+    if packed is not None or softcap is not None or windowed:
+        if position_bias is not None:
+            raise _refuse("position_bias", "it cannot be combined with softcap, a window or a packed batch")
+        out = _flash_forward(
+            query, key, value, attention_mask, dropout, scaling, causal, sliding_window, softcap,
+            None if packed is None else packed[:4],
+        )  # fmt: skip
+        if out is None:  # softcapping with a mask that holds padding
+            out = _softcapped_masked_attention(query, key, value, attention_mask, dropout, scaling, softcap)
+        return out, None
     if sliding_window is not None:
         _check_sliding_window(int(sliding_window), attention_mask, key.shape[-2])
     if _is_decode_step(query, key, value, attention_mask, dropout, position_bias):
@@ -227,6 +362,36 @@ def _dispatches_attention(model_type: str) -> bool:
     return _dispatches[model_type]
 
 
+def _sliding_window_mask_skippable(
+    q_length=None, kv_length=None, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None, local_size=None,
+    allow_is_causal_skip=True, config=None, **_,
+) -> bool:  # fmt: skip
+    """Whether a sliding-window causal mask can be left to :func:`attention_forward`, which gets the window as its
+    ``sliding_window`` keyword and applies it without a dense mask: a plain causal window (no padding, packing, or
+    extra mask functions: transformers then disallows the causal skip), queries and keys the same tokens (no cache
+    offset), the model's own ``sliding_window`` (not a chunked-attention size), and a mask function that gives the
+    window pattern on probes at its edges."""
+    if local_size is None or not allow_is_causal_skip or mask_function is None or torch.compiler.is_compiling():
+        return False
+    if getattr(config, "sliding_window", None) != local_size or getattr(config, "attention_chunk_size", None):
+        return False
+    if not (isinstance(q_offset, int) and isinstance(kv_offset, int)) or q_offset or kv_offset:
+        return False
+    if q_length != kv_length:
+        return False
+    if attention_mask is not None and (attention_mask.shape[-1] != kv_length or not bool(attention_mask.all())):
+        return False
+    w = int(local_size)
+    q = torch.tensor([w, w, w, w, 2 * w + 1, 0, 1])
+    kv = torch.tensor([0, 1, w, w + 1, w + 2, 0, 0])
+    expected = torch.tensor([False, True, True, False, True, True, True])  # i - w < j <= i
+    try:
+        got = mask_function(torch.zeros_like(q), torch.zeros_like(q), q, kv)
+    except Exception:  # a mask function that cannot take index tensors: let transformers build the mask
+        return False
+    return isinstance(got, torch.Tensor) and got.shape == expected.shape and bool((got == expected).all())
+
+
 def _mask_builder(sdpa_mask):
     """transformers' sdpa mask builder, refusing models whose attention never reaches :func:`attention_forward`.
 
@@ -244,6 +409,8 @@ def _mask_builder(sdpa_mask):
                 f"attn_implementation={NAME!r}: {model_type!r} models compute attention in their own code, not "
                 "through transformers' AttentionInterface, so metagpt_fast would never run; use 'eager' or 'sdpa'"
             )
+        if not args and _sliding_window_mask_skippable(**kwargs):
+            return None  # attention_forward applies the window through the flash-attention op
         return sdpa_mask(*args, **kwargs)
 
     mask.__wrapped__ = sdpa_mask
