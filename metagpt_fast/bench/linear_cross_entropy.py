@@ -10,6 +10,7 @@ Work: the three products' FLOPs, ``2 * N * V * d`` each (one in the forward, two
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -117,3 +118,67 @@ class LinearCrossEntropyBench(OpBench):
     def work(self, case: Case) -> float:
         s = case.shape
         return 3 * 2.0 * s["N"] * s["V"] * s["d"]
+
+
+def compare_with_unfused(
+    rows: int, vocab: int, d: int, backend: str, rounds: int, device: str = "cpu", chunk_size: int | None = None
+) -> dict:
+    """The issue's target measurement: ``backend``'s fused loss against ``F.cross_entropy(F.linear(...))``, forward
+    + backward in float32, timed interleaved for ``rounds`` rounds (the runner's time cap would stop a 30-second
+    call after one), with the median per-round speedup and its interval, and each one's peak memory beyond its
+    inputs."""
+    from metagpt_fast.bench.interleave import clock_for, interleave
+    from metagpt_fast.bench.memory import peak_memory
+    from metagpt_fast.bench.timing import TimingBudget
+
+    case = Case("linear_cross_entropy", "fwd+bwd", (("N", rows), ("V", vocab), ("d", d)), torch.float32, device)
+    inputs = LinearCrossEntropyBench().inputs(case)
+
+    def step(loss_fn):
+        def run():
+            hidden, weight = (inputs[n].detach().requires_grad_() for n in ("hidden", "weight"))
+            loss_fn(hidden, weight).backward()
+            return hidden.grad, weight.grad
+
+        return run
+
+    calls = {
+        "torch": step(lambda h, w: F.cross_entropy(F.linear(h, w), inputs["targets"])),
+        backend: step(
+            lambda h, w: metagpt_fast.linear_cross_entropy(h, w, inputs["targets"], chunk_size=chunk_size,
+                                                           backend=backend)
+        ),
+    }  # fmt: skip
+    budget = TimingBudget(warmup_s=0.0, min_warmup=1, min_rounds=rounds, max_rounds=rounds, case_max_s=float("inf"))
+    timed = interleave(calls, [(backend, "torch")], budget, clock_for(device))
+    speedup = timed.ratios[(backend, "torch")]
+    peaks = {name: peak_memory(call, device) for name, call in calls.items()}
+    return {
+        "case": case.label,
+        "threads": torch.get_num_threads(),
+        "rounds": timed.rounds,
+        "median_s": {name: float(np.median(ms)) / 1e3 for name, ms in timed.samples.items()},
+        "speedup": speedup.median,
+        "speedup_ci95": (speedup.ci_low, speedup.ci_high),
+        "peak_mib": {name: None if p is None else p / 2**20 for name, p in peaks.items()},
+        "peak_ratio": None if None in peaks.values() else peaks[backend] / peaks["torch"],
+    }
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=compare_with_unfused.__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=4096)
+    parser.add_argument("--vocab", type=int, default=50257)
+    parser.add_argument("--dim", type=int, default=768)
+    parser.add_argument("--backend", default="cpu")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--chunk-size", type=int, default=None)
+    args = parser.parse_args()
+    result = compare_with_unfused(
+        args.rows, args.vocab, args.dim, args.backend, args.rounds, args.device, args.chunk_size
+    )
+    print(json.dumps(result, indent=2))
