@@ -273,8 +273,11 @@ def test_compiled_decode_step_gives_the_eager_tokens(positional):
     got = model.generate(prompts, 12, temperature=0, compile=True)
     for x, y in zip(got, expected, strict=True):
         assert torch.equal(x, y)
-    again = model.generate(ragged_prompts((2, 3), seed=5), 12, temperature=0, compile=True)  # no recompilation
+    graphs = dict(torch._dynamo.utils.counters["stats"])
+    assert graphs.get("unique_graphs", 0) > 0
+    again = model.generate(ragged_prompts((2, 3), seed=5), 12, temperature=0, compile=True)
     assert [len(r) for r in again] == [14, 15]
+    assert dict(torch._dynamo.utils.counters["stats"]) == graphs  # a new cache, same shapes: no recompilation
 
 
 @pytest.fixture
