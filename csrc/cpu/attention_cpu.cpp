@@ -263,8 +263,8 @@ void forward(const Problem& pb, const T* q, Layout lq, const T* k, Layout lk, co
 }
 
 template <typename T>
-void backward(const Problem& pb, const T* dout, Layout ldo, const T* q, Layout lq, const T* k, Layout lk,
-              const T* v, Layout lv, const T* out, Layout lo, const float* lse, T* dq, T* dk, T* dv) {
+void backward_blas(const Problem& pb, const T* dout, Layout ldo, const T* q, Layout lq, const T* k, Layout lk,
+                   const T* v, Layout lv, const T* out, Layout lo, const float* lse, T* dq, T* dk, T* dv) {
   const int64_t group = pb.heads_q / pb.heads_k, d = pb.d, dvd = pb.dv;
   at::parallel_for(0, pb.batch * pb.heads_k, 1, [&](int64_t t0, int64_t t1) {
     const SequentialBlas sequential;
@@ -336,6 +336,130 @@ void backward(const Problem& pb, const T* dout, Layout ldo, const T* q, Layout l
       for (int64_t x = 0; x < pb.nk * dvd; ++x) dvp[x] = from_float<T>(dv_acc[x]);
     }
   });
+}
+
+// Keys [p0 * TILE_KEYS, p1 * TILE_KEYS) of head (b, hk) of x (width values per key) as panels of x^T in float32:
+// dst[p][c][j] = x[p * TILE_KEYS + j][c], zero past nk.
+template <typename T>
+void pack_panels(const T* x, Layout lx, int64_t b, int64_t hk, int64_t nk, int64_t width, int64_t p0, int64_t p1,
+                 float* dst) {
+  for (int64_t p = p0; p < p1; ++p) {
+    float* panel = dst + p * width * TILE_KEYS;
+    for (int64_t j = 0; j < TILE_KEYS; ++j) {
+      const int64_t key = p * TILE_KEYS + j;
+      if (key < nk) {
+        const T* row = x + lx.at(b, hk, key);
+        for (int64_t c = 0; c < width; ++c) panel[c * TILE_KEYS + j] = to_float(row[c]);
+      } else {
+        for (int64_t c = 0; c < width; ++c) panel[c * TILE_KEYS + j] = 0.0f;
+      }
+    }
+  }
+}
+
+// Backward on the tile kernels: the BLAS path's loop nest, with K^T and V^T packed once per (batch, kv head) (and K
+// in float32 for 16-bit inputs); the transposed products (P^T dO, dS^T Q) read their left operand through strides.
+template <typename T>
+void backward_tiles(const Problem& pb, const T* dout, Layout ldo, const T* q, Layout lq, const T* k, Layout lk,
+                    const T* v, Layout lv, const T* out, Layout lo, const float* lse, T* dq, T* dk, T* dv) {
+  const int64_t group = pb.heads_q / pb.heads_k, d = pb.d, dvd = pb.dv;
+  const int64_t all_panels = (pb.nk + TILE_KEYS - 1) / TILE_KEYS;
+  at::parallel_for(0, pb.batch * pb.heads_k, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> qbuf(BLOCK_Q * d), dobuf(BLOCK_Q * dvd), kpack(all_panels * TILE_KEYS * d);
+    std::vector<float> vpack(all_panels * TILE_KEYS * dvd), krows;
+    if constexpr (!std::is_same_v<T, float>) krows.resize(pb.nk * d);
+    std::vector<float> p(BLOCK_Q * BLOCK_K), pd, f, dp(BLOCK_Q * BLOCK_K), dq_acc(BLOCK_Q * d), delta(BLOCK_Q);
+    std::vector<float> dk_acc(pb.nk * d), dv_acc(pb.nk * dvd);
+    if (pb.dropout_p > 0.0) {
+      pd.resize(BLOCK_Q * BLOCK_K);
+      f.resize(BLOCK_Q * BLOCK_K);
+    }
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t hk = task % pb.heads_k, b = task / pb.heads_k;
+      pack_panels(k, lk, b, hk, pb.nk, d, 0, all_panels, kpack.data());
+      pack_panels(v, lv, b, hk, pb.nk, dvd, 0, all_panels, vpack.data());
+      const float* kf;
+      int64_t ldk;
+      if constexpr (std::is_same_v<T, float>) {
+        kf = k + lk.at(b, hk, 0);
+        ldk = lk.n;
+      } else {
+        for (int64_t j = 0; j < pb.nk; ++j)
+          for (int64_t c = 0; c < d; ++c) krows[j * d + c] = to_float(k[lk.at(b, hk, j) + c]);
+        kf = krows.data();
+        ldk = d;
+      }
+      std::fill(dk_acc.begin(), dk_acc.end(), 0.0f);
+      std::fill(dv_acc.begin(), dv_acc.end(), 0.0f);
+      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+        for (int64_t i0 = 0; i0 < pb.nq; i0 += BLOCK_Q) {
+          const int64_t rows = std::min(BLOCK_Q, pb.nq - i0);
+          int64_t ldq, lddo;
+          const float* qf = float_rows(q + lq.at(b, h, i0), rows, d, lq.n, qbuf.data(), &ldq);
+          const float* dof = float_rows(dout + ldo.at(b, h, i0), rows, dvd, ldo.n, dobuf.data(), &lddo);
+          const float* lrow = lse + (b * pb.heads_q + h) * pb.nq + i0;
+          for (int64_t r = 0; r < rows; ++r) {  // delta = rowsum(dO * O): the softmax-Jacobian correction
+            const T* orow = out + lo.at(b, h, i0 + r);
+            const float* drow = dof + r * lddo;
+            float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+            for (int64_t c = 0; c < dvd; ++c) acc += drow[c] * to_float(orow[c]);
+            delta[r] = acc;
+          }
+          std::fill(dq_acc.begin(), dq_acc.end(), 0.0f);
+          const int64_t jend = key_end(pb, i0 + rows);
+          for (int64_t j0 = 0; j0 < jend; j0 += BLOCK_K) {
+            const int64_t cols = std::min(BLOCK_K, jend - j0), panels = (cols + TILE_KEYS - 1) / TILE_KEYS;
+            scores_tile(qf, ldq, kpack.data() + (j0 / TILE_KEYS) * d * TILE_KEYS, d, panels, pb.scale, p.data(),
+                        BLOCK_K, rows);
+            for (int64_t r = 0; r < rows; ++r) {  // P = exp(S - lse), the forward's probabilities
+              float* prow = p.data() + r * BLOCK_K;
+              mask_row<T>(pb, prow, cols, b, h, i0 + r, j0);
+              if (pb.split_lse) {
+                const float m = lrow[r], log_l = lrow[pb.batch * pb.heads_q * pb.nq + r];
+                for (int64_t c = 0; c < cols; ++c) prow[c] = softmax_weight_from_stats(prow[c], m, log_l);
+              } else {
+                probabilities_row(prow, cols, lrow[r]);
+              }
+              if (pb.dropout_p > 0.0) {
+                float* frow = f.data() + r * BLOCK_K;
+                dropout_factors(pb, frow, cols, b, h, i0 + r, j0);
+                multiply_row(pd.data() + r * BLOCK_K, prow, frow, cols);
+              }
+            }
+            const float* pdrop = pb.dropout_p > 0.0 ? pd.data() : p.data();
+            // dV += P^T dO;  dP = dO V^T
+            product_tile(pdrop, 1, BLOCK_K, dof, lddo, rows, dvd, 1.0f, dv_acc.data() + j0 * dvd, dvd, cols);
+            scores_tile(dof, lddo, vpack.data() + (j0 / TILE_KEYS) * dvd * TILE_KEYS, dvd, panels, 1.0f, dp.data(),
+                        BLOCK_K, rows);
+            for (int64_t r = 0; r < rows; ++r) {  // dS = P * (dP - delta), written over dP
+              const float* frow = pb.dropout_p > 0.0 ? f.data() + r * BLOCK_K : nullptr;
+              softmax_grad_row(dp.data() + r * BLOCK_K, p.data() + r * BLOCK_K, frow, cols, delta[r]);
+            }
+            // dQ += scale * dS K;  dK += scale * dS^T Q
+            product_tile(dp.data(), BLOCK_K, 1, kf + j0 * ldk, ldk, cols, d, pb.scale, dq_acc.data(), d, rows);
+            product_tile(dp.data(), 1, BLOCK_K, qf, ldq, rows, d, pb.scale, dk_acc.data() + j0 * d, d, cols);
+          }
+          T* dqrow = dq + ((b * pb.heads_q + h) * pb.nq + i0) * d;
+          for (int64_t x = 0; x < rows * d; ++x) dqrow[x] = from_float<T>(dq_acc[x]);
+        }
+      }
+      T* dkp = dk + (b * pb.heads_k + hk) * pb.nk * d;
+      T* dvp = dv + (b * pb.heads_k + hk) * pb.nk * dvd;
+      for (int64_t x = 0; x < pb.nk * d; ++x) dkp[x] = from_float<T>(dk_acc[x]);
+      for (int64_t x = 0; x < pb.nk * dvd; ++x) dvp[x] = from_float<T>(dv_acc[x]);
+    }
+  });
+}
+
+template <typename T>
+void backward(const Problem& pb, const T* dout, Layout ldo, const T* q, Layout lq, const T* k, Layout lk, const T* v,
+              Layout lv, const T* out, Layout lo, const float* lse, T* dq, T* dk, T* dv) {
+  if (tiles_fit(pb)) {
+    backward_tiles(pb, dout, ldo, q, lq, k, lk, v, lv, out, lo, lse, dq, dk, dv);
+  } else {
+    backward_blas(pb, dout, ldo, q, lq, k, lk, v, lv, out, lo, lse, dq, dk, dv);
+  }
 }
 
 // Checks the inputs shared by forward and backward and fills the problem description.

@@ -55,6 +55,16 @@ void accumulate_tile_loops(const float* p, int64_t ldp, const float* v, int64_t 
   }
 }
 
+void product_tile_loops(const float* a, int64_t a_row, int64_t a_col, const float* b, int64_t ldb, int64_t depth,
+                        int64_t n, float scale, float* c, int64_t ldc, int64_t rows) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < n; ++j) {
+      float sum = 0.0f;
+      for (int64_t k = 0; k < depth; ++k) sum += a[r * a_row + k * a_col] * b[k * ldb + j];
+      c[r * ldc + j] += scale * sum;
+    }
+}
+
 #if MGF_TILES_AVX512
 
 // MR rows x 32 keys of scores: 2 * MR accumulators over the whole depth, one broadcast of a per row and step.
@@ -112,7 +122,63 @@ MGF_AVX512 void accumulate_block(const float* p, int64_t ldp, const float* v, in
   }
 }
 
+// MR rows x up to 32 columns of c (masked to n): c += scale * (a b over depth), the sum kept apart from c.
+template <int MR>
+MGF_AVX512 void product_block(const float* a, int64_t a_row, int64_t a_col, const float* b, int64_t ldb,
+                              int64_t depth, float scale, float* c, int64_t ldc, __mmask16 m0, __mmask16 m1) {
+  __m512 c0[MR], c1[MR];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) c0[r] = c1[r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < depth; ++k) {
+    const __m512 b0 = _mm512_maskz_loadu_ps(m0, b + k * ldb), b1 = _mm512_maskz_loadu_ps(m1, b + k * ldb + 16);
+    const float* ak = a + k * a_col;
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m512 ar = _mm512_set1_ps(ak[r * a_row]);
+      c0[r] = _mm512_fmadd_ps(ar, b0, c0[r]);
+      c1[r] = _mm512_fmadd_ps(ar, b1, c1[r]);
+    }
+  }
+  const __m512 sc = _mm512_set1_ps(scale);
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    float* cr = c + r * ldc;
+    _mm512_mask_storeu_ps(cr, m0, _mm512_fmadd_ps(c0[r], sc, _mm512_maskz_loadu_ps(m0, cr)));
+    _mm512_mask_storeu_ps(cr + 16, m1, _mm512_fmadd_ps(c1[r], sc, _mm512_maskz_loadu_ps(m1, cr + 16)));
+  }
+}
+
 constexpr int MR = 8;
+
+// Masks of the columns [c, c + 32) that are below n.
+inline void column_masks(int64_t n, int64_t c, __mmask16* m0, __mmask16* m1) {
+  const int64_t w = n - c < 32 ? n - c : 32;
+  *m0 = w >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << w) - 1u);
+  *m1 = w >= 32 ? __mmask16(0xFFFF) : w <= 16 ? __mmask16(0) : __mmask16((1u << (w - 16)) - 1u);
+}
+
+MGF_AVX512 void product_tile_avx512(const float* a, int64_t a_row, int64_t a_col, const float* b, int64_t ldb,
+                                    int64_t depth, int64_t n, float scale, float* c, int64_t ldc, int64_t rows) {
+  for (int64_t j = 0; j < n; j += 32) {
+    __mmask16 m0, m1;
+    column_masks(n, j, &m0, &m1);
+    int64_t r = 0;
+    for (; r + MR <= rows; r += MR)
+      product_block<MR>(a + r * a_row, a_row, a_col, b + j, ldb, depth, scale, c + r * ldc + j, ldc, m0, m1);
+    const float* ar = a + r * a_row;
+    float* cr = c + r * ldc + j;
+    switch (rows - r) {
+      case 7: product_block<7>(ar, a_row, a_col, b + j, ldb, depth, scale, cr, ldc, m0, m1); break;
+      case 6: product_block<6>(ar, a_row, a_col, b + j, ldb, depth, scale, cr, ldc, m0, m1); break;
+      case 5: product_block<5>(ar, a_row, a_col, b + j, ldb, depth, scale, cr, ldc, m0, m1); break;
+      case 4: product_block<4>(ar, a_row, a_col, b + j, ldb, depth, scale, cr, ldc, m0, m1); break;
+      case 3: product_block<3>(ar, a_row, a_col, b + j, ldb, depth, scale, cr, ldc, m0, m1); break;
+      case 2: product_block<2>(ar, a_row, a_col, b + j, ldb, depth, scale, cr, ldc, m0, m1); break;
+      case 1: product_block<1>(ar, a_row, a_col, b + j, ldb, depth, scale, cr, ldc, m0, m1); break;
+      default: break;
+    }
+  }
+}
 
 MGF_AVX512 void scores_tile_avx512(const float* a, int64_t lda, const float* packed, int64_t depth, int64_t panels,
                                    float scale, float* s, int64_t lds, int64_t rows) {
@@ -139,9 +205,8 @@ MGF_AVX512 void scores_tile_avx512(const float* a, int64_t lda, const float* pac
 MGF_AVX512 void accumulate_tile_avx512(const float* p, int64_t ldp, const float* v, int64_t ldv, int64_t depth,
                                        int64_t n, const float* alpha, float* acc, int64_t ldacc, int64_t rows) {
   for (int64_t c = 0; c < n; c += 32) {
-    const int64_t w = n - c < 32 ? n - c : 32;
-    const __mmask16 m0 = w >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << w) - 1u);
-    const __mmask16 m1 = w >= 32 ? __mmask16(0xFFFF) : w <= 16 ? __mmask16(0) : __mmask16((1u << (w - 16)) - 1u);
+    __mmask16 m0, m1;
+    column_masks(n, c, &m0, &m1);
     const float* vc = v + c;
     float* ac = acc + c;
     int64_t r = 0;
@@ -188,6 +253,17 @@ void accumulate_tile(const float* p, int64_t ldp, const float* v, int64_t ldv, i
   }
 #endif
   accumulate_tile_loops(p, ldp, v, ldv, depth, n, alpha, acc, ldacc, rows);
+}
+
+void product_tile(const float* a, int64_t a_row, int64_t a_col, const float* b, int64_t ldb, int64_t depth, int64_t n,
+                  float scale, float* c, int64_t ldc, int64_t rows) {
+#if MGF_TILES_AVX512
+  if (tile_kernels_available()) {
+    product_tile_avx512(a, a_row, a_col, b, ldb, depth, n, scale, c, ldc, rows);
+    return;
+  }
+#endif
+  product_tile_loops(a, a_row, a_col, b, ldb, depth, n, scale, c, ldc, rows);
 }
 
 }  // namespace metagpt_fast::cpu

@@ -27,4 +27,9 @@ void scores_tile(const float* a, int64_t lda, const float* packed, int64_t depth
 void accumulate_tile(const float* p, int64_t ldp, const float* v, int64_t ldv, int64_t depth, int64_t n,
                      const float* alpha, float* acc, int64_t ldacc, int64_t rows);
 
+// c[r][0, n) += scale * sum_{k < depth} a[r * a_row + k * a_col] * b[k][0, n) for r < rows: a is read through two
+// strides, so a transposed operand (the backward's P^T dO and dS^T Q) needs no copy.
+void product_tile(const float* a, int64_t a_row, int64_t a_col, const float* b, int64_t ldb, int64_t depth, int64_t n,
+                  float scale, float* c, int64_t ldc, int64_t rows);
+
 }  // namespace metagpt_fast::cpu

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,10 @@ import torch
 
 logger = logging.getLogger("metagpt_fast.backends")
 
-TABLE_PATH = Path(__file__).with_name("measured_speed.json")
+# The committed table, or the one METAGPT_FAST_SPEED_TABLE names (a machine calibrated with ``--out``); read at import.
+TABLE_ENV_VAR = "METAGPT_FAST_SPEED_TABLE"
+DEFAULT_TABLE_PATH = Path(__file__).with_name("measured_speed.json")
+TABLE_PATH = Path(os.environ.get(TABLE_ENV_VAR) or DEFAULT_TABLE_PATH)
 FORMAT_VERSION = 1
 PRIORITY_STEP = 10
 # An N is served by the nearest measured N when within this factor of it, else the static order holds.

@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: torch's)")
     p.add_argument("--case-s", type=float, default=6.0, help="time cap of one class's rounds (seconds)")
     p.add_argument("--quick", action="store_true", help="the quick timing budget (3 s per class)")
-    p.add_argument("--out", type=Path, default=measured.TABLE_PATH)
+    p.add_argument("--out", type=Path, default=measured.DEFAULT_TABLE_PATH)
     args = p.parse_args(argv)
     for m in args.modes:
         if m not in DEFAULT_MODES:
