@@ -64,7 +64,8 @@ class KVCache(nn.Module):
     each row already in the cache.
 
     Its buffers have fixed addresses, so a compiled decode step (CUDA graphs included) reads and writes them in place.
-    ``layers[i]`` is what ``model.blocks[i]`` receives as ``kv_cache``.
+    ``layers[i]`` is what ``model.blocks[i]`` receives as ``kv_cache``. For a sinusoidal model, ``positions`` holds
+    the encoding of every position (set by :meth:`for_model`), so a decode step adds what the prefill added.
     """
 
     def __init__(
@@ -93,6 +94,7 @@ class KVCache(nn.Module):
             self.register_buffer(f"k{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
             self.register_buffer(f"v{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("seqlens", torch.zeros(batch_size, dtype=torch.int32, device=device), persistent=False)
+        self.register_buffer("positions", None, persistent=False)
         self.layers = [LayerCache(self, i) for i in range(num_layers)]
         self.prefilling = False
 
@@ -103,7 +105,7 @@ class KVCache(nn.Module):
         cfg = model.config
         max_length = cfg.max_seq_length if max_length is None else max_length
         weight = model.lm_head.weight
-        return cls(
+        cache = cls(
             cfg.num_layers,
             batch_size,
             max_length,
@@ -112,6 +114,8 @@ class KVCache(nn.Module):
             dtype=weight.dtype,
             device=weight.device,
         )
+        cache.positions = _position_table(model)
+        return cache
 
     @property
     def batch_size(self) -> int:
@@ -200,13 +204,13 @@ def prefill(model: MetaGPT, idx: torch.Tensor, lengths: torch.Tensor, cache: KVC
     return model.lm_head(model.ln_f(x))
 
 
-def decode_step(
-    model: MetaGPT, tokens: torch.Tensor, cache: KVCache, table: torch.Tensor | None = None
-) -> torch.Tensor:
+def decode_step(model: MetaGPT, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """One token per row: ``tokens`` ``(B, 1)`` at positions ``cache.seqlens`` → logits ``(B, vocab)``; appends each
-    layer's key and value to ``cache`` and advances ``cache.seqlens`` by one. ``table``: the sinusoidal encoding
-    (see :func:`_position_table`) for sinusoidal models. Static shapes: this is what ``compile=True`` compiles."""
-    x = _embed(model, tokens, cache.seqlens, table)
+    layer's key and value to ``cache`` and advances ``cache.seqlens`` by one. Static shapes: this is what
+    ``compile=True`` compiles."""
+    if model.embedding.sinusoidal and cache.positions is None:
+        raise check.ArgumentError("cache has no position table for this sinusoidal model: build it with for_model")
+    x = _embed(model, tokens, cache.seqlens, cache.positions if model.embedding.sinusoidal else None)
     for block, layer in zip(model.blocks, cache.layers, strict=True):
         x = block(x, kv_cache=layer)
     cache.seqlens.add_(1)
@@ -402,12 +406,11 @@ def _steps(model: MetaGPT, req: _Request) -> Iterator[torch.Tensor]:
     cur = lengths.clone()  # each row's length so far
     done = torch.zeros(b, dtype=torch.bool, device=idx.device)
     stopping = req.stop_tokens.numel() > 0
-    cache = table = step = token = None
+    cache = step = token = None
     cached_steps = 0  # steps whose logits come from the cache: the sequence still fits max_seq_length
     if req.use_cache:
         cached_steps = min(n, limit - int(lengths.max()) + 1)
         cache = KVCache.for_model(model, b, limit)
-        table = _position_table(model)
         step = _compiled_decode_step(model, idx.device) if req.compile else decode_step
     seq = rows = None
     if cached_steps < n:  # the full-forward steps read the whole sequence, right-padded: row b is seq[b, :cur[b]]
@@ -418,7 +421,7 @@ def _steps(model: MetaGPT, req: _Request) -> Iterator[torch.Tensor]:
         if i == 0 and cached_steps > 0:
             logits = prefill(model, idx, lengths, cache)
         elif i < cached_steps:
-            logits = step(model, token[:, None], cache, table)
+            logits = step(model, token[:, None], cache)
         else:
             logits = _full_forward_logits(model, seq, cur)
         token = sample(logits, req.temperature, req.top_k, req.top_p, req.generator)

@@ -121,6 +121,9 @@ def test_cache_too_small_raises_and_leaves_it_unchanged():
             decode_step(model, idx[:, :1], cache)
     for name, b in cache.named_buffers():
         assert torch.equal(b, before[name]), name
+    bare = KVCache(2, 2, 8, 4, 8)  # no position table: a sinusoidal model cannot place its tokens
+    with pytest.raises(ValueError, match="cache has no position table"), torch.no_grad():
+        decode_step(model, idx[:, :1], bare)
 
 
 def test_sampling_with_a_generator_is_reproducible():
