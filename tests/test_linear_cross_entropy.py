@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from helpers import backend_params, kernel_params, requires_cuda, skip_unless_supported
 
 import metagpt_fast
+import metagpt_fast.nn
 from metagpt_fast import _extension
 from metagpt_fast.bench.memory import peak_memory
 from metagpt_fast.ops import reference
@@ -397,3 +398,26 @@ def test_triton_gpu_custom_op_passes_opcheck():
         args = (hidden.clone().requires_grad_(), weight.clone().requires_grad_(), targets, bias, None, -100,
                 reduction, 0.0, 0.0, 4, reduction == 1, reduction == 1, False)  # fmt: skip
         torch.library.opcheck(torch.ops.metagpt_fast.triton_linear_cross_entropy.default, args)
+
+
+# ------------------------------------------------------------------------------------------------------ module
+
+
+def test_module_is_the_function_with_its_arguments():
+    hidden, weight, targets, bias = _small()
+    module = metagpt_fast.nn.LinearCrossEntropy(reduction="sum", label_smoothing=0.1, softcap=20.0, chunk_size=3)
+    assert list(module.parameters()) == [] and module.state_dict() == {}
+    args = dict(reduction="sum", label_smoothing=0.1, softcap=20.0)
+    torch.testing.assert_close(module(hidden, weight, targets, bias), reference.linear_cross_entropy(
+        hidden, weight, targets, bias, **args))  # fmt: skip
+    assert "label_smoothing=0.1" in repr(module)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [(dict(reduction="avg"), "reduction"), (dict(label_smoothing=-0.1), "label_smoothing"),
+     (dict(softcap=-1.0), "softcap"), (dict(chunk_size=0), "chunk_size")],
+)  # fmt: skip
+def test_module_refuses_bad_arguments_when_built(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        metagpt_fast.nn.LinearCrossEntropy(**kwargs)
