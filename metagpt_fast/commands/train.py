@@ -16,28 +16,42 @@ from metagpt_fast.training import TrainConfig, train
 HELP = "train MetaGPT (default corpus: the Python standard library's sources, byte-level)"
 
 
+# Model shapes for --preset: (vocab_size, embed_size, layers, heads); explicit --embed-size/--layers/--heads win.
+# gpt2-small is GPT-2 small's shape with its vocabulary (the byte corpus uses ids < 256 of it), so the LM head and
+# its loss are as large as GPT-2's: on a CPU, train it at small B*T (e.g. --batch-size 2 --seq-len 64).
+PRESETS = {"default": (VOCAB_SIZE, 128, 4, 4), "gpt2-small": (50257, 768, 12, 12)}
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Model-size options shared with ``profile``."""
     model = parser.add_argument_group("model")
-    model.add_argument("--embed-size", type=int, default=128)
-    model.add_argument("--layers", type=int, default=4)
-    model.add_argument("--heads", type=int, default=4)
+    model.add_argument("--preset", choices=tuple(PRESETS), default="default", help="model shape (see --embed-size)")
+    model.add_argument("--embed-size", type=int, help="default: the preset's (128)")
+    model.add_argument("--layers", type=int, help="default: the preset's (4)")
+    model.add_argument("--heads", type=int, help="default: the preset's (4)")
     model.add_argument("--seq-len", type=int, default=128, help="max_seq_length and training window")
     model.add_argument("--dropout", type=float, default=0.0)
     model.add_argument("--positional", choices=("sinusoidal", "rotary"), default="sinusoidal")
     model.add_argument("--backend", default="auto", help="auto, reference, triton, cuda or cpu")
+    model.add_argument(
+        "--unfused",
+        action="store_true",
+        help="torch's LayerNorm/GELU and a loss over full logits (MetaGPTConfig.fused)",
+    )
 
 
 def model_config(args: argparse.Namespace) -> MetaGPTConfig:
+    vocab, embed, layers, heads = PRESETS[getattr(args, "preset", "default")]
     return MetaGPTConfig(
-        vocab_size=VOCAB_SIZE,
-        embed_size=args.embed_size,
-        num_layers=args.layers,
-        num_heads=args.heads,
+        vocab_size=vocab,
+        embed_size=args.embed_size if args.embed_size is not None else embed,
+        num_layers=args.layers if args.layers is not None else layers,
+        num_heads=args.heads if args.heads is not None else heads,
         dropout=args.dropout,
         max_seq_length=args.seq_len,
         positional=args.positional,
         backend=args.backend,
+        fused=not getattr(args, "unfused", False),
     )
 
 
