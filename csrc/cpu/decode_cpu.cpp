@@ -92,6 +92,13 @@ MGF_DECODE_CLONES float block_softmax(float* s, int64_t n, float shift) {
   return sum;
 }
 
+MGF_DECODE_CLONES float row_maximum(const float* s, int64_t n) {
+  float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+  for (int64_t c = 0; c < n; ++c) m = s[c] > m ? s[c] : m;
+  return m;
+}
+
 MGF_DECODE_CLONES void scale_rows(float* a, int64_t n, float alpha) {
 #pragma omp simd
   for (int64_t e = 0; e < n; ++e) a[e] *= alpha;
@@ -192,10 +199,10 @@ void process_task(const Problem& pb, const T* q, const int64_t* q_stride, const 
         const float slope = pb.slopes[b * pb.heads_q + h];
         for (int64_t c = 0; c < cols; ++c) srow[c] -= slope * static_cast<float>(std::abs(pos - (j0 + c)));
       }
-      for (int64_t c = 0; c < cols; ++c)
-        if (j0 + c < lo[i] || j0 + c >= hi[i]) srow[c] = -INFINITY;
-      float block_max = -INFINITY;
-      for (int64_t c = 0; c < cols; ++c) block_max = std::max(block_max, srow[c]);
+      if (j0 < lo[i] || j0 + cols > hi[i])  // the block straddles the row's visible range
+        for (int64_t c = 0; c < cols; ++c)
+          if (j0 + c < lo[i] || j0 + c >= hi[i]) srow[c] = -INFINITY;
+      const float block_max = row_maximum(srow, cols);
       if (block_max == -INFINITY) {  // nothing visible here: weights all 0
         std::fill(srow, srow + cols, 0.0f);
         continue;
