@@ -45,17 +45,12 @@ from torch import nn
 
 from metagpt_fast.ops import add_positional_encoding, scaled_dot_product_attention
 from metagpt_fast.ops import validation as check
+from metagpt_fast.ops.kvcache import flash_attn_with_kvcache
 
 if TYPE_CHECKING:
     from metagpt_fast.model import MetaGPT
 
 __all__ = ["KVCache", "decode_step", "generate", "prefill", "sample", "stream_generate"]
-
-
-def _flash_attn_with_kvcache():
-    from metagpt_fast.ops.kvcache import flash_attn_with_kvcache
-
-    return flash_attn_with_kvcache
 
 
 class KVCache(nn.Module):
@@ -151,7 +146,7 @@ class LayerCache:
             return y
         if rotary is not None:
             q, k = rotary(q, k, position_ids=cache.seqlens[:, None])
-        y = _flash_attn_with_kvcache()(
+        y = flash_attn_with_kvcache(
             q.transpose(1, 2),
             k_cache,
             v_cache,
@@ -189,7 +184,9 @@ def _position_table(model: MetaGPT) -> torch.Tensor | None:
 def prefill(model: MetaGPT, idx: torch.Tensor, lengths: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """Runs ``idx`` ``(B, T)`` (right-padded, ``lengths`` ``(B,)``) through ``model``, filling ``cache``; returns the
     logits ``(B, vocab)`` at each row's last prompt position."""
-    t = idx.shape[1]
+    b, t = idx.shape
+    if b != cache.batch_size:
+        raise check.ArgumentError(f"cache: it has {cache.batch_size} rows, idx has {b} prompts")
     if t > cache.max_length:
         raise check.ArgumentError(f"cache: the prompt has {t} tokens, more than the cache's {cache.max_length}")
     cache.prefilling = True
@@ -286,6 +283,8 @@ class _Request:
                 raise check.ArgumentError("lengths: pass lengths only with a (B, T) tensor idx, not a list of prompts")
             idx, lengths = _pad_prompts(idx, device)
         model._check_tokens(idx)
+        if idx.device != device:
+            raise check.ArgumentError(f"idx is on {idx.device}, the model on {device}")
         if idx.shape[1] == 0:
             raise check.ArgumentError("idx: the prompts must hold at least one token")
         b, t = idx.shape

@@ -121,6 +121,8 @@ def test_cache_too_small_raises_and_leaves_it_unchanged():
             decode_step(model, idx[:, :1], cache)
     for name, b in cache.named_buffers():
         assert torch.equal(b, before[name]), name
+    with pytest.raises(ValueError, match="cache: it has 2 rows, idx has 1"), torch.no_grad():
+        prefill(model, idx[:1], torch.tensor([6], dtype=torch.int32), cache)
     bare = KVCache(2, 2, 8, 4, 8)  # no position table: a sinusoidal model cannot place its tokens
     with pytest.raises(ValueError, match="cache has no position table"), torch.no_grad():
         decode_step(model, idx[:, :1], bare)
@@ -257,6 +259,7 @@ def test_bad_arguments_raise_naming_them(kwargs, error, match):
         ([[1, 99]], ValueError, "idx must lie in"),
         (torch.zeros(1, 0, dtype=torch.long), ValueError, "idx"),
         (torch.zeros(2, dtype=torch.long), ValueError, "idx"),
+        (torch.zeros(1, 3, dtype=torch.long, device="meta"), ValueError, "idx is on meta"),
     ],
 )
 def test_bad_prompts_raise_naming_idx(prompts, error, match):
