@@ -28,6 +28,8 @@ from metagpt_fast.bench.suite import OpBench
 from metagpt_fast.bench.timing import Timing
 from metagpt_fast.ops.reference import kvcache as reference
 
+REGISTRY_OP = "decode_attention"
+
 
 def _registry_inputs(inputs: dict) -> dict:
     q, k_cache = inputs["q"], inputs["k_cache"]
@@ -37,7 +39,7 @@ def _registry_inputs(inputs: dict) -> dict:
 
 
 def setup_decode(backend: str, case: Case, inputs: dict) -> Prepared:
-    check_backend("decode_attention", backend, **_registry_inputs(inputs))
+    check_backend(REGISTRY_OP, backend, **_registry_inputs(inputs))
 
     def forward(x):
         out = metagpt_fast.flash_attn_with_kvcache(
@@ -60,7 +62,7 @@ def setup_sdpa(case: Case, inputs: dict) -> Prepared:
 
 
 class DecodeBench(OpBench):
-    op = "decode_attention"
+    op = "decode"  # the bench's name (``--ops decode``); the registry's op is REGISTRY_OP
     unit = "bytes"
     sdpa_baseline = BASELINE_SDPA
 
@@ -93,7 +95,7 @@ class DecodeBench(OpBench):
         )
 
     def providers(self, device: str) -> list[Provider]:
-        return registry_providers(self.op, device, setup_decode) + [Provider(BASELINE_SDPA, "baseline", setup_sdpa)]
+        return registry_providers(REGISTRY_OP, device, setup_decode) + [Provider(BASELINE_SDPA, "baseline", setup_sdpa)]
 
     def oracle(self, case: Case, inputs: dict) -> list[torch.Tensor]:
         x = upcast(inputs, oracle_dtype(case.dtype))
