@@ -90,6 +90,7 @@ class KVCache(nn.Module):
             self.register_buffer(f"v{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("seqlens", torch.zeros(batch_size, dtype=torch.int32, device=device), persistent=False)
         self.register_buffer("positions", None, persistent=False)
+        self._mark_static()
         self.layers = [LayerCache(self, i) for i in range(num_layers)]
         self.prefilling = False
 
@@ -110,7 +111,15 @@ class KVCache(nn.Module):
             device=weight.device,
         )
         cache.positions = _position_table(model)
+        cache._mark_static()
         return cache
+
+    def _mark_static(self) -> None:
+        """CUDA graphs (``compile=True`` on CUDA) read the buffers where they are, instead of copying them into the
+        graph's own inputs at every step (as transformers' StaticCache does)."""
+        for buffer in self.buffers():
+            if buffer.is_cuda:
+                torch._dynamo.mark_static_address(buffer)
 
     @property
     def batch_size(self) -> int:
