@@ -321,6 +321,109 @@ def test_attention_matches_reference(backend):
     run_property("attention", backend, attention_cases(backend), check_attention)
 
 
+# ------------------------------------------------------------------------------------------------- flash attention
+
+
+@dataclasses.dataclass
+class FlashCase:
+    dtype: torch.dtype
+    lens: tuple[tuple[int, int], ...]  # (query, key) length of each packed sequence
+    hk: int
+    group: int
+    d: int
+    dv: int
+    layouts: tuple[str, str, str]
+    causal: bool
+    window: tuple[int, int]
+    softcap: float
+    alibi: str | None  # None, "h" (one slope per head) or "bh" (per sequence and head)
+    scale: float | None
+    seed: int
+
+
+WINDOW_SIDE = st.one_of(st.sampled_from([-1, -1, 0, 1, 3]), st.integers(-1, 24))
+
+
+@st.composite
+def flash_cases(draw, backend: str):
+    lim = limits()
+    seqs = draw(st.integers(1, 3))
+    d = draw(lengths(1, lim.head_dim))
+    return FlashCase(
+        dtype=draw(st.sampled_from(dtypes_for(backend))),
+        lens=tuple((draw(lengths(0, lim.seq)), draw(lengths(0, lim.seq))) for _ in range(seqs)),
+        hk=draw(st.integers(1, lim.heads)),
+        group=draw(st.sampled_from([1, 1, 2, 3])),
+        d=d,
+        dv=d if draw(st.booleans()) or draw(st.booleans()) else draw(lengths(1, lim.head_dim)),
+        layouts=tuple(draw(st.sampled_from(("contiguous", "transposed", "sliced"))) for _ in range(3)),
+        causal=draw(st.booleans()),
+        window=(draw(WINDOW_SIDE), draw(WINDOW_SIDE)),
+        softcap=draw(st.sampled_from([0.0, 0.0, 0.5, 5.0])),
+        alibi=draw(st.sampled_from([None, None, "h", "bh"])),
+        scale=draw(st.one_of(st.none(), st.sampled_from([0.1, 2.0, -1.0]))),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def check_flash(backend: str, case: FlashCase) -> bool:
+    from metagpt_fast.ops.reference import flash as reference_flash
+
+    device = device_for(backend)
+    gen = torch.Generator().manual_seed(case.seed)
+    hq, hk = case.hk * case.group, case.hk
+    tq, tk = sum(n for n, _ in case.lens), sum(n for _, n in case.lens)
+    shapes = ((tq, hq, case.d), (tk, hk, case.d), (tk, hk, case.dv))
+    q, k, v = (leaf(make(s, lay, gen, case.dtype, device)) for s, lay in zip(shapes, case.layouts, strict=True))
+    cu_q, cu_k = (
+        torch.tensor([0, *[sum(p[i] for p in case.lens[: j + 1]) for j in range(len(case.lens))]], dtype=torch.int32,
+                     device=device)
+        for i in (0, 1)
+    )  # fmt: skip
+    alibi = None
+    if case.alibi is not None:
+        alibi = torch.rand(hq if case.alibi == "h" else (len(case.lens), hq), generator=gen).to(device)
+    saved = [t.detach().clone() for t in (q, k, v, cu_q, cu_k)]
+    max_q, max_k = max(n for n, _ in case.lens), max(n for _, n in case.lens)
+    args = dict(softmax_scale=case.scale, causal=case.causal, window_size=case.window, softcap=case.softcap,
+                alibi_slopes=alibi)  # fmt: skip
+    out = serve(metagpt_fast.flash_attn_varlen_func, backend, q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                max_seqlen_q=max_q, max_seqlen_k=max_k, **args)  # fmt: skip
+    if out is None:
+        return False
+    for before, after in zip(saved, (q, k, v, cu_q, cu_k), strict=True):
+        assert torch.equal(before, after), "flash attention modified its inputs"
+    assert out.dtype == case.dtype and out.shape == (tq, hq, case.dv)
+    grad_out = torch.randn(out.shape, generator=gen).to(case.dtype).to(device)
+    fast_grads = grads(out, (q, k, v), grad_out)
+    left, right = case.window[0], 0 if case.causal else case.window[1]
+    scale = case.d**-0.5 if case.scale is None else case.scale
+
+    def oracle(dtype):
+        inputs = [upcast(t, dtype) for t in (q, k, v)]
+        o, _ = reference_flash.flash_attention(*inputs, cu_q, cu_k, scale, left, right, case.softcap, alibi)
+        return o, grads(o, inputs, grad_out.to(dtype))
+
+    lo, hi = oracle(case.dtype), oracle(oracle_dtype(case.dtype))
+    assert_parity(out, lo[0], hi[0], name="flash attention output")
+    mask = torch.zeros(tq, tk, dtype=torch.bool, device=device)  # the packed batch as one block-diagonal problem
+    for (q0, q1, k0, k1) in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), cu_k[:-1].tolist(), cu_k[1:].tolist(),
+                                strict=True):  # fmt: skip
+        mask[q0:q1, k0:k1] = reference_flash.allowed_mask(q1 - q0, k1 - k0, left, right, device)
+    slack = attention_backward_slack(
+        *(t.transpose(0, 1)[None] for t in (q, k, v)), hi[0].transpose(0, 1)[None],
+        grad_out.to(hi[0].dtype).transpose(0, 1)[None], scale=scale, attn_mask=mask,
+    )  # fmt: skip
+    for name, g, g_lo, g_hi, extra in zip(("dq", "dk", "dv"), fast_grads, lo[1], hi[1], slack, strict=True):
+        assert_parity(g, g_lo, g_hi, name=f"flash attention {name}", extra=extra)
+    return True
+
+
+@pytest.mark.parametrize("backend", fast_backend_params("flash_attention"))
+def test_flash_attention_matches_reference(backend):
+    run_property("flash_attention", backend, flash_cases(backend), check_flash)
+
+
 # ------------------------------------------------------------------------------------------------ positional ops
 
 
