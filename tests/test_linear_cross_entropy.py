@@ -421,3 +421,94 @@ def test_module_is_the_function_with_its_arguments():
 def test_module_refuses_bad_arguments_when_built(kwargs, match):
     with pytest.raises(ValueError, match=match):
         metagpt_fast.nn.LinearCrossEntropy(**kwargs)
+
+
+# ---------------------------------------------------------------------------------- Hugging Face: patch_loss
+
+HF_VOCAB = 301  # not a power of two, so the chunks and row blocks have ragged ends
+
+
+def _hf_model(kind: str, **overrides):
+    transformers = pytest.importorskip("transformers")
+    common = dict(vocab_size=HF_VOCAB, max_position_embeddings=32)
+    llama_like = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8, attention_dropout=0.0)  # fmt: skip
+    config = {
+        "gpt2": lambda: transformers.GPT2Config(
+            vocab_size=HF_VOCAB,
+            n_positions=32,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            attn_pdrop=0.0,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+        ),  # fmt: skip
+        "llama": lambda: transformers.LlamaConfig(**common, **llama_like, tie_word_embeddings=False),
+        "gemma2": lambda: transformers.Gemma2Config(**common, **llama_like, final_logit_softcapping=2.0),
+        "cohere": lambda: transformers.CohereConfig(**common, **llama_like, logit_scale=0.25),
+    }[kind]()
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+
+
+def _loss_and_grads(model, **batch):
+    model.zero_grad(set_to_none=True)
+    out = model(**batch)
+    out.loss.backward()
+    return out, [p.grad.clone() if p.grad is not None else None for p in model.parameters()]
+
+
+@pytest.mark.parametrize("kind", ["gpt2", pytest.param("llama", marks=pytest.mark.slow), "gemma2"])
+def test_hf_patch_loss_matches_the_unpatched_model(kind):
+    # Tied (GPT-2, Gemma 2) and untied (Llama) heads, Gemma 2's final_logit_softcapping; padding labelled -100.
+    from metagpt_fast.integrations import hf
+
+    model = _hf_model(kind)
+    torch.manual_seed(1)
+    input_ids = torch.randint(0, HF_VOCAB, (2, 9))
+    labels = input_ids.clone()
+    labels[1, 6:] = -100
+    batch = dict(input_ids=input_ids, attention_mask=(labels != -100).long(), labels=labels)
+    want, want_grads = _loss_and_grads(model, **batch)
+    hf.patch_loss(model)
+    try:
+        got, got_grads = _loss_and_grads(model, **batch)
+        assert got.logits is None  # never materialised
+        # float32 both (transformers upcasts the logits): equal up to float32 rounding of differently ordered sums.
+        assert got.loss.dtype == want.loss.dtype == torch.float32
+        torch.testing.assert_close(got.loss, want.loss)
+        for g, w in zip(got_grads, want_grads, strict=True):
+            torch.testing.assert_close(g, w)
+        # The Trainer's num_items_in_batch (a sum over the tokens of several micro-batches) and shift_labels.
+        n = torch.tensor(20)
+        fused = model(**batch, num_items_in_batch=n).loss
+        shifted = model(input_ids=input_ids, labels=labels, shift_labels=torch.roll(labels, -1, 1)).loss
+        assert model(input_ids=input_ids).logits.shape == (2, 9, HF_VOCAB)  # no labels: the model as it was
+    finally:
+        hf.unpatch_loss(model)
+    torch.testing.assert_close(fused, model(**batch, num_items_in_batch=n).loss)
+    torch.testing.assert_close(
+        shifted, model(input_ids=input_ids, labels=labels, shift_labels=torch.roll(labels, -1, 1)).loss
+    )
+
+
+def test_hf_patch_loss_refuses_logit_scaling():
+    from metagpt_fast.integrations import hf
+
+    model = _hf_model("cohere")
+    forward = model.forward
+    with pytest.raises(ValueError, match="logit scaling"):
+        hf.patch_loss(model)
+    assert model.forward == forward  # untouched
+
+
+def test_hf_patch_loss_refuses_another_loss():
+    from metagpt_fast.integrations import hf
+
+    model = _hf_model("llama")
+    model.loss_function = lambda logits, labels, vocab_size, **kwargs: logits.sum()
+    with pytest.raises(ValueError, match="ForCausalLMLoss"):
+        hf.patch_loss(model)

@@ -29,18 +29,23 @@ module's own function rotates (halves for Llama, Mistral, Qwen2...; interleaved 
 on a probe when patching. Modules with another contract (GPT-J) raise ``ValueError`` and are not touched. Only
 plain RoPE (``rope_type="default"``, no attention scaling) is fused; scaled variants (linear, dynamic, YaRN,
 Llama 3...) keep transformers' own tables and math.
+
+Loss (Liger-style, any causal LM whose logits are its ``nn.Linear`` head's output, softcapped or not)::
+
+    hf.patch_loss(model)          # with labels: the loss from the last hidden state, no (B, T, V) logits
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 from typing import Any
 
 import torch
 from torch import nn
 
-from metagpt_fast.ops import apply_rotary, scaled_dot_product_attention
+from metagpt_fast.ops import apply_rotary, linear_cross_entropy, scaled_dot_product_attention
 from metagpt_fast.ops.flash import flash_attn_func, flash_attn_varlen_func
 from metagpt_fast.ops.kvcache import flash_attn_with_kvcache
 
@@ -568,3 +573,146 @@ def unpatch_rotary(model_type: str = "llama") -> None:
     rotary_cls, original_forward, original_apply = _originals.pop(model_type)
     rotary_cls.forward = original_forward
     _modeling_module(model_type).apply_rotary_pos_emb = original_apply
+
+
+# ------------------------------------------------------------------------------------------- fused causal-LM loss
+
+_LOSS_PATCH = "_metagpt_fast_original_forward"
+
+
+def _text_config(config):
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
+def _head_softcap(model) -> float | None:
+    cap = getattr(_text_config(model.config), "final_logit_softcapping", None)
+    return None if cap is None else float(cap)
+
+
+def _check_causal_lm_loss(model) -> None:
+    try:
+        from transformers.loss.loss_utils import ForCausalLMLoss
+    except ImportError as exc:
+        raise ValueError(f"patch_loss needs transformers' ForCausalLMLoss (transformers >= 4.46): {exc}") from exc
+    loss_function = getattr(model, "loss_function", None)
+    if loss_function is not ForCausalLMLoss:
+        raise ValueError(
+            f"patch_loss reproduces ForCausalLMLoss (shift by one, ignore_index -100); {type(model).__name__}'s loss "
+            f"is {getattr(loss_function, '__name__', loss_function)!r}"
+        )
+
+
+class _CapturedHead:
+    """Runs the model's forward with its head returning a stand-in (a zero-stride tensor of the logits' shape, no
+    memory) and keeps the hidden state the head was given."""
+
+    def __init__(self, head: nn.Linear):
+        self.head, self.hidden = head, None
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        self.hidden = hidden
+        return hidden.new_zeros(()).expand(*hidden.shape[:-1], self.head.out_features)
+
+    def __enter__(self):
+        self.head.forward = self
+        return self
+
+    def __exit__(self, *exc):
+        del self.head.forward  # back to the class's forward
+
+
+def _probe_head(model, head: nn.Linear, softcap: float | None) -> None:
+    """Refuses a model whose logits are not ``softcap(head(hidden))`` of the hidden state its head receives
+    (logit scaling, another head): one forward pass over 3 tokens, in eval mode, compared with the head redone."""
+    seen = {}
+    hook = head.register_forward_hook(lambda module, args, out: seen.update(hidden=args[0]))
+    training = model.training
+    try:
+        model.eval()
+        device = head.weight.device
+        tokens = torch.arange(3, device=device).remainder(head.out_features)[None]
+        with torch.no_grad():
+            logits = model(input_ids=tokens).logits
+    finally:
+        hook.remove()
+        model.train(training)
+    if "hidden" not in seen:
+        raise ValueError("patch_loss: the model's forward does not call its output embeddings (get_output_embeddings)")
+    with torch.no_grad():
+        expected = torch.nn.functional.linear(seen["hidden"], head.weight, head.bias).float()
+        if softcap is not None:
+            expected = softcap * torch.tanh(expected / softcap)
+    if logits.shape != expected.shape or not torch.allclose(logits.float(), expected, rtol=1e-3, atol=1e-3):
+        raise ValueError(
+            f"patch_loss: {type(model).__name__}'s logits are not its head's output"
+            + (" softcapped by final_logit_softcapping" if softcap is not None else "")
+            + " (logit scaling or other post-processing): the fused loss would differ, so the model is not patched"
+        )
+
+
+def patch_loss(model) -> None:
+    """Liger-style fused loss for a Hugging Face causal LM: with ``labels``, the loss comes from the last hidden
+    state through :func:`metagpt_fast.linear_cross_entropy`, chunk by chunk, and the ``(B, T, V)`` logits are
+    never materialised (``outputs.logits`` is then None). Without ``labels`` the model runs as before.
+
+    The loss is transformers' ``ForCausalLMLoss``: labels shifted by one (or ``shift_labels``), ``ignore_index``
+    (default -100), the mean over the tokens counted, or the sum over ``num_items_in_batch`` when the Trainer passes
+    it; in float32, with gradients to the hidden state and to the head's weight and bias (tied embeddings included).
+    ``final_logit_softcapping`` (Gemma 2) goes to the op's ``softcap``. Refused with ``ValueError``, model untouched:
+    a head that is not an ``nn.Linear``, another loss function, and logits that are not the head's output (softcapped
+    as the config says) on a probe pass (Cohere's ``logit_scale``, Granite's ``logits_scaling``). Undo with
+    :func:`unpatch_loss`.
+    """
+    if hasattr(model, _LOSS_PATCH):
+        return
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"patch_loss needs an nn.Linear output embedding (LM head), got {type(head).__name__}")
+    _check_causal_lm_loss(model)
+    softcap = _head_softcap(model)
+    _probe_head(model, head, softcap)
+    original = model.forward
+    signature = inspect.signature(original)
+
+    def forward(*args, **kwargs):
+        bound = signature.bind_partial(*args, **kwargs)
+        labels = bound.arguments.get("labels")
+        if labels is None:
+            return original(*args, **kwargs)
+        bound.arguments["labels"] = None
+        var_keyword = [p.name for p in signature.parameters.values() if p.kind == p.VAR_KEYWORD]
+        extra = bound.arguments.get(var_keyword[0], {}) if var_keyword else {}
+        ignore_index = extra.get("ignore_index", -100)
+        shift_labels, num_items = extra.get("shift_labels"), extra.get("num_items_in_batch")
+        config = _text_config(model.config)
+        with _CapturedHead(head) as captured:
+            if softcap is not None:  # the stand-in logits need no cap: the op applies it
+                config.final_logit_softcapping = None
+            try:
+                out = original(*bound.args, **bound.kwargs)
+            finally:
+                if softcap is not None:
+                    config.final_logit_softcapping = softcap
+        hidden = captured.hidden
+        if shift_labels is None:
+            shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        loss = linear_cross_entropy(
+            hidden, head.weight, shift_labels.to(hidden.device).reshape(hidden.shape[:-1]), head.bias, ignore_index,
+            "mean" if num_items is None else "sum", softcap=softcap,
+        ).float()  # fmt: skip
+        if num_items is not None:
+            loss = loss / (num_items.to(loss.device) if torch.is_tensor(num_items) else num_items)
+        if isinstance(out, tuple):  # return_dict=False: the stand-in logits lead the tuple
+            return (loss, *out[1:])
+        return type(out)(**{k: v for k, v in out.items() if k not in ("loss", "logits")}, loss=loss)
+
+    setattr(model, _LOSS_PATCH, original)
+    model.forward = forward
+
+
+def unpatch_loss(model) -> None:
+    """Undoes :func:`patch_loss` (a model that was not patched is left as it is)."""
+    if hasattr(model, _LOSS_PATCH):
+        del model.forward
+        delattr(model, _LOSS_PATCH)
