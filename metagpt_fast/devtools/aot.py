@@ -22,6 +22,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import functools
+import itertools
 import json
 import os
 import tempfile
@@ -249,9 +250,9 @@ def attention_cases() -> list[AotCase]:
 def flash_cases() -> list[AotCase]:
     """The flash attention kernels (kernels/triton/flash.py): every tile of every (bits, head-dim bucket) family,
     for the family's widest head dim, with the training default (causal: the right window edge only, the scale
-    folded) and the heaviest variant (both window edges, softcap and ALiBi); the backward preprocess per head dim
-    bucket. Strides in tokens are multiples of 16 elements (head dims multiples of 16); the ALiBi and lse row strides
-    (B and Tq) are not assumed aligned."""
+    folded) and the heaviest variant (both window edges, softcap and ALiBi), the 16-bit forward with K and V through
+    tensor descriptors on sm_90; the backward preprocess per head dim bucket. Strides in tokens are multiples of 16
+    elements (head dims multiples of 16); the ALiBi and lse row strides (B and Tq) are not assumed aligned."""
     data = {name: "*{}" for name in ("Q", "K", "V", "Out", "DOut", "DQ", "DK", "DV")}
     others = {
         "Cu_q": "*i32", "Cu_k": "*i32", "Alibi": "*fp32", "Lse": "*fp32", "Delta": "*fp32", "Visits": "*i32",
@@ -264,10 +265,16 @@ def flash_cases() -> list[AotCase]:
             types = {**{k: v.format(DTYPES[bits]) for k, v in data.items()}, **others}
             for heavy in (False, True):
                 flags = {"WINDOW_LEFT": heavy, "WINDOW_RIGHT": True, "SOFTCAP": heavy, "ALIBI": heavy}
-                for block_m, block_n, num_warps, num_stages in tiles:
+                # The 16-bit forward reads K and V through tensor descriptors on sm_90 (flash.kv_descriptors).
+                by_arch = {(False, ARCHS)} if kind != "fwd" or bits != 16 else {(False, (80,)), (True, (90,))}
+                for (block_m, block_n, num_warps, num_stages), (descriptors, archs) in itertools.product(
+                    tiles, sorted(by_arch)
+                ):
+                    forward = {"FOLD_SCALE": not heavy} if kind == "fwd" else {}
                     constexprs = {
                         "HEAD_DIM": width, "HEAD_DIM_V": width, "BLOCK_D": width, "BLOCK_DV": width, **flags,
-                        **({"FOLD_SCALE": not heavy} if kind == "fwd" else {}), "COUNT_VISITS": False,
+                        **forward, "COUNT_VISITS": False,
+                        **({"KV_DESCRIPTORS": descriptors} if kind == "fwd" else {}),
                         "BLOCK_M": block_m, "BLOCK_N": block_n,
                     }  # fmt: skip
                     cases.append(
@@ -276,6 +283,7 @@ def flash_cases() -> list[AotCase]:
                             num_stages=num_stages,
                             expect_wgmma=bits == 16 and (block_n if kind == "dkdv" else block_m) >= 64,
                             role=kind, dtype=DTYPES[bits], streamed_rows=block_m if kind == "dkdv" else block_n,
+                            archs=archs, expect_tma=descriptors,
                         )
                     )  # fmt: skip
     for width in (64, 128, 256):

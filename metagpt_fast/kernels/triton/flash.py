@@ -39,6 +39,7 @@ import functools
 import math
 import warnings
 
+import torch
 import triton
 import triton.language as tl
 
@@ -198,8 +199,10 @@ def _flash_fwd_inner(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, FOLD_SCALE: tl.constexpr, COUNT_VISITS: tl.constexpr,
+    KV_DESCRIPTORS: tl.constexpr,
 ):  # fmt: skip
     """Online softmax over the key blocks ``[lo, hi)``; ``MASKED`` blocks get the per-element mask.
+    ``KV_DESCRIPTORS``: ``k_base`` and ``v_base`` are tensor descriptors of the sequence's keys (see _flash_fwd).
 
     ``FOLD_SCALE`` (``qk_scale >= 0``, no softcap, no ALiBi): in unmasked blocks the row maximum is taken on the raw
     products and scaled once per row, and the scale goes into the exponent as one fused multiply-add per score."""
@@ -209,7 +212,10 @@ def _flash_fwd_inner(
         cols = start_n + offs_n
         if COUNT_VISITS:
             tl.atomic_add(visits, 1)
-        k = _load_rows(k_base, start_n, Lk, stride_kt, HEAD_DIM, BLOCK_N, BLOCK_D)
+        if KV_DESCRIPTORS:  # rows past Lk and columns past HEAD_DIM read 0
+            k = k_base.load([start_n, 0])
+        else:
+            k = _load_rows(k_base, start_n, Lk, stride_kt, HEAD_DIM, BLOCK_N, BLOCK_D)
         qk = tl.dot(q, tl.trans(k), input_precision="ieee")  # (BLOCK_M, BLOCK_N)
         if FOLD_SCALE and not MASKED and not SOFTCAP and not ALIBI:
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
@@ -227,7 +233,10 @@ def _flash_fwd_inner(
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        v = _load_rows(v_base, start_n, Lk, stride_vt, HEAD_DIM_V, BLOCK_N, BLOCK_DV)
+        if KV_DESCRIPTORS:
+            v = v_base.load([start_n, 0])
+        else:
+            v = _load_rows(v_base, start_n, Lk, stride_vt, HEAD_DIM_V, BLOCK_N, BLOCK_DV)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
         m_i = m_new
     return acc, l_i, m_i
@@ -250,13 +259,19 @@ def _flash_fwd(
     ALIBI: tl.constexpr,
     FOLD_SCALE: tl.constexpr,
     COUNT_VISITS: tl.constexpr,
+    KV_DESCRIPTORS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Grid (cdiv(max_seqlen_q, BLOCK_M), Hq, B). Q (Tq, Hq, D), K (Tk, Hk, D), V (Tk, Hk, Dv), Out (Tq, Hq, Dv),
     all with unit last stride; Cu_q, Cu_k (B + 1,) int32; Alibi (B, Hq) float32 (row stride ``stride_ab``); Lse
     (Hq, Tq) float32 (row stride ``stride_lh``); Visits (B, Hq, grid 0) int32 blocks visited per program (only
-    with ``COUNT_VISITS``). ``Lq_bucket``, ``Lk_bucket``: the autotuner's key only."""
+    with ``COUNT_VISITS``). ``Lq_bucket``, ``Lk_bucket``: the autotuner's key only.
+
+    ``KV_DESCRIPTORS``: K and V are read through tensor descriptors of the sequence's (Lk, D) rows (on sm_90, TMA
+    copies into shared memory, in place of every thread's cp.async address arithmetic; rows past Lk read 0). They need
+    unit last strides, 16-byte aligned token and head strides and base (:func:`kv_descriptors`), and scratch memory
+    from triton's allocator for the descriptors."""
     tl.static_assert(BLOCK_D >= HEAD_DIM)
     tl.static_assert(BLOCK_DV >= HEAD_DIM_V)
     pid_m = tl.program_id(0)
@@ -279,6 +294,9 @@ def _flash_fwd(
     q = _load_rows(Q + start_q * stride_qt + h * stride_qh, m0, Lq, stride_qt, HEAD_DIM, BLOCK_M, BLOCK_D)
     k_base = K + start_k * stride_kt + hk * stride_kh
     v_base = V + start_k * stride_vt + hk * stride_vh
+    if KV_DESCRIPTORS:
+        k_base = tl.make_tensor_descriptor(k_base, [Lk, HEAD_DIM], [stride_kt, 1], [BLOCK_N, BLOCK_D])
+        v_base = tl.make_tensor_descriptor(v_base, [Lk, HEAD_DIM_V], [stride_vt, 1], [BLOCK_N, BLOCK_DV])
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
@@ -293,21 +311,21 @@ def _flash_fwd(
             acc, l_i, m_i, q, k_base, v_base, rows, lo, full_lo, stride_kt, stride_vt, Lk, shift,
             window_left, window_right, qk_scale, cap_scale, cap2, slope2, visits,
             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, ALIBI,
-            FOLD_SCALE, COUNT_VISITS,
+            FOLD_SCALE, COUNT_VISITS, KV_DESCRIPTORS,
         )  # fmt: skip
     if full_lo < full_hi:
         acc, l_i, m_i = _flash_fwd_inner(
             acc, l_i, m_i, q, k_base, v_base, rows, full_lo, full_hi, stride_kt, stride_vt, Lk, shift,
             window_left, window_right, qk_scale, cap_scale, cap2, slope2, visits,
             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, False, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, ALIBI,
-            FOLD_SCALE, COUNT_VISITS,
+            FOLD_SCALE, COUNT_VISITS, KV_DESCRIPTORS,
         )  # fmt: skip
     if full_hi < hi:
         acc, l_i, m_i = _flash_fwd_inner(
             acc, l_i, m_i, q, k_base, v_base, rows, full_hi, hi, stride_kt, stride_vt, Lk, shift,
             window_left, window_right, qk_scale, cap_scale, cap2, slope2, visits,
             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, ALIBI,
-            FOLD_SCALE, COUNT_VISITS,
+            FOLD_SCALE, COUNT_VISITS, KV_DESCRIPTORS,
         )  # fmt: skip
 
     # A row that sees no key has l = 0 and acc = 0: output 0, LSE = +inf (so the backward's P is 0).
@@ -681,6 +699,51 @@ def _alibi(alibi_slopes, placeholder):
     return alibi_slopes, alibi_slopes.stride(0)
 
 
+def _tma_aligned(t) -> bool:
+    """A tensor descriptor can address the rows of ``t`` (T, H, D) per (sequence, head): unit last stride, and the
+    token stride, the head stride (for more than one head) and the start 16-byte aligned."""
+    size = t.element_size()
+    if t.stride(-1) != 1 or (t.stride(0) * size) % 16 or (t.shape[1] > 1 and (t.stride(1) * size) % 16):
+        return False
+    try:
+        start = t.data_ptr()
+    except (RuntimeError, NotImplementedError):  # fake tensors while tracing: torch's storages are aligned
+        start = t.storage_offset() * size
+    return start % 16 == 0
+
+
+def kv_descriptors(q, k, v) -> bool:
+    """Whether the forward reads K and V through tensor descriptors (KV_DESCRIPTORS): where they lower to TMA
+    (16-bit data on sm_90 and newer), and under the interpreter so that the CPU tests run that path (unaligned inputs
+    there run the block-pointer path), when K and V are :func:`_tma_aligned`."""
+    if not (_tma_aligned(k) and _tma_aligned(v)):
+        return False
+    if INTERPRETED:
+        return True
+    return q.element_size() == 2 and q.is_cuda and torch.cuda.get_device_capability(q.device) >= (9, 0)
+
+
+def _scratch(device):
+    def allocate(size: int, alignment: int, stream):
+        return torch.empty(size, dtype=torch.int8, device=device)
+
+    return allocate
+
+
+def _ensure_allocator(device) -> None:
+    """Descriptors built on the device need global scratch memory, which triton asks of the allocator set with
+    ``triton.set_allocator`` (per thread). Unless the caller (or torch.compile's generated code) has set one, set one
+    that takes it from torch's allocator (as kernels/triton/attention.py does)."""
+    try:
+        from triton.runtime import _allocation
+
+        unset = isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
+    except (ImportError, AttributeError):  # the private module moved: set ours
+        unset = True
+    if unset:
+        triton.set_allocator(_scratch(torch.device("cpu") if INTERPRETED else device))
+
+
 def _visits(visits, placeholder):
     return (placeholder, False) if visits is None else (visits, True)
 
@@ -701,6 +764,9 @@ def flash_forward(
     feats = features(max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap, alibi_slopes)
     alibi, stride_ab = _alibi(alibi_slopes, lse)
     counter, count = _visits(visits, lse)
+    descriptors = kv_descriptors(q, k, v)
+    if descriptors:
+        _ensure_allocator(q.device)
     kernel, meta = _kernel("fwd", tile_family(q.element_size(), D, Dv), launch, tiles)
     kernel[lambda META: (triton.cdiv(max_seqlen_q, META["BLOCK_M"]), Hq, B)](
         q, k, v, cu_seqlens_q, cu_seqlens_k, alibi, out, lse, counter,
@@ -709,7 +775,7 @@ def flash_forward(
         Hq, Hq // Hk, *feats["windows"], *length_buckets(max_seqlen_q, max_seqlen_k),
         *_scales(softmax_scale, softcap),
         HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=block_dim(D), BLOCK_DV=block_dim(Dv), **feats["flags"],
-        FOLD_SCALE=feats["fold"], COUNT_VISITS=count, **meta,
+        FOLD_SCALE=feats["fold"], COUNT_VISITS=count, KV_DESCRIPTORS=descriptors, **meta,
     )  # fmt: skip
 
 
