@@ -36,6 +36,7 @@
 #include "common.h"
 #include "gemm.h"
 #include "row_ops.h"
+#include "tile_kernels.h"
 #include "metagpt_fast/online_softmax.h"
 
 // The score-row loops are also compiled for x86-64-v3 and x86-64-v4 and picked when the library loads (as in
@@ -150,11 +151,157 @@ const float* float_rows(const T* src, int64_t rows, int64_t cols, int64_t ld, fl
   }
 }
 
+// Where the tile products run: AVX-512 register-blocked tiles (tile_kernels.h) when the CPU has them and one
+// sequence's packed keys fit the per-thread cap, else gemm.h (BLAS sgemm).
+constexpr int64_t MAX_PACKED = int64_t(1) << 23;  // floats per thread for one kv head's packed keys (32 MiB)
+
+// One block of keys [j0, j0 + cols) of one (sequence, kv head) as the products read it: K and V rows in float32,
+// and, on the tile path, K^T (and for the backward V^T) panels of TILE_KEYS keys starting at key j0.
+struct KeyBlock {
+  const float* kf;
+  const float* vf;
+  const float* kt;
+  const float* vt;
+  int64_t ldk, ldv;
+};
+
+// One thread's view of the keys and values. With a cache (the tile path, or 16-bit inputs that fit), the current
+// (sequence, kv head)'s keys are converted once, panel by panel as the thread's tasks reach them, and reused by
+// the next query blocks of that head; without one, each block is converted on the spot (float32 is read in place).
+template <typename T>
+class KeySource {
+ public:
+  KeySource(const Problem& pb, const T* k, Rows lk, const T* v, Rows lv, bool tiles, bool transposed_v,
+            int64_t max_lk)
+      : pb_(pb), k_(k), v_(v), lk_(lk), lv_(lv), tiles_(tiles), transposed_v_(transposed_v) {
+    const int64_t panels = (max_lk + TILE_KEYS - 1) / TILE_KEYS, keys = panels * TILE_KEYS;
+    cached_ = tiles || (!std::is_same_v<T, float> && keys * std::max(pb.d, pb.dv) <= MAX_PACKED);
+    if (cached_) {
+      ready_.resize(panels);
+      if (tiles) kt_.resize(keys * pb.d);
+      if (tiles && transposed_v) vt_.resize(keys * pb.dv);
+      if constexpr (!std::is_same_v<T, float>) {
+        krows_.resize(keys * pb.d);
+        vrows_.resize(keys * pb.dv);
+      }
+    } else if constexpr (!std::is_same_v<T, float>) {
+      krows_.resize(BLOCK_K * pb.d);
+      vrows_.resize(BLOCK_K * pb.dv);
+    }
+  }
+
+  bool tiles() const { return tiles_; }
+
+  KeyBlock get(int64_t b, int64_t hk, int64_t j0, int64_t cols) {
+    const int64_t tk0 = pb_.cu_k[b];
+    KeyBlock kb{nullptr, nullptr, nullptr, nullptr, 0, 0};
+    if (!cached_) {
+      kb.kf = float_rows(k_ + lk_.at(tk0 + j0, hk), cols, pb_.d, lk_.t, krows_.data(), &kb.ldk);
+      kb.vf = float_rows(v_ + lv_.at(tk0 + j0, hk), cols, pb_.dv, lv_.t, vrows_.data(), &kb.ldv);
+      return kb;
+    }
+    if (b * pb_.heads_k + hk != head_) {
+      head_ = b * pb_.heads_k + hk;
+      std::fill(ready_.begin(), ready_.end(), 0);
+    }
+    for (int64_t p = j0 / TILE_KEYS; p < (j0 + cols + TILE_KEYS - 1) / TILE_KEYS; ++p) {
+      if (!ready_[p]) pack(b, hk, p);
+      ready_[p] = 1;
+    }
+    if constexpr (std::is_same_v<T, float>) {
+      kb.kf = k_ + lk_.at(tk0 + j0, hk);
+      kb.vf = v_ + lv_.at(tk0 + j0, hk);
+      kb.ldk = lk_.t;
+      kb.ldv = lv_.t;
+    } else {
+      kb.kf = krows_.data() + j0 * pb_.d;
+      kb.vf = vrows_.data() + j0 * pb_.dv;
+      kb.ldk = pb_.d;
+      kb.ldv = pb_.dv;
+    }
+    if (tiles_) {  // panels start at multiples of TILE_KEYS: the callers' key blocks do too
+      kb.kt = kt_.data() + (j0 / TILE_KEYS) * pb_.d * TILE_KEYS;
+      if (transposed_v_) kb.vt = vt_.data() + (j0 / TILE_KEYS) * pb_.dv * TILE_KEYS;
+    }
+    return kb;
+  }
+
+ private:
+  // Keys [p * TILE_KEYS, (p + 1) * TILE_KEYS) of the head: panels of K^T / V^T (zero past the sequence's keys),
+  // rows in float32 for 16-bit inputs.
+  void pack(int64_t b, int64_t hk, int64_t p) {
+    const int64_t tk0 = pb_.cu_k[b], len = pb_.len_k(b), d = pb_.d, dv = pb_.dv;
+    float* kpanel = tiles_ ? kt_.data() + p * d * TILE_KEYS : nullptr;
+    float* vpanel = tiles_ && transposed_v_ ? vt_.data() + p * dv * TILE_KEYS : nullptr;
+    for (int64_t jj = 0; jj < TILE_KEYS; ++jj) {
+      const int64_t j = p * TILE_KEYS + jj;
+      const bool valid = j < len;
+      const T* krow = valid ? k_ + lk_.at(tk0 + j, hk) : nullptr;
+      const T* vrow = valid ? v_ + lv_.at(tk0 + j, hk) : nullptr;
+      if (kpanel != nullptr)
+        for (int64_t c = 0; c < d; ++c) kpanel[c * TILE_KEYS + jj] = valid ? to_float(krow[c]) : 0.0f;
+      if (vpanel != nullptr)
+        for (int64_t c = 0; c < dv; ++c) vpanel[c * TILE_KEYS + jj] = valid ? to_float(vrow[c]) : 0.0f;
+      if constexpr (!std::is_same_v<T, float>) {
+        if (valid) {
+          for (int64_t c = 0; c < d; ++c) krows_[j * d + c] = to_float(krow[c]);
+          for (int64_t c = 0; c < dv; ++c) vrows_[j * dv + c] = to_float(vrow[c]);
+        }
+      }
+    }
+  }
+
+  const Problem& pb_;
+  const T* k_;
+  const T* v_;
+  Rows lk_, lv_;
+  bool tiles_, transposed_v_, cached_ = false;
+  int64_t head_ = -1;
+  std::vector<float> kt_, vt_, krows_, vrows_;
+  std::vector<char> ready_;
+};
+
+// The tile path for this problem (every sequence's keys fit the per-thread cap).
+bool use_tiles(const Problem& pb, int64_t max_lk) {
+  const int64_t keys = (max_lk + TILE_KEYS - 1) / TILE_KEYS * TILE_KEYS;
+  return tile_kernels_available() && keys * std::max(pb.d, pb.dv) <= MAX_PACKED;
+}
+
+int64_t max_len_k(const Problem& pb) {
+  int64_t longest = 0;
+  for (int64_t b = 0; b < pb.batch; ++b) longest = std::max(longest, pb.len_k(b));
+  return longest;
+}
+
+// The first key block of a query block: its first visible key rounded down to a panel boundary (the extra keys
+// are masked like any other outside the window).
+int64_t first_key(int64_t jlo) { return jlo - jlo % TILE_KEYS; }
+
+// c (m x n) += alpha op(a) b, op(a) = a (m x k, leading dimension lda) or a^T (a is k x m).
+void add_product(bool tiles, bool trans_a, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+                 const float* b, int64_t ldb, float* c, int64_t ldc) {
+  if (tiles) {
+    product_tile(a, trans_a ? 1 : lda, trans_a ? lda : 1, b, ldb, k, n, alpha, c, ldc, m);
+  } else {
+    gemm(trans_a, false, m, n, k, alpha, a, lda, b, ldb, 1.0f, c, ldc);
+  }
+}
+
+// s (leading dimension BLOCK_K) = alpha a panel^T: scores_tile over packed panels, or gemm over rows.
+void scores(const float* a, int64_t lda, const float* panels, const float* rows_b, int64_t ldb, int64_t depth,
+            float alpha, float* s, int64_t rows, int64_t cols) {
+  if (panels != nullptr) {
+    scores_tile(a, lda, panels, depth, (cols + TILE_KEYS - 1) / TILE_KEYS, alpha, s, BLOCK_K, rows);
+  } else {
+    gemm(false, true, rows, cols, depth, alpha, a, lda, rows_b, ldb, 0.0f, s, BLOCK_K);
+  }
+}
+
 // Scores of local queries [i0, i0 + rows) x keys [j0, j0 + cols) of one (sequence, head) into s (leading dimension
 // BLOCK_K): scale Q K^T, softcap (tanh kept in t when t is not null), ALiBi, -inf outside each row's key range.
-void score_tile(const Problem& pb, const Window& w, float slope, const float* qf, int64_t ldq, const float* kf,
-                int64_t ldk, int64_t i0, int64_t rows, int64_t j0, int64_t cols, float* s, float* t) {
-  gemm(false, true, rows, cols, pb.d, pb.scale, qf, ldq, kf, ldk, 0.0f, s, BLOCK_K);
+void score_tile(const Problem& pb, const Window& w, float slope, const float* qf, int64_t ldq, const KeyBlock& kb,
+                int64_t i0, int64_t rows, int64_t j0, int64_t cols, float* s, float* t) {
+  scores(qf, ldq, kb.kt, kb.kf, kb.ldk, pb.d, pb.scale, s, rows, cols);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = i0 + r;
     float* srow = s + r * BLOCK_K;
@@ -192,45 +339,53 @@ std::vector<QueryBlock> query_blocks(const Problem& pb) {
   return blocks;
 }
 
+template <typename T>
 struct ForwardScratch {
-  std::vector<float> qbuf, kbuf, vbuf, s, acc;
+  KeySource<T> keys;
+  std::vector<float> qbuf, s, acc, alpha;
   std::vector<OnlineSoftmax> state;
 };
 
 template <typename T>
 void forward(const Problem& pb, const T* q, Rows lq, const T* k, Rows lk, const T* v, Rows lv, T* out, float* lse) {
   const std::vector<QueryBlock> blocks = query_blocks(pb);
-  const int64_t nblocks = static_cast<int64_t>(blocks.size()), group = pb.group();
+  const int64_t nblocks = static_cast<int64_t>(blocks.size()), group = pb.group(), max_lk = max_len_k(pb);
+  const bool tiles = use_tiles(pb, max_lk);
   auto make = [&] {
-    return ForwardScratch{std::vector<float>(BLOCK_Q * pb.d),  std::vector<float>(BLOCK_K * pb.d),
-                          std::vector<float>(BLOCK_K * pb.dv), std::vector<float>(BLOCK_Q * BLOCK_K),
-                          std::vector<float>(BLOCK_Q * pb.dv), std::vector<OnlineSoftmax>(BLOCK_Q)};
+    return ForwardScratch<T>{KeySource<T>(pb, k, lk, v, lv, tiles, false, max_lk), std::vector<float>(BLOCK_Q * pb.d),
+                             std::vector<float>(BLOCK_Q * BLOCK_K), std::vector<float>(BLOCK_Q * pb.dv),
+                             std::vector<float>(BLOCK_Q), std::vector<OnlineSoftmax>(BLOCK_Q)};
   };
-  // Head-major order: neighbouring tasks share a head's K / V panels.
-  dynamic_for(nblocks * pb.heads_q, make, [&](ForwardScratch& sc, int64_t task) {
+  // Head-major order: neighbouring tasks share a head's keys (converted once per thread on the cached paths).
+  dynamic_for(nblocks * pb.heads_q, make, [&](ForwardScratch<T>& sc, int64_t task) {
     const QueryBlock& blk = blocks[task % nblocks];
     const int64_t h = task / nblocks, hk = h / group, b = blk.b, i0 = blk.i0, rows = blk.rows;
-    const int64_t tq0 = pb.cu_q[b] + i0, tk0 = pb.cu_k[b];
+    const int64_t tq0 = pb.cu_q[b] + i0;
     const Window w(pb, b);
     const float slope = pb.slope(b, h);
     std::fill(sc.acc.begin(), sc.acc.end(), 0.0f);
     std::fill(sc.state.begin(), sc.state.end(), online_softmax_init());
     const int64_t jlo = w.lo(i0), jhi = w.hi(i0 + rows - 1);
     if (jlo < jhi) {
-      int64_t ldq, ldk, ldv;
+      int64_t ldq;
       const float* qf = float_rows(q + lq.at(tq0, h), rows, pb.d, lq.t, sc.qbuf.data(), &ldq);
-      for (int64_t j0 = jlo; j0 < jhi; j0 += BLOCK_K) {
+      for (int64_t j0 = first_key(jlo); j0 < jhi; j0 += BLOCK_K) {
         const int64_t cols = std::min(BLOCK_K, jhi - j0);
-        const float* kf = float_rows(k + lk.at(tk0 + j0, hk), cols, pb.d, lk.t, sc.kbuf.data(), &ldk);
-        const float* vf = float_rows(v + lv.at(tk0 + j0, hk), cols, pb.dv, lv.t, sc.vbuf.data(), &ldv);
-        score_tile(pb, w, slope, qf, ldq, kf, ldk, i0, rows, j0, cols, sc.s.data(), nullptr);
+        const KeyBlock kb = sc.keys.get(b, hk, j0, cols);
+        score_tile(pb, w, slope, qf, ldq, kb, i0, rows, j0, cols, sc.s.data(), nullptr);
         for (int64_t r = 0; r < rows; ++r) {
           float* srow = sc.s.data() + r * BLOCK_K;
-          const float alpha = online_softmax_update(sc.state[r], row_max(srow, cols));
+          sc.alpha[r] = online_softmax_update(sc.state[r], row_max(srow, cols));
           sc.state[r].l += softmax_row(srow, cols, online_softmax_shift(sc.state[r].m));
-          if (alpha != 1.0f) scale_row(sc.acc.data() + r * pb.dv, pb.dv, alpha);
         }
-        gemm(false, false, rows, pb.dv, cols, 1.0f, sc.s.data(), BLOCK_K, vf, ldv, 1.0f, sc.acc.data(), pb.dv);
+        if (tiles) {  // acc = alpha acc + P V (acc starts at 0, so the first block's alpha changes nothing)
+          accumulate_tile(sc.s.data(), BLOCK_K, kb.vf, kb.ldv, cols, pb.dv, sc.alpha.data(), sc.acc.data(), pb.dv,
+                          rows);
+        } else {
+          for (int64_t r = 0; r < rows; ++r)
+            if (sc.alpha[r] != 1.0f) scale_row(sc.acc.data() + r * pb.dv, pb.dv, sc.alpha[r]);
+          gemm(false, false, rows, pb.dv, cols, 1.0f, sc.s.data(), BLOCK_K, kb.vf, kb.ldv, 1.0f, sc.acc.data(), pb.dv);
+        }
       }
     }
     for (int64_t r = 0; r < rows; ++r) {
@@ -243,13 +398,15 @@ void forward(const Problem& pb, const T* q, Rows lq, const T* k, Rows lk, const 
   });
 }
 
+template <typename T>
 struct BackwardScratch {
-  std::vector<float> qbuf, dobuf, kbuf, vbuf, p, t, dp, dq_acc, delta, dk_acc, dv_acc;
-  BackwardScratch(const Problem& pb, int64_t key_rows) {
+  KeySource<T> keys;
+  std::vector<float> qbuf, dobuf, p, t, dp, dq_acc, delta, dk_acc, dv_acc;
+  BackwardScratch(const Problem& pb, const T* k, Rows lk, const T* v, Rows lv, bool tiles, int64_t max_lk,
+                  int64_t key_rows)
+      : keys(pb, k, lk, v, lv, tiles, true, max_lk) {
     qbuf.resize(BLOCK_Q * pb.d);
     dobuf.resize(BLOCK_Q * pb.dv);
-    kbuf.resize(BLOCK_K * pb.d);
-    vbuf.resize(BLOCK_K * pb.dv);
     p.resize(BLOCK_Q * BLOCK_K);
     if (pb.softcap > 0.0f) t.resize(BLOCK_Q * BLOCK_K);
     dp.resize(BLOCK_Q * BLOCK_K);
@@ -271,7 +428,7 @@ struct QueryPanel {
 
 template <typename T>
 QueryPanel query_panel(const Problem& pb, const T* dout, Rows ldo, const T* q, Rows lq, const T* out, Rows lout,
-                       const float* lse, int64_t h, int64_t tq0, int64_t rows, BackwardScratch& sc) {
+                       const float* lse, int64_t h, int64_t tq0, int64_t rows, BackwardScratch<T>& sc) {
   QueryPanel qp{};
   qp.qf = float_rows(q + lq.at(tq0, h), rows, pb.d, lq.t, sc.qbuf.data(), &qp.ldq);
   qp.dof = float_rows(dout + ldo.at(tq0, h), rows, pb.dv, ldo.t, sc.dobuf.data(), &qp.lddo);
@@ -289,13 +446,14 @@ QueryPanel query_panel(const Problem& pb, const T* dout, Rows ldo, const T* q, R
 
 // One tile of the backward: sc.p <- P = exp(S - lse) (the forward's probabilities), sc.dp <- dS = P * (dO V^T -
 // delta), taken through the softcap's tanh (the gradient of the score before capping).
-void grad_tile(const Problem& pb, const Window& w, float slope, const QueryPanel& qp, const float* kf, int64_t ldk,
-               const float* vf, int64_t ldv, int64_t i0, int64_t rows, int64_t j0, int64_t cols, BackwardScratch& sc) {
+template <typename T>
+void grad_tile(const Problem& pb, const Window& w, float slope, const QueryPanel& qp, const KeyBlock& kb, int64_t i0,
+               int64_t rows, int64_t j0, int64_t cols, BackwardScratch<T>& sc) {
   float* p = sc.p.data();
   float* t = pb.softcap > 0.0f ? sc.t.data() : nullptr;
-  score_tile(pb, w, slope, qp.qf, qp.ldq, kf, ldk, i0, rows, j0, cols, p, t);
+  score_tile(pb, w, slope, qp.qf, qp.ldq, kb, i0, rows, j0, cols, p, t);
   for (int64_t r = 0; r < rows; ++r) probabilities_row(p + r * BLOCK_K, cols, qp.lse[r]);
-  gemm(false, true, rows, cols, pb.dv, 1.0f, qp.dof, qp.lddo, vf, ldv, 0.0f, sc.dp.data(), BLOCK_K);
+  scores(qp.dof, qp.lddo, kb.vt, kb.vf, kb.ldv, pb.dv, 1.0f, sc.dp.data(), rows, cols);
   for (int64_t r = 0; r < rows; ++r) {
     float* dsrow = sc.dp.data() + r * BLOCK_K;
     softmax_grad_row(dsrow, p + r * BLOCK_K, nullptr, cols, sc.delta[r]);
@@ -314,17 +472,16 @@ void store_rows(T* dst, int64_t row_stride, const float* src, int64_t rows, int6
 template <typename T>
 void backward_fused(const Problem& pb, const T* dout, Rows ldo, const T* q, Rows lq, const T* k, Rows lk, const T* v,
                     Rows lv, const T* out, Rows lout, const float* lse, T* dq, T* dk, T* dv) {
-  const int64_t group = pb.group(), d = pb.d, dvd = pb.dv;
-  int64_t max_lk = 0;
-  for (int64_t b = 0; b < pb.batch; ++b) max_lk = std::max(max_lk, pb.len_k(b));
+  const int64_t group = pb.group(), d = pb.d, dvd = pb.dv, max_lk = max_len_k(pb);
+  const bool tiles = use_tiles(pb, max_lk);
   // Tasks (sequence, kv head), the longest sequences first so the short ones fill in at the end.
   std::vector<int64_t> order(pb.batch);
   std::iota(order.begin(), order.end(), 0);
   std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t c) {
     return pb.len_q(a) * pb.len_k(a) > pb.len_q(c) * pb.len_k(c);
   });
-  auto make = [&] { return BackwardScratch(pb, max_lk); };
-  dynamic_for(pb.batch * pb.heads_k, make, [&](BackwardScratch& sc, int64_t task) {
+  auto make = [&] { return BackwardScratch<T>(pb, k, lk, v, lv, tiles, max_lk, max_lk); };
+  dynamic_for(pb.batch * pb.heads_k, make, [&](BackwardScratch<T>& sc, int64_t task) {
     const int64_t b = order[task / pb.heads_k], hk = task % pb.heads_k;
     const int64_t lq_len = pb.len_q(b), lk_len = pb.len_k(b), tk0 = pb.cu_k[b];
     const Window w(pb, b);
@@ -338,17 +495,17 @@ void backward_fused(const Problem& pb, const T* dout, Rows ldo, const T* q, Rows
         std::fill(sc.dq_acc.begin(), sc.dq_acc.end(), 0.0f);
         if (jlo < jhi) {
           const QueryPanel qp = query_panel(pb, dout, ldo, q, lq, out, lout, lse, h, tq0, rows, sc);
-          for (int64_t j0 = jlo; j0 < jhi; j0 += BLOCK_K) {
+          for (int64_t j0 = first_key(jlo); j0 < jhi; j0 += BLOCK_K) {
             const int64_t cols = std::min(BLOCK_K, jhi - j0);
-            int64_t ldk, ldv;
-            const float* kf = float_rows(k + lk.at(tk0 + j0, hk), cols, d, lk.t, sc.kbuf.data(), &ldk);
-            const float* vf = float_rows(v + lv.at(tk0 + j0, hk), cols, dvd, lv.t, sc.vbuf.data(), &ldv);
-            grad_tile(pb, w, slope, qp, kf, ldk, vf, ldv, i0, rows, j0, cols, sc);
-            gemm(true, false, cols, dvd, rows, 1.0f, sc.p.data(), BLOCK_K, qp.dof, qp.lddo, 1.0f,
-                 sc.dv_acc.data() + j0 * dvd, dvd);
-            gemm(false, false, rows, d, cols, pb.scale, sc.dp.data(), BLOCK_K, kf, ldk, 1.0f, sc.dq_acc.data(), d);
-            gemm(true, false, cols, d, rows, pb.scale, sc.dp.data(), BLOCK_K, qp.qf, qp.ldq, 1.0f,
-                 sc.dk_acc.data() + j0 * d, d);
+            const KeyBlock kb = sc.keys.get(b, hk, j0, cols);
+            grad_tile(pb, w, slope, qp, kb, i0, rows, j0, cols, sc);
+            // dV += P^T dO;  dQ += scale dS K;  dK += scale dS^T Q
+            add_product(tiles, true, cols, dvd, rows, 1.0f, sc.p.data(), BLOCK_K, qp.dof, qp.lddo,
+                        sc.dv_acc.data() + j0 * dvd, dvd);
+            add_product(tiles, false, rows, d, cols, pb.scale, sc.dp.data(), BLOCK_K, kb.kf, kb.ldk,
+                        sc.dq_acc.data(), d);
+            add_product(tiles, true, cols, d, rows, pb.scale, sc.dp.data(), BLOCK_K, qp.qf, qp.ldq,
+                        sc.dk_acc.data() + j0 * d, d);
           }
         }
         store_rows(dq + (tq0 * pb.heads_q + h) * d, pb.heads_q * d, sc.dq_acc.data(), rows, d);
@@ -365,14 +522,15 @@ void backward_fused(const Problem& pb, const T* dout, Rows ldo, const T* q, Rows
 template <typename T>
 void backward_split(const Problem& pb, const T* dout, Rows ldo, const T* q, Rows lq, const T* k, Rows lk, const T* v,
                     Rows lv, const T* out, Rows lout, const float* lse, T* dq, T* dk, T* dv) {
-  const int64_t group = pb.group(), d = pb.d, dvd = pb.dv;
+  const int64_t group = pb.group(), d = pb.d, dvd = pb.dv, max_lk = max_len_k(pb);
+  const bool tiles = use_tiles(pb, max_lk);
   std::vector<QueryBlock> key_blocks;  // (sequence, first key, keys): the same tiling over the keys
   for (int64_t b = 0; b < pb.batch; ++b)
     for (int64_t j0 = 0; j0 < pb.len_k(b); j0 += BLOCK_K)
       key_blocks.push_back({b, j0, std::min(BLOCK_K, pb.len_k(b) - j0)});
   const int64_t nkb = static_cast<int64_t>(key_blocks.size());
-  auto make_k = [&] { return BackwardScratch(pb, BLOCK_K); };
-  dynamic_for(nkb * pb.heads_k, make_k, [&](BackwardScratch& sc, int64_t task) {
+  auto make_k = [&] { return BackwardScratch<T>(pb, k, lk, v, lv, tiles, max_lk, BLOCK_K); };
+  dynamic_for(nkb * pb.heads_k, make_k, [&](BackwardScratch<T>& sc, int64_t task) {
     const QueryBlock& blk = key_blocks[task % nkb];
     const int64_t hk = task / nkb, b = blk.b, j0 = blk.i0, cols = blk.rows, lq_len = pb.len_q(b);
     const int64_t tk0 = pb.cu_k[b];
@@ -382,17 +540,15 @@ void backward_split(const Problem& pb, const T* dout, Rows ldo, const T* q, Rows
     const int64_t ihi = w.left < 0 ? lq_len : std::clamp<int64_t>(j0 + cols - w.shift + w.left, 0, lq_len);
     std::fill(sc.dk_acc.begin(), sc.dk_acc.end(), 0.0f);
     std::fill(sc.dv_acc.begin(), sc.dv_acc.end(), 0.0f);
-    int64_t ldk, ldv;
-    const float* kf = float_rows(k + lk.at(tk0 + j0, hk), cols, d, lk.t, sc.kbuf.data(), &ldk);
-    const float* vf = float_rows(v + lv.at(tk0 + j0, hk), cols, dvd, lv.t, sc.vbuf.data(), &ldv);
+    const KeyBlock kb = sc.keys.get(b, hk, j0, cols);
     for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
       const float slope = pb.slope(b, h);
       for (int64_t i0 = ilo; i0 < ihi; i0 += BLOCK_Q) {
         const int64_t rows = std::min(BLOCK_Q, ihi - i0), tq0 = pb.cu_q[b] + i0;
         const QueryPanel qp = query_panel(pb, dout, ldo, q, lq, out, lout, lse, h, tq0, rows, sc);
-        grad_tile(pb, w, slope, qp, kf, ldk, vf, ldv, i0, rows, j0, cols, sc);
-        gemm(true, false, cols, dvd, rows, 1.0f, sc.p.data(), BLOCK_K, qp.dof, qp.lddo, 1.0f, sc.dv_acc.data(), dvd);
-        gemm(true, false, cols, d, rows, pb.scale, sc.dp.data(), BLOCK_K, qp.qf, qp.ldq, 1.0f, sc.dk_acc.data(), d);
+        grad_tile(pb, w, slope, qp, kb, i0, rows, j0, cols, sc);
+        add_product(tiles, true, cols, dvd, rows, 1.0f, sc.p.data(), BLOCK_K, qp.dof, qp.lddo, sc.dv_acc.data(), dvd);
+        add_product(tiles, true, cols, d, rows, pb.scale, sc.dp.data(), BLOCK_K, qp.qf, qp.ldq, sc.dk_acc.data(), d);
       }
     }
     store_rows(dk + ((tk0 + j0) * pb.heads_k + hk) * d, pb.heads_k * d, sc.dk_acc.data(), cols, d);
@@ -400,23 +556,21 @@ void backward_split(const Problem& pb, const T* dout, Rows ldo, const T* q, Rows
   });
   const std::vector<QueryBlock> blocks = query_blocks(pb);
   const int64_t nqb = static_cast<int64_t>(blocks.size());
-  auto make_q = [&] { return BackwardScratch(pb, 0); };
-  dynamic_for(nqb * pb.heads_q, make_q, [&](BackwardScratch& sc, int64_t task) {
+  auto make_q = [&] { return BackwardScratch<T>(pb, k, lk, v, lv, tiles, max_lk, 0); };
+  dynamic_for(nqb * pb.heads_q, make_q, [&](BackwardScratch<T>& sc, int64_t task) {
     const QueryBlock& blk = blocks[task % nqb];
     const int64_t h = task / nqb, hk = h / group, b = blk.b, i0 = blk.i0, rows = blk.rows;
-    const int64_t tq0 = pb.cu_q[b] + i0, tk0 = pb.cu_k[b];
+    const int64_t tq0 = pb.cu_q[b] + i0;
     const Window w(pb, b);
     const int64_t jlo = w.lo(i0), jhi = w.hi(i0 + rows - 1);
     std::fill(sc.dq_acc.begin(), sc.dq_acc.end(), 0.0f);
     if (jlo < jhi) {
       const QueryPanel qp = query_panel(pb, dout, ldo, q, lq, out, lout, lse, h, tq0, rows, sc);
-      for (int64_t j0 = jlo; j0 < jhi; j0 += BLOCK_K) {
+      for (int64_t j0 = first_key(jlo); j0 < jhi; j0 += BLOCK_K) {
         const int64_t cols = std::min(BLOCK_K, jhi - j0);
-        int64_t ldk, ldv;
-        const float* kf = float_rows(k + lk.at(tk0 + j0, hk), cols, d, lk.t, sc.kbuf.data(), &ldk);
-        const float* vf = float_rows(v + lv.at(tk0 + j0, hk), cols, dvd, lv.t, sc.vbuf.data(), &ldv);
-        grad_tile(pb, w, pb.slope(b, h), qp, kf, ldk, vf, ldv, i0, rows, j0, cols, sc);
-        gemm(false, false, rows, d, cols, pb.scale, sc.dp.data(), BLOCK_K, kf, ldk, 1.0f, sc.dq_acc.data(), d);
+        const KeyBlock kb = sc.keys.get(b, hk, j0, cols);
+        grad_tile(pb, w, pb.slope(b, h), qp, kb, i0, rows, j0, cols, sc);
+        add_product(tiles, false, rows, d, cols, pb.scale, sc.dp.data(), BLOCK_K, kb.kf, kb.ldk, sc.dq_acc.data(), d);
       }
     }
     store_rows(dq + (tq0 * pb.heads_q + h) * d, pb.heads_q * d, sc.dq_acc.data(), rows, d);
