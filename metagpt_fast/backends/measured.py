@@ -10,9 +10,10 @@ machine and committed with the date, the machine and the command. Each entry is 
 (interleaved rounds, ``bench/interleave.py``). A backend's measured priority is its place against the reference:
 ``PRIORITY_STEP * (place of the reference - its place)`` in the order of the medians, so a kernel measured slower than
 the reference gets a negative priority (``auto`` then keeps the reference), and the fastest measured kernel ranks
-first. A backend that an entry does not name, an input outside every measured class (another head dim, a mask,
-dropout, N more than twice away from every measured N), or a missing or ill-formed table gives the static priority:
-nothing here raises, at import or at selection.
+first. A backend whose interval contains 1 (a tie with the reference, or too noisy to tell), a backend that an entry
+does not name, an input outside every measured class (another head dim, a mask, dropout, N more than twice away
+from every measured N), or a missing or ill-formed table gives the static priority: nothing here raises, at import
+or at selection.
 
 Size classes (:func:`attention_class`): the device (``cpu``, or ``cuda-sm90`` by compute capability), the dtype,
 ``fwd`` or ``fwd+bwd`` (whether a gradient will be taken), the measured N nearest in log scale (within a factor of 2),
@@ -74,13 +75,17 @@ class Table:
 
 
 def priorities(speedup: Mapping[str, Any]) -> dict[str, int]:
-    """``{backend: PRIORITY_STEP * (place of the reference - its place)}`` in the order of the median speedups."""
-    medians = {str(b): float(v[0]) for b, v in speedup.items()}
-    if "reference" not in medians:
-        medians["reference"] = 1.0
-    for b, m in medians.items():
-        if not m > 0:
-            raise ValueError(f"speedup of {b!r} must be a positive median, got {m}")
+    """``{backend: PRIORITY_STEP * (place of the reference - its place)}`` in the order of the median speedups.
+
+    A backend whose interval contains 1 (not measurably faster or slower than the reference) is left out: its static
+    priority holds there."""
+    for b, v in speedup.items():
+        if not float(v[0]) > 0:
+            raise ValueError(f"speedup of {b!r} must be a positive median, got {v[0]}")
+    medians = {
+        str(b): float(v[0]) for b, v in speedup.items() if b == "reference" or not float(v[1]) <= 1.0 <= float(v[2])
+    }
+    medians["reference"] = 1.0
     order = sorted(medians, key=lambda b: (-medians[b], b != "reference"))  # a tie keeps the reference
     ref = order.index("reference")
     return {b: PRIORITY_STEP * (ref - i) for i, b in enumerate(order) if b != "reference"}
