@@ -58,6 +58,7 @@ def test_fused_and_unfused_share_parameters_and_state_dicts():
     assert MetaGPT.from_config(plain.config).config == plain.config
 
 
+@pytest.mark.slow  # 2 x 20 optimizer steps
 def test_fused_loss_curve_matches_unfused_in_float64():
     fused, plain = tiny(True).double(), tiny(False).double()
     a, b = loss_curve(fused, 20), loss_curve(plain, 20)

@@ -175,3 +175,53 @@ class TrainStepBench(OpBench):
         if mfu is not None:
             metrics["mfu"] = mfu
         return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m metagpt_fast.bench.train_step``: one case, the fused model against the reference, interleaved;
+    prints tokens/s, the speedup per round (median, 95% interval) and each one's peak memory."""
+    import argparse
+
+    from metagpt_fast.bench.interleave import clock_for, interleave
+    from metagpt_fast.bench.memory import peak_memory
+    from metagpt_fast.bench.timing import TimingBudget
+
+    parser = argparse.ArgumentParser(description="MetaGPT train step: fused against reference")
+    parser.add_argument("--size", choices=tuple(MODEL_SIZES), default="small")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--vocab", type=int, default=GPT2_VOCAB_SIZE)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backend", default="auto", help="the fused model's backend")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--max-seconds", type=float, default=600.0)
+    args = parser.parse_args(argv)
+    runs = {
+        "reference": model_config(args.size, args.seq_len, "reference", args.vocab, fused=False),
+        "fused": model_config(args.size, args.seq_len, args.backend, args.vocab, fused=True),
+        UNFUSED: model_config(args.size, args.seq_len, "auto", args.vocab, fused=False),
+    }
+    steps = {name: build_train_step(cfg, args.batch, args.device, torch.float32) for name, cfg in runs.items()}
+    budget = TimingBudget(min_warmup=1, warmup_s=0.0, min_rounds=args.rounds, max_rounds=args.rounds,
+                          case_max_s=args.max_seconds)  # fmt: skip
+    pairs = [(name, "reference") for name in runs if name != "reference"]
+    result = interleave({n: s.step for n, s in steps.items()}, pairs, budget, clock_for(args.device))
+    tokens = args.batch * args.seq_len
+    embed, layers, heads = MODEL_SIZES[args.size]
+    print(
+        f"train step, d={embed} L={layers} H={heads} V={args.vocab} B={args.batch} T={args.seq_len}, {args.device}, "
+        f"{torch.get_num_threads()} threads, {result.rounds} interleaved rounds ({result.stopped})"
+    )
+    for name, step in steps.items():
+        samples = sorted(result.samples[name])
+        ms = samples[len(samples) // 2]
+        peak = peak_memory(step.step, args.device)
+        ratio = result.ratios.get((name, "reference"))
+        speed = f"{ratio.median:.2f}x [{ratio.ci_low:.2f}-{ratio.ci_high:.2f}]" if ratio else "1.00x"
+        print(f"  {name:10s} {ms:9.1f} ms  {tokens / (ms * 1e-3):9.0f} tokens/s  vs reference {speed:20s} "
+              f"peak {peak / 2**20 if peak is not None else float('nan'):8.1f} MiB")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
