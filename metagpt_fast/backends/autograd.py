@@ -18,6 +18,9 @@ saved, which inputs get a gradient, how dropout is replayed from the saved seed)
 - linear_cross_entropy: ``forward(hidden, weight, targets, bias, grad_rows, ..., grad_hidden, grad_weight,
   grad_bias) -> (loss, dhidden, dweight, dbias)``; a reduced loss's gradients come from the forward (scaled by the
   loss's gradient), reduction none's from a second call with the rows' gradients.
+- norm (layer_norm, rms_norm): ``forward(x, residual, weight, bias, eps, rms) -> (out, sum, mean, rstd)`` over rows;
+  the backward kernel takes the saved float32 row statistics, and ``input`` and ``residual`` share one gradient.
+- bias_gelu: ``forward(x, bias, tanh) -> out``; the backward recomputes ``x + bias`` (nothing saved but the inputs).
 """
 
 from __future__ import annotations
