@@ -299,7 +299,8 @@ def _validate(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, 
         window_right = 0 if window_right < 0 else min(window_right, 0)
 
     # Value checks (one read of each index tensor; skipped while tracing for torch.compile, where they cannot run).
-    if not check._is_fake(q):
+    real = type(q) is torch.Tensor and q.device.type != "meta" and not torch.compiler.is_compiling()
+    if real or not check._is_fake(q):  # a plain tensor skips is_fake's walk of tensor subclasses
         _check_values(seqlens, new, nq, capacity, rows, per_row, cache_batch_idx, block_table, rotary_cos,
                       rotary_dim and (causal or window_size[0] >= 0 or window_size[1] >= 0))  # fmt: skip
     return seqlens, window_left, window_right
@@ -307,7 +308,8 @@ def _validate(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, 
 
 def _check_values(seqlens, new, nq, capacity, rows, page_size, cache_batch_idx, block_table, rotary_cos, local):
     if seqlens.numel():
-        lo, hi = int(seqlens.min()), int(seqlens.max())
+        lo, hi = torch.aminmax(seqlens)
+        lo, hi = int(lo), int(hi)
         if lo < 0:
             raise check.ArgumentError(f"cache_seqlens must be >= 0, found {lo}")
         if hi + new > capacity:

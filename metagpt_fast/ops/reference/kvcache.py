@@ -115,18 +115,28 @@ def write_cache(
     batch_idx: torch.Tensor | None,
     block_table: torch.Tensor | None,
 ) -> None:
-    """Writes ``k``, ``v`` ``(B, T, Hk, D)`` into the caches in place, token ``i`` of sequence ``b`` at position
-    ``cache_seqlens[b] + i`` (row ``batch_idx[b]`` of a contiguous cache, or its page of ``block_table``)."""
+    """Writes ``k``, ``v`` ``(B, T, Hk, D)`` (the caches' dtype) into the caches in place, token ``i`` of sequence
+    ``b`` at position ``cache_seqlens[b] + i`` (row ``batch_idx[b]`` of a contiguous cache, or its page of
+    ``block_table``)."""
     b, t = k.shape[:2]
     if t == 0 or b == 0:
         return
-    pos = cache_seqlens.long()[:, None] + torch.arange(t, device=k.device)  # (B, T)
+    pos = cache_seqlens.long()[:, None]  # (B, 1), then (B, T)
+    if t > 1:
+        pos = pos + torch.arange(t, device=k.device)
     if block_table is None:
         rows = torch.arange(b, device=k.device) if batch_idx is None else batch_idx.long()
-        index = (rows[:, None].expand(b, t).reshape(-1), pos.reshape(-1))
+        rows = rows[:, None]
     else:
         page_size = k_cache.shape[1]
-        pages = block_table.long().gather(1, pos // page_size)
-        index = (pages.reshape(-1), (pos % page_size).reshape(-1))
-    k_cache.index_put_(index, k.reshape(b * t, *k.shape[2:]).to(k_cache.dtype))
-    v_cache.index_put_(index, v.reshape(b * t, *v.shape[2:]).to(v_cache.dtype))
+        rows, pos = block_table.long().gather(1, pos // page_size), pos % page_size
+    k, v = k.reshape(b * t, *k.shape[2:]), v.reshape(b * t, *v.shape[2:])
+    slots = k_cache.shape[1]
+    if all(c.stride(0) == slots * c.stride(1) for c in (k_cache, v_cache)):  # (row, slot) flattens to one index
+        flat = (rows * slots + pos).reshape(-1)
+        k_cache.flatten(0, 1).index_copy_(0, flat, k)
+        v_cache.flatten(0, 1).index_copy_(0, flat, v)
+    else:
+        index = (rows.expand(b, t).reshape(-1), pos.expand(b, t).reshape(-1))
+        k_cache.index_put_(index, k)
+        v_cache.index_put_(index, v)
