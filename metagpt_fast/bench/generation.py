@@ -28,6 +28,7 @@ def build(args: argparse.Namespace) -> MetaGPT:
         max_seq_length=args.seq_len,
         positional=args.positional,
         backend=args.backend,
+        fused=not args.unfused,
     )
     return MetaGPT.from_config(cfg).eval()
 
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--positional", choices=("sinusoidal", "rotary"), default="sinusoidal")
     parser.add_argument("--backend", default="auto")
+    parser.add_argument("--unfused", action="store_true", help="MetaGPTConfig(fused=False): torch's norms and GELU")
     parser.add_argument("--prompt", type=int, default=64, help="prompt tokens")
     parser.add_argument("--new", type=int, default=448, help="new tokens")
     parser.add_argument("--batch", type=int, default=1)
@@ -73,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     tokens = args.batch * args.new
     print(
         f"model: embed {args.embed_size}, {args.layers} layers, {args.heads} heads, max_seq_length {args.seq_len}, "
-        f"{args.positional}; prompt {args.prompt} + {args.new} new tokens, batch {args.batch}, "
+        f"{args.positional}{', unfused' if args.unfused else ''}; prompt {args.prompt} + {args.new} new tokens, "
+        f"batch {args.batch}, "
         f"threads {torch.get_num_threads()}, {args.rounds} interleaved rounds"
     )
     for name in names:
