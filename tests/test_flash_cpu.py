@@ -5,6 +5,11 @@ keys that a visited block would propagate), results independent of the thread co
 checks. The parity of outputs and every gradient against the reference, per dtype, is tests/test_flash_api.py's.
 """
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -226,3 +231,51 @@ def test_public_api_routes_windows_to_the_cpu_kernel():
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="dropout"):
         metagpt_fast.flash_attn_func(q, k, v, dropout_p=0.1, backend="cpu")
+
+
+@pytest.mark.slow  # a fresh interpreter: about 15 s on 2 loaded cores
+def test_portable_path_matches_the_oracle(tmp_path):
+    # The BLAS path (forced with METAGPT_FAST_CPU_TILES=0; the tests above run the AVX-512 tiles where the CPU has
+    # them), float32 against the oracle and bfloat16 (keys converted once per head, no tiles) against float32.
+    script = textwrap.dedent(
+        """
+        import sys, torch
+        sys.path.insert(0, sys.argv[2])
+        import test_flash_cpu as t
+        from metagpt_fast import _extension
+        _extension.load()
+        import metagpt_fast.backends.compiled.flash
+        results = []
+        for name, threads, dtype in [("everything", 1, torch.float32), ("left-only", 16, torch.float32),
+                                     ("everything", 1, torch.bfloat16)]:
+            torch.set_num_threads(threads)
+            (q, k, v, grad), a = t._inputs(t.CASES[name], dtype=dtype)
+            q, k, v = (x.requires_grad_() for x in (q, k, v))
+            out, lse = t._fwd(q, k, v, a)
+            out.backward(grad)
+            results.append([out.detach(), q.grad, k.grad, v.grad])
+        torch.save(results, sys.argv[1])
+        """
+    )
+    path = str(tmp_path / "portable.pt")
+    env = {**os.environ, "METAGPT_FAST_CPU_TILES": "0"}
+    subprocess.run([sys.executable, "-c", script, path, os.path.dirname(__file__)], env=env, check=True, timeout=300)
+    portable = torch.load(path)
+    for (name, dtype), got in zip([("everything", torch.float32), ("left-only", torch.float32),
+                                   ("everything", torch.bfloat16)], portable, strict=True):  # fmt: skip
+        (q, k, v, grad), a = _inputs(CASES[name], dtype=torch.float32)
+        if dtype == torch.float32:
+            q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+            out64, _ = dense(q64, k64, v64, a["cu_q"], a["cu_k"], a["scale"], a["left"], a["right"], a["softcap"],
+                             a["slopes"])  # fmt: skip
+            out64.backward(grad.double())
+            for x, want in zip(got, (out64, q64.grad, k64.grad, v64.grad), strict=True):
+                torch.testing.assert_close(x.double(), want.detach(), atol=2e-5, rtol=1e-5)
+        else:
+            (q, k, v, grad), a = _inputs(CASES[name], dtype=dtype)
+            q32, k32, v32 = (t.float().requires_grad_() for t in (q, k, v))
+            out32, _ = _fwd(q32, k32, v32, a)
+            out32.backward(grad.float())
+            eps = torch.finfo(dtype).eps
+            for x, want in zip(got, (out32, q32.grad, k32.grad, v32.grad), strict=True):
+                torch.testing.assert_close(x.float(), want.detach().to(dtype).float(), atol=eps, rtol=eps)
