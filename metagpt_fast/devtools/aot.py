@@ -37,6 +37,7 @@ from metagpt_fast.devtools import sass, ttgir
 from metagpt_fast.kernels.triton import attention as attn
 from metagpt_fast.kernels.triton import decode, rotary
 from metagpt_fast.kernels.triton import flash as flash_attn
+from metagpt_fast.kernels.triton import linear_cross_entropy as lce
 from metagpt_fast.kernels.triton import positional as pe
 
 ARCHS = (80, 90)
@@ -370,8 +371,23 @@ def decode_cases() -> list[AotCase]:
     return cases
 
 
+def linear_cross_entropy_cases() -> list[AotCase]:
+    """The cross-entropy row kernel with every feature and gradients (its heaviest variant), in bfloat16 and
+    float32, at the block the launcher picks for a large vocabulary."""
+    cases = []
+    for dtype in ("bf16", "fp32"):
+        types = {"logits_ptr": f"*{dtype}", "targets_ptr": "*i64", "rows_scale_ptr": "*fp32", "losses_ptr": "*fp32",
+                 "ignore_index": "i64", "grad_scale": "fp32", "eps": "fp32", "cap": "fp32"}  # fmt: skip
+        constexprs = {"SOFTCAP": True, "SMOOTH": True, "GRADS": True, "HAS_ROWS": True, "BLOCK": lce.MAX_BLOCK}
+        cases.append(case(lce.KERNELS["cross_entropy_rows"], constexprs, types, num_warps=lce.NUM_WARPS))
+    return cases
+
+
 def all_cases() -> list[AotCase]:
-    return attention_cases() + flash_cases() + positional_cases() + rotary_cases() + decode_cases()
+    return (
+        attention_cases() + flash_cases() + positional_cases() + rotary_cases() + decode_cases()
+        + linear_cross_entropy_cases()
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------
