@@ -17,8 +17,10 @@ from torch import nn
 
 from metagpt_fast.backends import BACKENDS
 from metagpt_fast.nn import LayerNorm, TokenPositionalEmbedding, TransformerBlock
-from metagpt_fast.ops import linear_cross_entropy
+from metagpt_fast.nn.attention import PackedSequences
+from metagpt_fast.ops import embed_positions, linear_cross_entropy
 from metagpt_fast.ops import validation as check
+from metagpt_fast.ops.reference.positional import sinusoidal_table
 
 IGNORE_INDEX = -1
 
@@ -141,7 +143,12 @@ class MetaGPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, return_logits: bool = True
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        return_logits: bool = True,
+        packed: PackedSequences | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``idx`` ``(B, T)`` token ids → logits ``(B, T, vocab)`` and, with ``targets`` ``(B, T)``, the mean
         cross-entropy in float32 (float64 for a float64 model; targets equal to -1 are ignored).
@@ -149,12 +156,16 @@ class MetaGPT(nn.Module):
         ``return_logits=False`` (with ``targets``; training loops) returns ``(None, loss)``: with ``config.fused`` the
         loss then comes from :func:`metagpt_fast.linear_cross_entropy`, which never holds the ``(B, T, vocab)``
         logits or their gradient (the step's largest tensors at GPT-2's vocabulary).
+
+        ``packed``: each row holds several documents (:class:`metagpt_fast.nn.PackedSequences`, e.g. from
+        :func:`metagpt_fast.data.packed_batch`): positions restart at each document and attention never crosses a
+        boundary, so every document gets the logits it would get alone.
         """
         self._check_tokens(idx)
         check.flag("return_logits", return_logits)
-        x = self.embedding(idx)
+        x = self.embedding(idx) if packed is None else self._packed_embedding(idx, packed)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, packed=packed)
         h = self.ln_f(x)
         if targets is None:
             return self.lm_head(h), None
@@ -169,6 +180,20 @@ class MetaGPT(nn.Module):
         loss_dtype = torch.promote_types(logits.dtype, torch.float32)  # float32, or float64 for a float64 model
         loss = F.cross_entropy(logits.flatten(0, 1).to(loss_dtype), targets.flatten(), ignore_index=IGNORE_INDEX)
         return (logits if return_logits else None), loss
+
+    def _packed_embedding(self, idx: torch.Tensor, packed: PackedSequences) -> torch.Tensor:
+        """The embedding at each token's position in its document (the fused op takes one offset per batch)."""
+        if not isinstance(packed, PackedSequences):
+            raise TypeError(f"packed must be a PackedSequences, got {type(packed).__name__}")
+        positions = packed.position_ids
+        if positions.shape != idx.shape:
+            raise ValueError(f"packed.position_ids must have idx's shape {tuple(idx.shape)}, got {positions.shape}")
+        emb = self.embedding
+        if not emb.sinusoidal:  # rotary: the positions enter in attention
+            return emb(idx)
+        x = embed_positions(idx, emb.weight, emb.scale, 0, 0.0, False, backend=emb.backend)
+        table = sinusoidal_table(self.config.max_seq_length, x.shape[-1], dtype=x.dtype, device=x.device)
+        return F.dropout(x + table[positions], emb.dropout, self.training)
 
     def _fused_loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The LM head's mean cross-entropy through linear_cross_entropy; under autocast the head runs in the autocast

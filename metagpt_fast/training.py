@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from metagpt_fast import checkpoint
-from metagpt_fast.data import Splits, batch
+from metagpt_fast.data import Splits, batch, packed_batch
 from metagpt_fast.model import MetaGPT, MetaGPTConfig
 
 
@@ -32,6 +32,7 @@ class TrainConfig:
     save_every: int = 100  # steps between checkpoints; the last step always saves
     seed: int = 1337  # seeds model init, dropout and batch sampling
     device: str = "cpu"
+    pack: bool = False  # windows keep their documents apart (needs Splits.train_starts; see data.packed_batch)
 
 
 @dataclasses.dataclass
@@ -97,6 +98,8 @@ def train(
         sampler.set_state(state["sampler_rng"])
         start = state["step"]
     model.train()
+    if cfg.pack and splits.train_starts is None:
+        raise ValueError("pack=True needs the documents' starts: build the splits with Splits.from_documents")
 
     seq_len = model_cfg.max_seq_length
     saved, loss_value, tps = None, float("nan"), 0.0
@@ -104,8 +107,15 @@ def train(
         began = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
-        x, y = batch(splits.train, cfg.batch_size, seq_len, sampler)
-        _, loss = model(x.to(cfg.device), y.to(cfg.device), return_logits=False)  # fused loss: no logits held
+        if cfg.pack:  # documents kept apart inside each window: attention never crosses a boundary
+            x, y, packed = packed_batch(splits.train, splits.train_starts, cfg.batch_size, seq_len, sampler)
+            packed = dataclasses.replace(
+                packed, cu_seqlens=packed.cu_seqlens.to(cfg.device), position_ids=packed.position_ids.to(cfg.device)
+            )
+            _, loss = model(x.to(cfg.device), y.to(cfg.device), return_logits=False, packed=packed)
+        else:
+            x, y = batch(splits.train, cfg.batch_size, seq_len, sampler)
+            _, loss = model(x.to(cfg.device), y.to(cfg.device), return_logits=False)  # fused loss: no logits held
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from metagpt_fast._extras import has_module
-from metagpt_fast.data import VOCAB_SIZE, Splits, read_corpus
+from metagpt_fast.data import VOCAB_SIZE, Splits, read_corpus, read_documents
 from metagpt_fast.model import MetaGPTConfig
 from metagpt_fast.training import TrainConfig, train
 
@@ -70,6 +70,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--out", type=Path, default=Path("runs/metagpt"), help="checkpoint folder")
     run.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
     run.add_argument("--no-progress", action="store_true", help="print lines instead of a progress bar")
+    run.add_argument(
+        "--pack",
+        action="store_true",
+        help="keep the files inside each training window apart: positions restart and attention never crosses a "
+        "file boundary (varlen flash attention)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -93,10 +99,15 @@ def run(args: argparse.Namespace) -> int:
         save_every=args.save_every,
         seed=args.seed,
         device=args.device,
+        pack=args.pack,
     )
     model_cfg = model_config(args)
-    corpus = read_corpus(args.data)
-    splits = Splits.from_bytes(corpus)
+    if args.pack:
+        documents = read_documents(args.data)
+        corpus, splits = b"".join(documents), Splits.from_documents(documents)
+    else:
+        corpus = read_corpus(args.data)
+        splits = Splits.from_bytes(corpus)
     resume = args.out / "ckpt.pt" if args.resume else None
     say(
         f"corpus: {args.data or 'Python standard library'} ({len(corpus) / 2**20:.1f} MiB, "
