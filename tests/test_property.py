@@ -126,8 +126,9 @@ def serve(fn, backend: str, **kwargs):
         return None
 
 
-def run_property(op: str, backend: str, strategy, check) -> None:
-    """Runs ``check(backend, case)`` on examples of ``strategy``; asserts that most were served, reports counts."""
+def run_property(op: str, backend: str, strategy, check, max_examples: int | None = None) -> None:
+    """Runs ``check(backend, case)`` on examples of ``strategy``; asserts that most were served, reports counts.
+    ``max_examples`` overrides the profile's count (ops whose examples are expensive)."""
     stats = collections.Counter()
 
     @given(case=strategy)
@@ -138,6 +139,8 @@ def run_property(op: str, backend: str, strategy, check) -> None:
         if not served:
             reject()
 
+    if max_examples is not None:
+        run = settings(max_examples=max_examples)(run)
     run()
     print(f"\n{op}/{backend}: {stats['served']} inputs served and matched, {stats['unsupported']} unsupported")
     total = stats["served"] + stats["unsupported"]
@@ -421,7 +424,9 @@ def check_flash(backend: str, case: FlashCase) -> bool:
 
 @pytest.mark.parametrize("backend", fast_backend_params("flash_attention"))
 def test_flash_attention_matches_reference(backend):
-    run_property("flash_attention", backend, flash_cases(backend), check_flash)
+    # A fifth of the profile's examples: each runs the reference twice over up to 3 sequences and the backward slack
+    # on the packed batch (the ci profile's 300 took 150 s for the cpu kernel on 2 busy cores).
+    run_property("flash_attention", backend, flash_cases(backend), check_flash, settings.default.max_examples // 5)
 
 
 # ------------------------------------------------------------------------------------------------ positional ops
