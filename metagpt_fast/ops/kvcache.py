@@ -7,6 +7,10 @@ per-sequence lengths. So a bad argument never leaves a half-written cache, and a
 
 Inference only: there is no backward pass (flash-attn has none either). Inputs that require grad while grad mode is
 on are refused rather than silently cut from the graph.
+
+The value checks (lengths against the capacity, block table entries, batch indices, rotary positions) read the index
+tensors once per call: a synchronisation on a GPU. Under ``torch.compile`` (and CUDA graphs) they are skipped, as
+every value check of the package is while tracing.
 """
 
 from __future__ import annotations
