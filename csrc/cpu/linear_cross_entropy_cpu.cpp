@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "common.h"
+#include "gemm.h"
 #include "metagpt_fast/online_softmax.h"
 
 // The row loops are also compiled for x86-64-v3 (AVX2 + FMA) and x86-64-v4 (AVX-512) and picked at load time, as
@@ -193,8 +194,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy(
   const auto f32 = hidden.options().dtype(at::kFloat);
   at::Tensor losses = at::empty({rows}, f32);
   at::Tensor dh = grad_hidden ? at::empty({rows, d}, hidden.options()) : at::empty({0}, hidden.options());
+  // float32 with a BLAS: the products go to sgemm directly, the first chunk's weight gradient with beta = 0 (no
+  // zero-filled (V, d) accumulator first); otherwise through ATen.
+  const bool direct = !low && gemm_uses_blas();
+  const auto rows_ok = [](const at::Tensor& t) { return t.stride(1) == 1 && t.stride(0) >= t.size(1); };
+  const at::Tensor hid = direct && !rows_ok(hidden) ? hidden.contiguous() : hidden;
+  const at::Tensor wei = direct && !rows_ok(weight) ? weight.contiguous() : weight;
   // Weight and bias gradients accumulate in float32 over the chunks (rounded once at the end for 16-bit inputs).
-  at::Tensor dw_acc = grad_weight ? at::zeros({vocab, d}, f32) : at::Tensor();
+  at::Tensor dw_acc;
+  if (grad_weight) dw_acc = direct && rows > 0 ? at::empty({vocab, d}, f32) : at::zeros({vocab, d}, f32);
   at::Tensor db_acc = grad_bias ? at::zeros({vocab}, f32) : at::Tensor();
   const RowParams params{vocab, ignore_index, static_cast<float>(label_smoothing), static_cast<float>(softcap),
                          grads};
@@ -203,10 +211,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy(
   at::Tensor buffer = at::empty({chunk, vocab}, hidden.options());
   for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
     const int64_t c = std::min(chunk, rows - r0);
-    const at::Tensor h = hidden.narrow(0, r0, c);
+    const at::Tensor h = hid.narrow(0, r0, c);
     at::Tensor z = buffer.narrow(0, 0, c);
     if (has_bias) {
       at::addmm_out(z, *bias, h, wt);
+    } else if (direct) {  // z (c, V) = h (c, d) W^T
+      gemm(false, true, c, vocab, d, 1.0f, h.data_ptr<float>(), hid.stride(0), wei.data_ptr<float>(), wei.stride(0),
+           0.0f, z.data_ptr<float>(), vocab);
     } else {
       at::mm_out(z, h, wt);
     }
@@ -214,10 +225,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy(
     if (!grads) continue;
     if (grad_hidden) {
       at::Tensor out = dh.narrow(0, r0, c);
-      at::mm_out(out, z, weight);
+      if (direct) {  // dh (c, d) = dz (c, V) W (V, d)
+        gemm(false, false, c, d, vocab, 1.0f, z.data_ptr<float>(), vocab, wei.data_ptr<float>(), wei.stride(0), 0.0f,
+             out.data_ptr<float>(), d);
+      } else {
+        at::mm_out(out, z, weight);
+      }
     }
     if (grad_weight) {
-      if (low) {
+      if (direct) {  // dW (V, d) += dz^T (V, c) h (c, d)
+        gemm(true, false, vocab, d, c, 1.0f, z.data_ptr<float>(), vocab, h.data_ptr<float>(), hid.stride(0),
+             r0 == 0 ? 0.0f : 1.0f, dw_acc.data_ptr<float>(), d);
+      } else if (low) {
         dw_acc.add_(at::mm(z.t(), h));
       } else {
         dw_acc.addmm_(z.t(), h);

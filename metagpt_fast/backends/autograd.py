@@ -194,6 +194,7 @@ def linear_cross_entropy(forward: str, op: Callable[..., tuple[torch.Tensor, ...
         hidden, weight, targets, bias, _rows, ignore_index, reduction, smoothing, softcap, chunk, *wanted = inputs
         _loss, dhidden, dweight, dbias = output
         ctx.mark_non_differentiable(dhidden, dweight, dbias)
+        ctx.set_materialize_grads(False)  # no (V, d) zeros for the gradients' own (absent) gradients
         ctx.eager = any(wanted)
         ctx.has_bias = bias is not None
         if ctx.eager:
