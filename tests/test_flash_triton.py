@@ -11,6 +11,7 @@ The parity of outputs, lse and every gradient with the reference, over every fea
 2. Compile-time features: the window edges, softcap and ALiBi are constexpr flags set only when a call uses them
    (a window no pair can cross is no window), and the scale fold only where it is exact.
 3. Registration: opcheck of both custom ops, the registry's reasons, a bitwise-repeatable backward.
+4. The 16-bit softcap path (a shorter tanh than float32's) against the reference.
 """
 
 import pytest
@@ -216,3 +217,22 @@ def test_registered_with_reasons():
         dict(ok, q=torch.randn(16, q.shape[0], 2).transpose(0, 2)),  # feature stride != 1
     ):
         assert impl.not_supported_reasons(**bad), bad
+
+
+def test_float16_softcap_matches_reference():
+    """16-bit inputs take the short tanh (one exp2 and one reciprocal, ``_tanh_fast``); float32 the polynomial near
+    0 (tests/test_flash_api.py). The parity rule on outputs and every gradient, with a window and GQA."""
+    import metagpt_fast
+    from metagpt_fast.testing import check_against_reference
+
+    lens_q, lens_k = [1, 17], [3, 20]
+    cu_q, cu_k = _cu(lens_q), _cu(lens_k)
+    q, k, v = torch.randn(18, 2, 32) * 2, torch.randn(23, 1, 32) * 2, torch.randn(23, 1, 32)
+
+    def run(backend):
+        return lambda q, k, v: metagpt_fast.flash_attn_varlen_func(
+            q, k, v, cu_q, cu_k, 17, 20, window_size=(6, 3), softcap=1.5, backend=backend
+        )
+
+    inputs = [t.half() for t in (q, k, v)]
+    check_against_reference(run("triton"), run("reference"), inputs, ["out", "dq", "dk", "dv"])
