@@ -184,3 +184,16 @@ def test_left_padding_in_position_ids_is_not_read_as_packing():
     got, _ = hf.attention_forward(torch.nn.Module(), q, q, q, mask, position_ids=position_ids)
     expected, _ = hf.attention_forward(torch.nn.Module(), q, q, q, mask)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_windowed_model_compiles_fullgraph():
+    """One unpadded row (position_ids not read while compiling): the window runs through the flash op in the graph."""
+    torch._dynamo.reset()
+    fast, eager = pair(mistral)
+    fast.eval(), eager.eval()
+    ids = torch.randint(0, VOCAB, (1, 11))
+    expected = eager(input_ids=ids).logits
+    torch.testing.assert_close(fast(input_ids=ids).logits, expected, atol=2e-5, rtol=1e-4)  # (loads the backends)
+    got = torch.compile(fast, fullgraph=True, backend="aot_eager")(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)

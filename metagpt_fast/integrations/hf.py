@@ -169,6 +169,7 @@ def _packed_boundaries(query, key, position_ids, cu_seq_lens_q, cu_seq_lens_k, m
         raise _refuse("max_length_q", "max_length_q / max_length_k come with cu_seq_lens_q / cu_seq_lens_k")
     if (
         not isinstance(position_ids, torch.Tensor)
+        or torch.compiler.is_compiling()  # reading the values breaks the graph: the mask transformers built decides
         or query.shape[0] != 1
         or query.shape[2] < 2
         or query.shape[2] != key.shape[2]
