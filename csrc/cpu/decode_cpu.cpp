@@ -265,7 +265,11 @@ void run(const Problem& pb, const at::Tensor& q, const at::Tensor& k_cache, cons
   });
   T* op = out.data_ptr<T>();
   float* lp = lse.data_ptr<float>();
-  at::parallel_for(0, batch * rows, 16, [&](int64_t r0, int64_t r1) {
+  // The combine reads splits * d floats per row: a few microseconds in all at decode sizes, so it runs on the
+  // calling thread unless it is large (a second parallel region costs a barrier, milliseconds on a busy machine
+  // where a worker waits for a core).
+  const int64_t combine_grain = std::max<int64_t>(16, (int64_t{1} << 18) / std::max<int64_t>(1, splits * d));
+  at::parallel_for(0, batch * rows, combine_grain, [&](int64_t r0, int64_t r1) {
     for (int64_t task = r0; task < r1; ++task) {
       const int64_t b = task / rows, r = task % rows, h = r / nq, i = r % nq;  // r: (h, i) order of lse
       float m = -INFINITY;
