@@ -22,6 +22,9 @@
 // differ in cost), and every task's arithmetic is the same whichever thread runs it, so results do not depend on
 // scheduling (nor, within one backward scheme, on the thread count). Inputs float32 / bfloat16 / float16, all
 // arithmetic in float32. No dropout (the reference serves it).
+// Tile products: on CPUs with AVX-512F, the register-blocked kernels of tile_kernels.h over K^T (and V^T) panels
+// that each thread packs per kv head as its query blocks reach them (class KeySource); elsewhere, or with
+// METAGPT_FAST_CPU_TILES=0, gemm.h's BLAS sgemm.
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
