@@ -73,7 +73,7 @@ _INFORMATIONAL = frozenset(
         "output_router_logits",
         "num_items_in_batch",
         "return_dict",
-        "deterministic",  # flash-attn's deterministic backward: a property of the backend, not of the result
+        "deterministic",  # flash-attn's deterministic backward: not of the result (the flash-op calls pass it on)
     }
 )
 # Refused with a reason when not None (nothing here implements them yet).
@@ -228,13 +228,17 @@ def _softcapped_masked_attention(query, key, value, attention_mask, dropout, sca
     return (probs.to(value.dtype) @ value).transpose(1, 2).contiguous()
 
 
-def _flash_forward(query, key, value, attention_mask, dropout, scaling, is_causal, sliding_window, softcap, packed):
+def _flash_forward(
+    query, key, value, attention_mask, dropout, scaling, is_causal, sliding_window, softcap, packed, deterministic=False
+):
     """The call through :func:`metagpt_fast.flash_attn_func` / ``flash_attn_varlen_func`` (windows, softcap and packed
-    batches without a dense mask), ``(B, Nq, Hq, D)``; None where the mask holds something else (padding)."""
+    batches without a dense mask), ``(B, Nq, Hq, D)``; None where the mask holds something else (padding).
+    ``deterministic`` (flash_attention_2's keyword) asks for a bitwise repeatable backward pass."""
     causal = bool(is_causal)
     # transformers' sliding window of w: key j visible from query i when i - w < j (flash_attention_2's (w-1, w-1)).
     window = (-1, -1) if sliding_window is None else (int(sliding_window) - 1, int(sliding_window) - 1)
-    kwargs = dict(dropout_p=dropout, softmax_scale=scaling, causal=causal, window_size=window, softcap=softcap or 0.0)
+    kwargs = dict(dropout_p=dropout, softmax_scale=scaling, causal=causal, window_size=window, softcap=softcap or 0.0,
+                  deterministic=bool(deterministic))  # fmt: skip
     if packed is not None:
         cu_q, cu_k, max_q, max_k = packed
         if not _mask_matches_packed(attention_mask, cu_q, cu_k, causal, window):
@@ -294,7 +298,7 @@ def attention_forward(
             raise _refuse("position_bias", "it cannot be combined with softcap, a window or a packed batch")
         out = _flash_forward(
             query, key, value, attention_mask, dropout, scaling, causal, sliding_window, softcap,
-            None if packed is None else packed[:4],
+            None if packed is None else packed[:4], kwargs.get("deterministic"),
         )  # fmt: skip
         if out is None:  # softcapping with a mask that holds padding
             out = _softcapped_masked_attention(query, key, value, attention_mask, dropout, scaling, softcap)
