@@ -308,8 +308,10 @@ def _flash_fwd(
     k_base = K + start_k * stride_kt + hk * stride_kh
     v_base = V + start_k * stride_vt + hk * stride_vh
     if KV_DESCRIPTORS:
-        k_base = tl.make_tensor_descriptor(k_base, [Lk, HEAD_DIM], [stride_kt, 1], [BLOCK_N, BLOCK_D])
-        v_base = tl.make_tensor_descriptor(v_base, [Lk, HEAD_DIM_V], [stride_vt, 1], [BLOCK_N, BLOCK_DV])
+        # At least one row: a sequence without keys visits no key block, but its descriptor is still built.
+        rows_k = tl.maximum(Lk, 1)
+        k_base = tl.make_tensor_descriptor(k_base, [rows_k, HEAD_DIM], [stride_kt, 1], [BLOCK_N, BLOCK_D])
+        v_base = tl.make_tensor_descriptor(v_base, [rows_k, HEAD_DIM_V], [stride_vt, 1], [BLOCK_N, BLOCK_DV])
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
