@@ -35,7 +35,7 @@ from triton.backends.compiler import GPUTarget
 from metagpt_fast._spec import triton_interpreted
 from metagpt_fast.devtools import sass, ttgir
 from metagpt_fast.kernels.triton import attention as attn
-from metagpt_fast.kernels.triton import decode, rotary
+from metagpt_fast.kernels.triton import bias_gelu, decode, norms, rotary
 from metagpt_fast.kernels.triton import flash as flash_attn
 from metagpt_fast.kernels.triton import linear_cross_entropy as lce
 from metagpt_fast.kernels.triton import positional as pe
@@ -383,10 +383,35 @@ def linear_cross_entropy_cases() -> list[AotCase]:
     return cases
 
 
+def norm_cases() -> list[AotCase]:
+    """LayerNorm and RMSNorm forward and backward with every feature (residual, affine, both gradients), at a model
+    width and at the widest row the backend takes (norms.MAX_FEATURES), and bias+GELU in both forms, forward and
+    backward, in bfloat16 and float32."""
+    cases = []
+    for dtype in ("bf16", "fp32"):
+        data = ("x_ptr", "res_ptr", "w_ptr", "b_ptr", "y_ptr", "sum_ptr", "dy_ptr", "dsum_ptr", "dx_ptr", "out_ptr")
+        types = {name: f"*{dtype}" for name in data}
+        types.update({"mean_ptr": "*fp32", "rstd_ptr": "*fp32", "dw_ptr": "*fp32", "db_ptr": "*fp32", "eps": "fp32"})
+        for block in (1024, norms.MAX_FEATURES):
+            warps = norms._num_warps(block)
+            for rms in (False, True):
+                forward = {"HAS_RESIDUAL": True, "HAS_WEIGHT": True, "HAS_BIAS": not rms, "RMS": rms, "BLOCK_N": block}
+                backward = {"HAS_GRAD_SUM": True, "HAS_WEIGHT": True, "WEIGHT_GRAD": True, "BIAS_GRAD": not rms,
+                            "RMS": rms, "BLOCK_N": block}  # fmt: skip
+                cases.append(case(norms.KERNELS["norm_forward"], forward, types, num_warps=warps))
+                cases.append(case(norms.KERNELS["norm_backward"], backward, types, num_warps=warps))
+        for tanh in (False, True):
+            for grad in (False, True):
+                constexprs = {"HAS_BIAS": True, "TANH": tanh, "BACKWARD": grad, "BIAS_GRAD": grad,
+                              "BLOCK_ROWS": bias_gelu.BLOCK_ROWS, "BLOCK_N": 1024}  # fmt: skip
+                cases.append(case(bias_gelu.KERNELS["bias_gelu"], constexprs, types, num_warps=4))
+    return cases
+
+
 def all_cases() -> list[AotCase]:
     return (
         attention_cases() + flash_cases() + positional_cases() + rotary_cases() + decode_cases()
-        + linear_cross_entropy_cases()
+        + linear_cross_entropy_cases() + norm_cases()
     )  # fmt: skip
 
 
