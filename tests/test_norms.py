@@ -359,3 +359,16 @@ def test_optimize_leaves_other_rms_norm_variants_alone():
     _, report = metagpt_fast.optimize(model, report=True)
     assert type(model[0]) is GemmaLikeRMSNorm and not report.swapped
     assert "not weight * x / rms(x)" in report.skipped[0][1]
+
+
+@helpers.interpreted_triton("layer_norm")
+def test_triton_refuses_rows_wider_than_a_program_holds():
+    from metagpt_fast.kernels.triton import norms as triton_norms
+
+    width = triton_norms.MAX_FEATURES + 1
+    x = torch.randn(2, width)
+    reasons = backends.explain("layer_norm", input=x, normalized_shape=(width,), weight=None, bias=None, eps=1e-5,
+                               residual=None)  # fmt: skip
+    assert any("normalized width up to" in r for r in reasons["triton"])
+    assert not backends.explain("rms_norm", input=x[:, :61], normalized_shape=(61,), weight=None, eps=1e-5,
+                                residual=None)["triton"]  # fmt: skip
