@@ -342,6 +342,25 @@ def test_cpu_opcheck(compiled_lce, reduction):
     torch.library.opcheck(torch.ops.metagpt_fast.linear_cross_entropy.default, args)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cpu_op_compiles_fullgraph(compiled_lce, reduction):
+    # Inductor traces the op through its fake kernel and the autograd formula (gradients from the forward for a
+    # reduced loss, recomputed for reduction none): same loss and gradients as eager.
+    hidden, weight, targets, bias = _small()
+
+    def loss(h, w, b):
+        out = metagpt_fast.linear_cross_entropy(h, w, targets, b, reduction=reduction, chunk_size=3, backend="cpu")
+        return out.sum()
+
+    compiled = torch.compile(loss, fullgraph=True)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    got = [compiled(*leaves)] + list(torch.autograd.grad(compiled(*leaves), leaves))
+    want = [loss(*leaves)] + list(torch.autograd.grad(loss(*leaves), leaves))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+
+
 def test_cpu_default_chunk_size(compiled_lce):
     assert compiled_lce.default_chunk_size(4096, 50257) == 512  # 2**25 logits: 128 MiB of float32
     assert compiled_lce.default_chunk_size(10, 50257) == 16
