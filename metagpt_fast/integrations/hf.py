@@ -620,11 +620,15 @@ class _CapturedHead:
         return hidden.new_zeros(()).expand(*hidden.shape[:-1], self.head.out_features)
 
     def __enter__(self):
+        self.previous = self.head.__dict__.get("forward")  # an instance-level forward (accelerate's hooks) or None
         self.head.forward = self
         return self
 
     def __exit__(self, *exc):
-        del self.head.forward  # back to the class's forward
+        if self.previous is None:
+            del self.head.forward  # back to the class's forward
+        else:
+            self.head.forward = self.previous
 
 
 def _probe_head(model, head: nn.Linear, softcap: float | None) -> None:
