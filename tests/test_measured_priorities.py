@@ -16,6 +16,7 @@ import pytest
 import torch
 from helpers import AVAILABLE_BACKENDS
 
+import metagpt_fast
 from metagpt_fast import backends
 from metagpt_fast.backends import measured
 
@@ -170,3 +171,21 @@ def test_portable_cpu_path_matches_the_tiles(tmp_path):
     for portable, tiles in zip(results["0"], results["1"], strict=True):
         tol = 1e-5 if portable.dtype == torch.float32 else 1e-2
         torch.testing.assert_close(tiles, portable, atol=tol, rtol=tol)
+
+
+@needs_cpu
+@pytest.mark.slow  # an Inductor compile
+def test_lookup_traces_with_symbolic_sizes(use_table):
+    """torch.compile with dynamic shapes traces the lookup (integer bounds on a symbolic N, no float math) and
+    follows the table on both sides of a bound."""
+    use_table(table(entry(64, 16, True, 2.0), entry(256, 16, True, 0.5)))
+    compiled = torch.compile(
+        lambda q, k, v: metagpt_fast.scaled_dot_product_attention(q, k, v, is_causal=True), dynamic=True, fullgraph=True
+    )
+    for n in (40, 100, 200, 300):
+        q, k, v = (torch.randn(1, 2, n, 16) for _ in range(3))
+        with torch.no_grad():
+            torch.testing.assert_close(
+                compiled(q, k, v), metagpt_fast.scaled_dot_product_attention(q, k, v, is_causal=True)
+            )
+        assert backends.select("attention", **inputs(n=n, causal=True)).backend == ("cpu" if n < 128 else "reference")

@@ -47,31 +47,42 @@ _ENTRY_KEYS = ("op", "device", "dtype", "mode", "n", "head_dim", "causal", "spee
 
 
 class Table:
-    """The size classes of a loaded table: ``(op, device, dtype, mode, causal) -> {(n, head_dim): ranking}``."""
+    """The size classes of a loaded table: ``(op, device, dtype, mode, causal) -> {head_dim: [(lo, hi, ranking)]}``,
+    each measured N serving ``lo <= N < hi`` (integer bounds, so a lookup on a traced symbolic N is plain
+    comparisons: torch.compile guards on them instead of failing on float math)."""
 
     def __init__(self, entries: list[Mapping[str, Any]] | None = None, meta: Mapping[str, Any] | None = None):
         self.meta = dict(meta or {})
-        self.classes: dict[tuple, dict[tuple[int, int], dict[str, int]]] = {}
+        sizes: dict[tuple, dict[int, dict[int, dict[str, int]]]] = {}
         for e in entries or ():
             key = (e["op"], e["device"], e["dtype"], e["mode"], bool(e["causal"]))
-            self.classes.setdefault(key, {})[(int(e["n"]), int(e["head_dim"]))] = priorities(e["speedup"])
+            sizes.setdefault(key, {}).setdefault(int(e["head_dim"]), {})[int(e["n"])] = priorities(e["speedup"])
+        self.classes: dict[tuple, dict[int, list[tuple[int, int, dict[str, int]]]]] = {}
+        for key, dims in sizes.items():
+            for d, by_n in dims.items():
+                ns = sorted(m for m in by_n if m > 0)
+                # The nearest measured N in log scale, within a factor of N_REACH: bounds at the geometric midpoints.
+                bounds = [math.ceil(ns[0] / N_REACH)]
+                bounds += [math.ceil(math.sqrt(a * b)) for a, b in zip(ns, ns[1:], strict=False)]
+                bounds += [math.floor(ns[-1] * N_REACH) + 1]
+                ranges = [(bounds[i], bounds[i + 1], by_n[m]) for i, m in enumerate(ns)]
+                self.classes.setdefault(key, {})[d] = ranges
 
     def __len__(self) -> int:
-        return sum(len(v) for v in self.classes.values())
+        return sum(len(r) for dims in self.classes.values() for r in dims.values())
 
-    def lookup(self, op: str, device: str, dtype: str, mode: str, causal: bool, n: int, head_dim: int):
+    def lookup(self, op: str, device: str, dtype: str, mode: str, causal: bool, n, head_dim):
         """The measured priorities ``{backend: priority}`` of the class that serves this input, or None."""
-        sizes = self.classes.get((op, device, dtype, mode, bool(causal)))
-        if not sizes or n <= 0 or head_dim <= 0:
-            return None
-        dims = sorted({d for _, d in sizes if head_dim <= d < 2 * head_dim})
+        dims = self.classes.get((op, device, dtype, mode, bool(causal)))
         if not dims:
             return None
-        ns = [m for m, d in sizes if d == dims[0]]
-        best = min(ns, key=lambda m: abs(math.log2(m / n)))
-        if abs(math.log2(best / n)) > math.log2(N_REACH):
-            return None
-        return sizes[(best, dims[0])]
+        for d in sorted(dims):  # the smallest measured head dim at or above the input's, within a factor of 2
+            if head_dim <= d and d < 2 * head_dim:
+                for lo, hi, ranking in dims[d]:
+                    if lo <= n and n < hi:
+                        return ranking
+                return None
+        return None
 
 
 def priorities(speedup: Mapping[str, Any]) -> dict[str, int]:
