@@ -111,3 +111,17 @@ def test_bad_targets_name_the_argument():
         model(x, y[:, :5], return_logits=False)
     with pytest.raises(TypeError, match="fused"):
         MetaGPTConfig(fused="yes")
+
+
+def test_train_command_gpt2_small_preset():
+    import argparse
+
+    from metagpt_fast.commands import train
+
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    cfg = train.model_config(parser.parse_args(["--preset", "gpt2-small", "--seq-len", "64"]))
+    assert (cfg.vocab_size, cfg.embed_size, cfg.num_layers, cfg.num_heads) == (50257, 768, 12, 12) and cfg.fused
+    cfg = train.model_config(parser.parse_args(["--preset", "gpt2-small", "--layers", "2", "--unfused"]))
+    assert (cfg.vocab_size, cfg.num_layers, cfg.fused) == (50257, 2, False)
+    assert train.model_config(parser.parse_args([])) == MetaGPTConfig(max_seq_length=128)
