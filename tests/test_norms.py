@@ -372,3 +372,16 @@ def test_triton_refuses_rows_wider_than_a_program_holds():
     assert any("normalized width up to" in r for r in reasons["triton"])
     assert not backends.explain("rms_norm", input=x[:, :61], normalized_shape=(61,), weight=None, eps=1e-5,
                                 residual=None)["triton"]  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", [b for b in helpers.AVAILABLE_BACKENDS if helpers.device_for(b) == "cpu"])
+def test_strided_parameters(backend):
+    """Weight, bias and residual as strided views: every backend reads them through their strides."""
+    x, r = torch.randn(3, 61), torch.randn(61, 3).t()
+    w, b = torch.randn(122)[::2], torch.randn(61, 2)[:, 1]
+    with helpers.backend_or_skip(backend):
+        out, total = metagpt_fast.layer_norm(x, 61, w, b, residual=r)
+        gelu = metagpt_fast.bias_gelu(x, b, "tanh")
+    torch.testing.assert_close(out, F.layer_norm(x + r, (61,), w, b), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(total, x + r)
+    torch.testing.assert_close(gelu, F.gelu(x + b, approximate="tanh"), rtol=1e-5, atol=1e-5)

@@ -105,6 +105,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 def _launch(x, bias, grad, tanh, bias_grad, launch):
     x = _rows(x)
     grad = _rows(grad) if grad is not None else None
+    bias = bias.contiguous() if bias is not None else None  # read with unit stride
     m, n = x.shape
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     interpreted = triton_interpreted()

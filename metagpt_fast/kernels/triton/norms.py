@@ -175,6 +175,7 @@ def norm_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(out, sum, mean, rstd)`` of rows ``x`` (M, N), as ``metagpt_fast::norm_forward``."""
     x = _rows(x)
+    weight, bias = (p.contiguous() if p is not None else None for p in (weight, bias))  # read with unit stride
     m, n = x.shape
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     res = _rows(residual) if residual is not None else None
@@ -210,6 +211,7 @@ def norm_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dx, dweight, dbias)`` as ``metagpt_fast::norm_backward`` (empty gradients unless asked for)."""
     x, grad_out = _rows(x), _rows(grad_out)
+    weight = weight.contiguous() if weight is not None else None
     grad_sum = _rows(grad_sum) if grad_sum is not None else None
     m, n = x.shape
     param = weight if weight is not None else x
