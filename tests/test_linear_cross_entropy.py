@@ -4,7 +4,8 @@ The parity test is written once and runs on every (backend, device) the registry
 Triton row kernel (interpreted on CPU tensors, compiled on CUDA ones) and the compiled extension's ``cpu`` kernel.
 The loss and the gradients of ``hidden``, ``weight`` and ``bias`` follow the parity rule of ``metagpt_fast.testing``
 against the reference (F.linear + F.cross_entropy on the whole logits) run one precision up, for a random upstream
-gradient (so the reduced losses' gradients are scaled, and reduction none's recomputed with per-row factors).
+gradient (so the reduced losses' gradients are scaled, and reduction none's recomputed with per-row factors). The
+loss is float32 from any input dtype, so for 16-bit inputs its oracle is the float64 run.
 The row kernel has no ``tl.dot``, so bfloat16 runs under the interpreter too.
 
 Then: argument errors (bad targets), the path of ``loss.backward()`` (a loss gradient of exactly 1), the peak memory
@@ -157,6 +158,9 @@ def test_linear_cross_entropy_matches_reference(backend, device, case):
     chunked = outputs_and_grads(_reference(args, _chunk_of(backend, case)), grad_leaves(*inputs), device)
     up = [x.to(oracle_dtype(dtype)) if x.is_floating_point() else x for x in inputs]
     exact = outputs_and_grads(_reference(args), grad_leaves(*up), device)
+    if dtype in (F16, BF16):  # the loss is float32 from any input: its oracle, one precision up, is float64's
+        up64 = [x.double() if x.is_floating_point() else x for x in inputs]
+        exact[0] = outputs_and_grads(_reference(args), grad_leaves(*up64), device)[0]
     for name, f, w, c, e in zip(names, got, whole, chunked, exact, strict=True):
         # The reference's own error: the larger of its whole and its chunked run (see _reference).
         assert_parity(f, max((w, c), key=lambda r: max_error(r, e)), e, name=name)

@@ -186,7 +186,7 @@ def linear_cross_entropy(forward: str, op: Callable[..., tuple[torch.Tensor, ...
     logits at hand, and the backward scales them by the loss's gradient (nothing else is saved). With reduction
     none the gradient of each row is known only in the backward, which calls ``op`` again with it as
     ``grad_rows`` (the logits are recomputed chunk by chunk). Returns the call ``(hidden, weight, targets, bias,
-    ignore_index, reduction, label_smoothing, softcap, chunk_size) -> loss`` (``hidden``'s dtype) that asks the
+    ignore_index, reduction, label_smoothing, softcap, chunk_size) -> loss`` (float32) that asks the
     forward for the gradients autograd will want.
     """
 
@@ -234,6 +234,6 @@ def linear_cross_entropy(forward: str, op: Callable[..., tuple[torch.Tensor, ...
         wanted = [eager and t is not None and t.requires_grad for t in (hidden, weight, bias)]
         loss = op(hidden, weight, targets, bias, None, ignore_index, code, label_smoothing, softcap or 0.0,
                   chunk_size, *wanted)[0]  # fmt: skip
-        return loss.to(hidden.dtype)
+        return loss
 
     return call

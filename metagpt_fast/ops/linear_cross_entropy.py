@@ -62,7 +62,9 @@ def linear_cross_entropy(
         backend: see :func:`metagpt_fast.scaled_dot_product_attention`.
 
     Returns:
-        The loss, of ``hidden``'s dtype: a scalar, or ``targets``' shape with ``reduction="none"``.
+        The loss in float32 (float64 for float64 inputs), as Hugging Face's and Liger-Kernel's losses are: a
+        scalar, or ``targets``' shape with ``reduction="none"``. (``F.cross_entropy`` of bfloat16 logits would be
+        bfloat16, ~3 significant digits; under autocast it is float32 too.)
     """
     check.tensor("hidden", hidden, floating=True)
     check.plain_tensor("hidden", hidden)

@@ -32,7 +32,7 @@ def linear_cross_entropy(
     softcap: float | None = None,
 ) -> torch.Tensor:
     """``F.cross_entropy(softcap(F.linear(hidden, weight, bias)), targets)`` over rows ``hidden.reshape(-1, d)``;
-    the loss has ``hidden``'s dtype (``reduction="none"``: ``targets``' shape)."""
+    the loss is float32 (float64 for float64 inputs), of ``targets``' shape with ``reduction="none"``."""
     logits = F.linear(hidden.reshape(-1, hidden.shape[-1]), weight, bias)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if softcap is not None:
@@ -43,4 +43,4 @@ def linear_cross_entropy(
     )  # fmt: skip
     if reduction == "none":
         loss = loss.reshape(targets.shape)
-    return loss.to(hidden.dtype)
+    return loss
