@@ -107,8 +107,9 @@ def _visit_params():
 @pytest.mark.parametrize("window, tiles", _visit_params())
 def test_blocks_visited_are_exactly_those_with_an_allowed_pair(window, tiles):
     left, right = window
-    # Lq < Lk, Lq > Lk (rows before the bottom-right diagonal see nothing), empty and length-1 sequences.
-    lens_q, lens_k = [0, 1, 17, 38, 5], [3, 1, 9, 45, 0]
+    # Lq < Lk, Lq > Lk (rows before the bottom-right diagonal see nothing), empty and length-1 sequences; more than
+    # one block of the backward preprocess (68 tokens).
+    lens_q, lens_k = [0, 1, 17, 38, 12], [3, 1, 9, 45, 0]
     (q, k, v, _, grad_out, out, lse, dq, dk, dv), (fwd, dkdv, dqv) = _run(lens_q, lens_k, left, right, tiles)
     (fm, fn), (km, kn), (qm, qn) = tiles
     hq, hk = q.shape[1], k.shape[1]

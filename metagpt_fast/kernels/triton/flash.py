@@ -72,7 +72,7 @@ def _load_rows(base, start, n, stride_n, D: tl.constexpr, BLOCK_N: tl.constexpr,
 @triton.jit
 def _store_rows(base, tile, rows, n, stride_n, D: tl.constexpr, BLOCK_D: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
-    ptrs = base + rows[:, None] * stride_n + offs_d[None, :]
+    ptrs = base + rows.to(tl.int64)[:, None] * stride_n + offs_d[None, :]  # one sequence may pass 2**31 elements
     if BLOCK_D == D:
         tl.store(ptrs, tile, mask=rows[:, None] < n)
     else:
@@ -348,7 +348,7 @@ def _flash_fwd(
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("inf"), (m_i + tl.log2(l_safe)) * LN2)
-    tl.store(Lse + h * stride_lh + start_q + rows, lse, mask=rows < Lq)
+    tl.store(Lse + h.to(tl.int64) * stride_lh + start_q + rows, lse, mask=rows < Lq)
     o_base = Out + start_q * stride_ot + h * stride_oh
     _store_rows(o_base, out.to(Out.dtype.element_ty), rows, Lq, stride_ot, HEAD_DIM_V, BLOCK_DV)
 
@@ -365,11 +365,14 @@ def _flash_bwd_preprocess(
     """Grid (cdiv(Tq, BLOCK_M), Hq): Delta (Hq, Tq) float32 = rowsum(dO * O) over the packed tokens."""
     pid = tl.program_id(0)
     h = tl.program_id(1)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     start = pid * BLOCK_M
-    o = _load_rows(Out + h * stride_oh, start, Tq, stride_ot, HEAD_DIM_V, BLOCK_M, BLOCK_DV).to(tl.float32)
-    do = _load_rows(DOut + h * stride_doh, start, Tq, stride_dot, HEAD_DIM_V, BLOCK_M, BLOCK_DV).to(tl.float32)
-    tl.store(Delta + h * stride_lh + rows, tl.sum(o * do, 1), mask=rows < Tq)
+    rows = tl.arange(0, BLOCK_M)
+    n = Tq - start
+    o_base = Out + start.to(tl.int64) * stride_ot + h * stride_oh  # token offsets in int64
+    do_base = DOut + start.to(tl.int64) * stride_dot + h * stride_doh
+    o = _load_rows(o_base, 0, n, stride_ot, HEAD_DIM_V, BLOCK_M, BLOCK_DV).to(tl.float32)
+    do = _load_rows(do_base, 0, n, stride_dot, HEAD_DIM_V, BLOCK_M, BLOCK_DV).to(tl.float32)
+    tl.store(Delta + h.to(tl.int64) * stride_lh + start + rows, tl.sum(o * do, 1), mask=rows < n)
 
 
 @triton.jit
@@ -453,8 +456,8 @@ def _flash_bwd_dkdv(
         h = hk * GROUP + g
         q_base = Q + start_q * stride_qt + h * stride_qh
         do_base = DOut + start_q * stride_dot + h * stride_doh
-        lse_base = Lse + h * stride_lh + start_q
-        delta_base = Delta + h * stride_lh + start_q
+        lse_base = Lse + h.to(tl.int64) * stride_lh + start_q
+        delta_base = Delta + h.to(tl.int64) * stride_lh + start_q
         if ALIBI:
             slope2 = tl.load(Alibi + b * stride_ab + h) * LOG2E
         else:
@@ -557,8 +560,8 @@ def _flash_bwd_dq(
 
     q = _load_rows(Q + start_q * stride_qt + h * stride_qh, m0, Lq, stride_qt, HEAD_DIM, BLOCK_M, BLOCK_D)
     do = _load_rows(DOut + start_q * stride_dot + h * stride_doh, m0, Lq, stride_dot, HEAD_DIM_V, BLOCK_M, BLOCK_DV)
-    lse = tl.load(Lse + h * stride_lh + start_q + rows, mask=rows < Lq, other=float("inf")) * LOG2E
-    delta = tl.load(Delta + h * stride_lh + start_q + rows, mask=rows < Lq, other=0.0)
+    lse = tl.load(Lse + h.to(tl.int64) * stride_lh + start_q + rows, mask=rows < Lq, other=float("inf")) * LOG2E
+    delta = tl.load(Delta + h.to(tl.int64) * stride_lh + start_q + rows, mask=rows < Lq, other=0.0)
     k_base = K + start_k * stride_kt + hk * stride_kh
     v_base = V + start_k * stride_vt + hk * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
