@@ -614,9 +614,10 @@ FWD_TILES = {
     (32, 256): [(16, 16, 4, 2)],
 }
 DKDV_TILES = {  # BLOCK_M is the streamed query block, BLOCK_N the resident key block
-    # 32x128 with 2 stages: 255, 8-16 B on sm_80; 32x64 on 4 warps: 255, 40-64 B
-    (16, 64): [(32, 128, 8, 1), (16, 64, 4, 2)],
-    (16, 128): [(16, 128, 8, 2)],  # 16x64 on 4 warps: 255, 120-232 B
+    # 32x128 with 2 stages: 255, 8-16 B on sm_80; 32x64 and 16x64 on 4 warps: 255, 8-64 B
+    (16, 64): [(32, 128, 8, 1)],
+    # 16x128 with 2 stages: 255, 16 B on sm_80 with every feature; 16x64 on 4 warps: 255, 120-232 B
+    (16, 128): [(16, 128, 8, 1)],
     # 16x32: 255, 120-184 B; 32x16 on 4 warps: 16 B on sm_90 (causal only)
     (16, 256): [(64, 16, 4, 1)],
     # float32 on FMA units: 32x32 on 4 warps: 255, 40-48 B; 16x16 on 4 warps: 168, 24 B (D=128) and 48 B (D=256)
