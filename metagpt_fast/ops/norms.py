@@ -22,7 +22,7 @@ def _normalized_shape(normalized_shape, input: torch.Tensor) -> tuple[int, ...]:
             f"normalized_shape must be an int or a sequence of ints, got {type(normalized_shape).__name__}"
         )
     shape = tuple(check.integer("normalized_shape", s, minimum=1) for s in shape)
-    if not shape or tuple(input.shape[input.dim() - len(shape) :]) != shape or len(shape) > input.dim():
+    if not shape or len(shape) > input.dim() or tuple(input.shape[input.dim() - len(shape) :]) != shape:
         raise check.ArgumentError(
             f"normalized_shape {shape} must be non-empty and match input's trailing dims, input has shape "
             f"{tuple(input.shape)}"
