@@ -32,7 +32,10 @@ atomics, deterministic):
                              group and the query blocks that see it)
     dQ = scale * dS K       (_flash_bwd_dq: one program per query block, over the key blocks it sees)
 
-fp32 matmuls use ``input_precision="ieee"`` (no TF32). Token offsets are int64.
+The forward reads K and V through per-sequence tensor descriptors where they lower to TMA (16-bit on sm_90) and
+under the interpreter, else through block pointers. The softcap's tanh is a short exp2 form for 16-bit inputs and an
+accurate one (a polynomial near 0) for float32. fp32 matmuls use ``input_precision="ieee"`` (no TF32). Token
+offsets are int64. Not served: dropout (the reference serves it).
 """
 
 import functools
