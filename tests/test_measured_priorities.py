@@ -142,11 +142,11 @@ def test_calibrate_writes_a_readable_table(tmp_path):
 
 
 @needs_cpu
-@pytest.mark.slow  # two fresh interpreters: about 30 s on 2 loaded cores
+@pytest.mark.slow  # three fresh interpreters: about 45 s on 2 loaded cores
 def test_portable_cpu_path_matches_the_tiles(tmp_path):
-    """The portable (BLAS) path of the forward and backward, forced with METAGPT_FAST_CPU_TILES=0, against the
-    default (the AVX-512 tile path where the CPU has it; the parity tests compare that one with the reference) on odd
-    shapes."""
+    """The portable (BLAS) path of the forward and backward (METAGPT_FAST_CPU_TILES=0) and the AVX2 tiles
+    (METAGPT_FAST_CPU_TILES=avx2, where the CPU has AVX2) against the default (the best tiles the CPU runs; the parity
+    tests compare that one with the reference) on odd shapes."""
     script = textwrap.dedent(
         """
         import sys, torch, metagpt_fast
@@ -163,14 +163,15 @@ def test_portable_cpu_path_matches_the_tiles(tmp_path):
         """
     )
     results = {}
-    for flag in ("0", "1"):
+    for flag in ("0", "avx2", "1"):
         path = str(tmp_path / f"out{flag}.pt")
         env = {**os.environ, "METAGPT_FAST_CPU_TILES": flag}
         subprocess.run([sys.executable, "-c", script, path], env=env, check=True, timeout=120)
         results[flag] = torch.load(path)
-    for portable, tiles in zip(results["0"], results["1"], strict=True):
+    for portable, avx2, tiles in zip(results["0"], results["avx2"], results["1"], strict=True):
         tol = 1e-5 if portable.dtype == torch.float32 else 1e-2
         torch.testing.assert_close(tiles, portable, atol=tol, rtol=tol)
+        torch.testing.assert_close(avx2, portable, atol=tol, rtol=tol)
 
 
 @needs_cpu

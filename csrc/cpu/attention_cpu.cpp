@@ -8,7 +8,7 @@
 // Backward, per (batch, kv head) so dK / dV accumulate without races (GQA: the group's query heads in turn):
 //   P = exp(S - lse) (or exp((S - m) - log(l)));  dV += dropout(P)^T dO;  dP = dropout'(dO V^T);  dS = P * (dP - rowsum(dO * O))
 //   dQ += scale * dS K;  dK += scale * dS^T Q
-// Matrix products: on CPUs with AVX-512F, the register-blocked tile kernels of tile_kernels.h (K^T, and V^T in the
+// Matrix products: on CPUs with AVX-512F or AVX2, the register-blocked tile kernels of tile_kernels.h (K^T, and V^T in the
 // backward, packed once per head per thread); elsewhere (or with METAGPT_FAST_CPU_TILES=0) gemm.h's BLAS sgemm.
 // Measured against torch's SDPA on a Zen 5 core, 1 thread, (1, 8, N, D) float32: the BLAS path ran the forward at
 // 0.80-0.94x without causal (MKL's sgemm runs AVX2 there), the tiles at 1.4-1.8x (docs/benchmarks.md).

@@ -13,19 +13,28 @@
 
 namespace metagpt_fast::cpu {
 
-bool tile_kernels_available() {
-  static const bool available = [] {
-    const char* env = std::getenv("METAGPT_FAST_CPU_TILES");
-    if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+namespace {
+
+// 2: AVX-512F, 1: AVX2 + FMA, 0: neither (or METAGPT_FAST_CPU_TILES=0; "avx2" caps it at 1). Read once.
+int tile_level() {
+  static const int level = [] {
 #if MGF_TILES_AVX512
+    const char* env = std::getenv("METAGPT_FAST_CPU_TILES");
+    if (env != nullptr && std::strcmp(env, "0") == 0) return 0;
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") != 0;
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (__builtin_cpu_supports("avx512f") && avx2 && !(env != nullptr && std::strcmp(env, "avx2") == 0)) return 2;
+    return avx2 ? 1 : 0;
 #else
-    return false;
+    return 0;
 #endif
   }();
-  return available;
+  return level;
 }
+
+}  // namespace
+
+bool tile_kernels_available() { return tile_level() > 0; }
 
 namespace {
 
@@ -229,6 +238,124 @@ MGF_AVX512 void accumulate_tile_avx512(const float* p, int64_t ldp, const float*
   }
 }
 
+
+// ---- AVX2 + FMA: the same blocks on 8-wide registers, 6 rows x 16 columns (12 accumulators of 16 registers); a
+// 32-key panel runs as two 16-column halves.
+
+#define MGF_AVX2 __attribute__((target("avx2,fma")))
+
+constexpr int MR2 = 6;
+
+template <int MR>
+MGF_AVX2 void scores_block2(const float* a, int64_t lda, const float* panel, int64_t depth, float scale, float* s,
+                            int64_t lds) {
+  __m256 c0[MR], c1[MR];
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r) c0[r] = c1[r] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < depth; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(panel + k * TILE_KEYS), b1 = _mm256_loadu_ps(panel + k * TILE_KEYS + 8);
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r) {
+      const __m256 ar = _mm256_broadcast_ss(a + r * lda + k);
+      c0[r] = _mm256_fmadd_ps(ar, b0, c0[r]);
+      c1[r] = _mm256_fmadd_ps(ar, b1, c1[r]);
+    }
+  }
+  const __m256 sc = _mm256_set1_ps(scale);
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r) {
+    _mm256_storeu_ps(s + r * lds, _mm256_mul_ps(c0[r], sc));
+    _mm256_storeu_ps(s + r * lds + 8, _mm256_mul_ps(c1[r], sc));
+  }
+}
+
+// Lane masks of the columns [c, c + 16) below n.
+MGF_AVX2 inline void column_masks2(int64_t n, int64_t c, __m256i* m0, __m256i* m1) {
+  const int64_t w = n - c < 16 ? n - c : 16;
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), width = _mm256_set1_epi32(static_cast<int>(w));
+  *m0 = _mm256_cmpgt_epi32(width, lanes);
+  *m1 = _mm256_cmpgt_epi32(width, _mm256_add_epi32(lanes, _mm256_set1_epi32(8)));
+}
+
+// c[r][cols] = alpha[r] * c (when alpha is given; rescale) or c + scale * sum (when not; product), 16 columns masked:
+// accumulate_tile is (rescale = true, scale = 1), product_tile is (rescale = false, scale).
+template <int MR>
+MGF_AVX2 void product_block2(const float* a, int64_t a_row, int64_t a_col, const float* b, int64_t ldb, int64_t depth,
+                             const float* alpha, float scale, float* c, int64_t ldc, __m256i m0, __m256i m1) {
+  __m256 c0[MR], c1[MR];
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r) c0[r] = c1[r] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < depth; ++k) {
+    const __m256 b0 = _mm256_maskload_ps(b + k * ldb, m0), b1 = _mm256_maskload_ps(b + k * ldb + 8, m1);
+    const float* ak = a + k * a_col;
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r) {
+      const __m256 ar = _mm256_broadcast_ss(ak + r * a_row);
+      c0[r] = _mm256_fmadd_ps(ar, b0, c0[r]);
+      c1[r] = _mm256_fmadd_ps(ar, b1, c1[r]);
+    }
+  }
+  const __m256 sc = _mm256_set1_ps(scale);
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r) {
+    float* cr = c + r * ldc;
+    __m256 o0 = _mm256_maskload_ps(cr, m0), o1 = _mm256_maskload_ps(cr + 8, m1);
+    if (alpha != nullptr) {
+      const __m256 al = _mm256_set1_ps(alpha[r]);
+      o0 = _mm256_mul_ps(o0, al);
+      o1 = _mm256_mul_ps(o1, al);
+    }
+    _mm256_maskstore_ps(cr, m0, _mm256_fmadd_ps(c0[r], sc, o0));
+    _mm256_maskstore_ps(cr + 8, m1, _mm256_fmadd_ps(c1[r], sc, o1));
+  }
+}
+
+MGF_AVX2 void scores_tile_avx2(const float* a, int64_t lda, const float* packed, int64_t depth, int64_t panels,
+                               float scale, float* s, int64_t lds, int64_t rows) {
+  for (int64_t p = 0; p < panels; ++p) {
+    for (int64_t half = 0; half < TILE_KEYS; half += 16) {
+      const float* panel = packed + p * depth * TILE_KEYS + half;
+      float* sp = s + p * TILE_KEYS + half;
+      int64_t r = 0;
+      for (; r + MR2 <= rows; r += MR2) scores_block2<MR2>(a + r * lda, lda, panel, depth, scale, sp + r * lds, lds);
+      const float* ar = a + r * lda;
+      float* sr = sp + r * lds;
+      switch (rows - r) {
+        case 5: scores_block2<5>(ar, lda, panel, depth, scale, sr, lds); break;
+        case 4: scores_block2<4>(ar, lda, panel, depth, scale, sr, lds); break;
+        case 3: scores_block2<3>(ar, lda, panel, depth, scale, sr, lds); break;
+        case 2: scores_block2<2>(ar, lda, panel, depth, scale, sr, lds); break;
+        case 1: scores_block2<1>(ar, lda, panel, depth, scale, sr, lds); break;
+        default: break;
+      }
+    }
+  }
+}
+
+MGF_AVX2 void product_tile_avx2(const float* a, int64_t a_row, int64_t a_col, const float* b, int64_t ldb,
+                                int64_t depth, int64_t n, const float* alpha, float scale, float* c, int64_t ldc,
+                                int64_t rows) {
+  for (int64_t j = 0; j < n; j += 16) {
+    __m256i m0, m1;
+    column_masks2(n, j, &m0, &m1);
+    int64_t r = 0;
+    for (; r + MR2 <= rows; r += MR2)
+      product_block2<MR2>(a + r * a_row, a_row, a_col, b + j, ldb, depth, alpha ? alpha + r : nullptr, scale,
+                          c + r * ldc + j, ldc, m0, m1);
+    const float* ar = a + r * a_row;
+    const float* al = alpha ? alpha + r : nullptr;
+    float* cr = c + r * ldc + j;
+    switch (rows - r) {
+      case 5: product_block2<5>(ar, a_row, a_col, b + j, ldb, depth, al, scale, cr, ldc, m0, m1); break;
+      case 4: product_block2<4>(ar, a_row, a_col, b + j, ldb, depth, al, scale, cr, ldc, m0, m1); break;
+      case 3: product_block2<3>(ar, a_row, a_col, b + j, ldb, depth, al, scale, cr, ldc, m0, m1); break;
+      case 2: product_block2<2>(ar, a_row, a_col, b + j, ldb, depth, al, scale, cr, ldc, m0, m1); break;
+      case 1: product_block2<1>(ar, a_row, a_col, b + j, ldb, depth, al, scale, cr, ldc, m0, m1); break;
+      default: break;
+    }
+  }
+}
+
 #endif  // MGF_TILES_AVX512
 
 }  // namespace
@@ -236,10 +363,8 @@ MGF_AVX512 void accumulate_tile_avx512(const float* p, int64_t ldp, const float*
 void scores_tile(const float* a, int64_t lda, const float* packed, int64_t depth, int64_t panels, float scale, float* s,
                  int64_t lds, int64_t rows) {
 #if MGF_TILES_AVX512
-  if (tile_kernels_available()) {
-    scores_tile_avx512(a, lda, packed, depth, panels, scale, s, lds, rows);
-    return;
-  }
+  if (tile_level() == 2) return scores_tile_avx512(a, lda, packed, depth, panels, scale, s, lds, rows);
+  if (tile_level() == 1) return scores_tile_avx2(a, lda, packed, depth, panels, scale, s, lds, rows);
 #endif
   scores_tile_loops(a, lda, packed, depth, panels, scale, s, lds, rows);
 }
@@ -247,10 +372,8 @@ void scores_tile(const float* a, int64_t lda, const float* packed, int64_t depth
 void accumulate_tile(const float* p, int64_t ldp, const float* v, int64_t ldv, int64_t depth, int64_t n,
                      const float* alpha, float* acc, int64_t ldacc, int64_t rows) {
 #if MGF_TILES_AVX512
-  if (tile_kernels_available()) {
-    accumulate_tile_avx512(p, ldp, v, ldv, depth, n, alpha, acc, ldacc, rows);
-    return;
-  }
+  if (tile_level() == 2) return accumulate_tile_avx512(p, ldp, v, ldv, depth, n, alpha, acc, ldacc, rows);
+  if (tile_level() == 1) return product_tile_avx2(p, ldp, 1, v, ldv, depth, n, alpha, 1.0f, acc, ldacc, rows);
 #endif
   accumulate_tile_loops(p, ldp, v, ldv, depth, n, alpha, acc, ldacc, rows);
 }
@@ -258,10 +381,8 @@ void accumulate_tile(const float* p, int64_t ldp, const float* v, int64_t ldv, i
 void product_tile(const float* a, int64_t a_row, int64_t a_col, const float* b, int64_t ldb, int64_t depth, int64_t n,
                   float scale, float* c, int64_t ldc, int64_t rows) {
 #if MGF_TILES_AVX512
-  if (tile_kernels_available()) {
-    product_tile_avx512(a, a_row, a_col, b, ldb, depth, n, scale, c, ldc, rows);
-    return;
-  }
+  if (tile_level() == 2) return product_tile_avx512(a, a_row, a_col, b, ldb, depth, n, scale, c, ldc, rows);
+  if (tile_level() == 1) return product_tile_avx2(a, a_row, a_col, b, ldb, depth, n, nullptr, scale, c, ldc, rows);
 #endif
   product_tile_loops(a, a_row, a_col, b, ldb, depth, n, scale, c, ldc, rows);
 }

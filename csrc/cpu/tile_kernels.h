@@ -1,10 +1,10 @@
-// Register-blocked tile products of the CPU attention forward, written for AVX-512 and picked at run time.
+// Register-blocked tile products of the CPU attention, written for AVX-512 and AVX2 + FMA and picked at run time.
 //
-// The library targets baseline x86-64 (a wheel must run on any x86-64 CPU), so these functions are compiled with a
-// per-function target attribute and called only when tile_kernels_available() says the CPU has AVX-512F. They keep an
-// 8-row x 32-column block of the output in 16 zmm registers over the whole inner dimension, the shape that keeps both
-// FMA pipes busy (BLAS libraries may run narrower code on some CPUs: MKL's sgemm runs AVX2 on AMD Zen, about half of
-// what Zen 4/5 reach with AVX-512). Row counts need no padding: the last rows of a tile run a shorter block.
+// The library targets baseline x86-64 (a wheel must run on any x86-64 CPU), so these functions are compiled with
+// per-function target attributes and dispatched on what the CPU reports. AVX-512 keeps an 8-row x 32-column block of
+// the output in 16 zmm registers over the whole inner dimension; AVX2 a 6-row x 16-column block in 12 ymm registers
+// (BLAS libraries may run narrower code on some CPUs: MKL's sgemm runs AVX2 on AMD Zen, about half of what Zen 4/5
+// reach with AVX-512). Row counts need no padding: the last rows of a tile run a shorter block.
 #pragma once
 
 #include <cstdint>
@@ -14,8 +14,8 @@ namespace metagpt_fast::cpu {
 // Keys per packed panel of K^T (the column width of scores_tile's register block).
 constexpr int64_t TILE_KEYS = 32;
 
-// True when the CPU runs AVX-512F and METAGPT_FAST_CPU_TILES is not "0" (read once; the portable path
-// then serves every call, which tests use to cover it on AVX-512 machines).
+// True when the CPU runs AVX-512F or AVX2 + FMA, and METAGPT_FAST_CPU_TILES is not "0" (read once; "0" makes the
+// portable BLAS path serve every call, "avx2" keeps the AVX2 kernels on an AVX-512 CPU: tests cover both that way).
 bool tile_kernels_available();
 
 // s[r][c] = scale * sum_k a[r][k] * packed[c / 32][k][c % 32] for r < rows, c < 32 * panels.
