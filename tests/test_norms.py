@@ -4,7 +4,7 @@ reference.
 The parity tests are written once per op and run on every (backend, device) of ``kernel_params``: interpreted Triton
 at small sizes, the C++ ``cpu`` kernels at odd and model widths in every dtype, compiled Triton on a GPU. Outputs and
 every gradient (input, residual, weight, bias) follow the parity rule of ``metagpt_fast.testing`` against the
-reference run one precision up. bfloat16 Triton runs on a GPU only (docs/testing.md).
+reference run one precision up. These kernels have no ``tl.dot``, so bfloat16 also runs under the Triton interpreter.
 
 Then: the nn modules (state_dicts both ways with torch's, torch's own results), determinism of the parameter
 gradients across thread counts, the registry's reasons (mixed dtypes fall back to the reference) and argument errors.
@@ -51,6 +51,7 @@ NORM_CASES = {
             _norm_case((4,), (1001,), F32, residual=True),
             _norm_case((2, 3), (4, 5), F32, weight=False, bias=False),
             _norm_case((7,), (61,), F16, bias=False, layout="strided"),
+            _norm_case((3, 5), (61,), BF16, residual=True),
         ]
     ),
     # C++ kernels: odd and model widths, every dtype, residual, strided input, multi-dim normalized_shape.
@@ -81,7 +82,7 @@ NORM_CASES = {
 GELU_CASES = {
     ("triton", "cpu"): {
         f"{m}x{n}-{DTYPE_IDS[dtype]}-{approx}{'' if bias else '-nobias'}": (m, n, dtype, approx, bias)
-        for m, n, dtype, bias in ((5, 61, F32, True), (7, 33, F16, True), (3, 17, F32, False))
+        for m, n, dtype, bias in ((5, 61, F32, True), (7, 33, F16, True), (3, 17, F32, False), (4, 61, BF16, True))
         for approx in ("none", "tanh")
     },
     ("cpu", "cpu"): {
