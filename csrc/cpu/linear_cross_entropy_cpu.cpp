@@ -1,8 +1,9 @@
 // CPU kernel of linear + cross-entropy (the LM head's loss) without the (N, V) logits.
 //
-// Rows go chunk_size at a time. Per chunk: the logits z = h W^T + b with at::addmm (torch's BLAS), then one OpenMP
-// pass over the chunk's rows, in place: the softcap, the row maximum, sum exp(z - max) (online_softmax.h's exp),
-// the row's loss, and (when gradients are wanted) the logit gradient written over the logits,
+// Rows go chunk_size at a time. Per chunk: the logits z = h W^T + b from torch's BLAS (its sgemm_ directly in
+// float32, gemm.h; at::addmm otherwise), then one OpenMP pass over the chunk's rows, in place: the softcap, the row
+// maximum, sum exp(z - max) (online_softmax.h's exp), the row's loss, and (when gradients are wanted) the logit
+// gradient written over the logits,
 //
 //   dz_j = scale_i * (softmax(z)_j - eps / V - (1 - eps) [j == t_i]) * (1 - (z_j / c)^2 with a softcap c),
 //
