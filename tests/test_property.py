@@ -29,7 +29,14 @@ from hypothesis_profiles import limits
 import metagpt_fast
 from metagpt_fast.ops import reference
 from metagpt_fast.ops.reference.random import new_seed
-from metagpt_fast.testing import assert_parity, attention_backward_slack, float32_angle_error, oracle_dtype
+from metagpt_fast.testing import (
+    FLOAT32_ATOL_ULPS,
+    UNIT_ROUNDOFF,
+    assert_parity,
+    attention_backward_slack,
+    float32_angle_error,
+    oracle_dtype,
+)
 
 AVAILABLE = [name for name, reason in metagpt_fast.available_backends().items() if reason is None]
 LAYOUTS = ("contiguous", "transposed", "sliced", "broadcast")
@@ -678,6 +685,133 @@ def check_rotary(backend: str, case: RotaryCase) -> bool:
 @pytest.mark.parametrize("backend", fast_backend_params("rotary"))
 def test_rotary_matches_reference(backend):
     run_property("rotary", backend, rotary_cases(backend), check_rotary)
+
+
+# ----------------------------------------------------------------------------------------------- decode attention
+
+
+@dataclasses.dataclass
+class DecodeCase:
+    dtype: torch.dtype
+    b: int
+    nq: int
+    hk: int
+    group: int
+    d: int
+    capacity: int
+    new: int
+    page: int | None  # paged cache with pages of this many tokens, or contiguous
+    batch_idx: bool
+    rotary: str | None  # None, "neox" or "gptj"
+    causal: bool
+    window: tuple[int, int]
+    softcap: float
+    alibi: bool
+    num_splits: int
+    q_layout: str
+    seed: int
+
+
+@st.composite
+def decode_cases(draw, backend: str):
+    lim = limits()
+    d = draw(lengths(2, lim.head_dim))
+    new = draw(st.integers(0, 2))
+    page = draw(st.sampled_from([None, None, 1, 3, 16]))
+    return DecodeCase(
+        dtype=draw(st.sampled_from(dtypes_for(backend))),
+        b=draw(lengths(1, lim.batch)),
+        nq=draw(st.integers(1, 3)),
+        hk=draw(lengths(1, lim.heads)),
+        group=draw(st.sampled_from([1, 1, 2, 3])),
+        d=d,
+        capacity=draw(st.integers(new, lim.seq + new)),
+        new=new,
+        page=page,
+        batch_idx=page is None and draw(st.booleans()),
+        rotary=draw(st.sampled_from([None, None, "neox", "gptj"])) if new and d >= 2 else None,
+        causal=draw(st.booleans()),
+        window=draw(st.sampled_from([(-1, -1), (-1, -1), (0, 0), (3, -1), (-1, 2), (5, 1)])),
+        softcap=draw(st.sampled_from([0.0, 0.0, 2.0])),
+        alibi=draw(st.booleans()),
+        num_splits=draw(st.sampled_from([0, 0, 1, 2, 5])),
+        q_layout=draw(st.sampled_from(["contiguous", "sliced"])),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def check_decode(backend: str, case: DecodeCase) -> bool:
+    device = device_for(backend)
+    gen = torch.Generator().manual_seed(case.seed)
+    b, hq, hk, d = case.b, case.hk * case.group, case.hk, case.d
+    rows = b + 1 if case.batch_idx else b
+    q = make((b, case.nq, hq, d), case.q_layout, gen, case.dtype, device)
+    k_cache, v_cache = (make((rows, case.capacity, hk, d), "contiguous", gen, case.dtype, device) for _ in range(2))
+    seqlens = torch.randint(0, case.capacity - case.new + 1, (b,), generator=gen, dtype=torch.int32).to(device)
+    kwargs = dict(
+        cache_seqlens=seqlens,
+        causal=case.causal,
+        window_size=case.window,
+        softcap=case.softcap,
+        rotary_interleaved=case.rotary == "gptj",
+        num_splits=case.num_splits,
+        return_softmax_lse=True,
+    )
+    if case.new:
+        kwargs["k"], kwargs["v"] = (make((b, case.new, hk, d), "contiguous", gen, case.dtype, device) for _ in range(2))
+    if case.batch_idx:
+        kwargs["cache_batch_idx"] = torch.randperm(rows, generator=gen)[:b].to(torch.int32).to(device)
+    if case.rotary:
+        half = max(1, d // 4)
+        angle = torch.rand(case.capacity + case.nq, half, generator=gen, dtype=torch.float64) * 6
+        kwargs["rotary_cos"], kwargs["rotary_sin"] = torch.cos(angle).to(device), torch.sin(angle).to(device)
+    if case.alibi:
+        kwargs["alibi_slopes"] = (torch.rand(hq, generator=gen) * 0.5).to(device)
+    if case.page:
+        blocks = max(1, -(-case.capacity // case.page))
+        pad = torch.zeros(b, blocks * case.page - case.capacity, hk, d, dtype=case.dtype, device=device)
+        order = torch.randperm(b * blocks + 1, generator=gen)[: b * blocks].to(device)
+        pages = [torch.zeros(b * blocks + 1, case.page, hk, d, dtype=case.dtype, device=device) for _ in range(2)]
+        for p, c in zip(pages, (k_cache, v_cache), strict=True):
+            p[order] = torch.cat((c, pad), 1).reshape(b * blocks, case.page, hk, d)
+        k_cache, v_cache = pages
+        kwargs["block_table"] = order.view(b, blocks).to(torch.int32)
+    saved = {n: t.clone() for n, t in kwargs.items() if isinstance(t, torch.Tensor) and n != "cache_seqlens"}
+
+    def call(dtype, backend=None):
+        args = {n: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and n != "alibi_slopes"
+                else t for n, t in kwargs.items()}  # fmt: skip
+        caches = [c.clone().to(dtype) for c in (k_cache, v_cache)]
+        if backend is None:
+            return (*metagpt_fast.flash_attn_with_kvcache(q.to(dtype), *caches, **args, backend="reference"), *caches)
+        result = serve(metagpt_fast.flash_attn_with_kvcache, backend, q=q, k_cache=caches[0], v_cache=caches[1],
+                       **args)  # fmt: skip
+        return None if result is None else (*result, *caches)
+
+    with torch.no_grad():
+        fast = call(case.dtype, backend)
+        if fast is None:
+            return False
+        lowp, exact, exact64 = call(case.dtype), call(oracle_dtype(case.dtype)), call(torch.float64)
+    for n, t in saved.items():
+        assert torch.equal(kwargs[n], t), f"decode modified {n}"
+    assert fast[0].dtype == case.dtype and fast[1].dtype == torch.float32
+    assert_parity(fast[0], lowp[0], exact[0], name="decode output")
+    empty = torch.isinf(exact64[1])
+    assert torch.equal(torch.isinf(fast[1]), empty), "decode lse: rows with no visible key differ"
+    # The lse's floor: roundings at the size of the score terms, not of the lse (see tests/test_kvcache.py lse_floor).
+    qa = q.abs().double().flatten(0, 2) * (2 if case.rotary else 1)
+    products = qa @ fast[2].abs().double().flatten(0, 2).T
+    terms = float(products.max()) * d**-0.5 if products.numel() else 0.0
+    floor = FLOAT32_ATOL_ULPS * UNIT_ROUNDOFF[torch.float32] * terms
+    assert_parity(*(t.masked_fill(empty, 0) for t in (fast[1], lowp[1], exact64[1])), name="decode lse", atol=floor)
+    assert torch.equal(fast[2], lowp[2]) and torch.equal(fast[3], lowp[3]), "decode wrote other cache contents"
+    return True
+
+
+@pytest.mark.parametrize("backend", fast_backend_params("decode_attention"))
+def test_decode_attention_matches_reference(backend):
+    run_property("decode_attention", backend, decode_cases(backend), check_decode)
 
 
 # ------------------------------------------------------------------------------------------ unsupported inputs

@@ -349,7 +349,7 @@ def decode_cases() -> list[AotCase]:
     on (softcap, ALiBi) and partial outputs; the combine kernel for up to 128 splits."""
     types = {"seqlens_ptr": "*i32", "batch_idx_ptr": "*i32", "table_ptr": "*i32", "slopes_ptr": "*fp32",
              "out_ptr": "*fp32", "lse_ptr": "*fp32", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32",
-             "scale_log2": "fp32", "softcap": "fp32"}  # fmt: skip
+             "scale": "fp32", "softcap": "fp32"}  # fmt: skip
     cases = []
     for dtype, itemsize in (("bf16", 2), ("fp32", 4)):
         for block_d in (64, 128):

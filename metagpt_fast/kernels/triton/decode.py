@@ -28,7 +28,6 @@ import triton.language as tl
 
 from metagpt_fast._spec import triton_interpreted
 
-LOG2E = 1.4426950408889634
 # Fewest keys per split when the launcher chooses: below this the partial writes and the combine cost more than
 # the extra programs gain.
 MIN_SPLIT_KEYS = 256
@@ -42,8 +41,19 @@ NUM_WARPS = 4
 
 @triton.jit
 def _tanh(x):
-    # tanh through the logistic function (tl has no tanh on every version); exact enough for a score cap.
-    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+    # tanh to a few float32 roundings (tl has no tanh on every version, and 2 * sigmoid(2x) - 1 loses the relative
+    # precision of small results): an odd Taylor polynomial below 0.25 (next term < 1e-10 relative), else
+    # (1 - e^(-2|x|)) / (1 + e^(-2|x|)), where e^(-2|x|) <= 0.61 leaves no cancellation.
+    a = tl.abs(x)
+    t = tl.exp(-2.0 * a)
+    x2 = a * a
+    poly = -1382.0 / 155925.0
+    poly = poly * x2 + 62.0 / 2835.0
+    poly = poly * x2 - 17.0 / 315.0
+    poly = poly * x2 + 2.0 / 15.0
+    poly = poly * x2 - 1.0 / 3.0
+    y = tl.where(a < 0.25, a + a * x2 * poly, (1.0 - t) / (1.0 + t))
+    return tl.where(x < 0, -y, y)
 
 
 @triton.jit
@@ -63,7 +73,7 @@ def _split_kernel(
     stride_tb,
     B, NQ, HQ, HK, D,
     split_keys,  # keys per split (a multiple of BLOCK_N)
-    scale_log2,  # scale * log2(e) (SOFTCAP: scale)
+    scale,
     softcap,
     window_left,  # -1: unbounded
     window_right,
@@ -139,19 +149,19 @@ def _split_kernel(
         k = tl.load(k_base + k_rows[:, None] + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
         v = tl.load(v_base + v_rows[:, None] + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision="ieee")  # (BLOCK_M, BLOCK_N)
+        s = s * scale
         if SOFTCAP:
-            s = softcap * _tanh(s * scale_log2 / softcap) * 1.4426950408889634
-        else:
-            s = s * scale_log2
+            s = softcap * _tanh(s / softcap)
         if HAS_ALIBI:
-            dist = tl.abs(pos[:, None] - offs_n[None, :]).to(tl.float32)
-            s = s - (slope * 1.4426950408889634)[:, None] * dist
+            s = s - slope[:, None] * tl.abs(pos[:, None] - offs_n[None, :]).to(tl.float32)
         visible = (offs_n[None, :] >= lo[:, None]) & (offs_n[None, :] < hi[:, None]) & key_ok[None, :]
         s = tl.where(visible, s, float("-inf"))
+        # Scores and their maximum stay in natural units (lse = m + log(l) rounds like the reference's); the
+        # exponentials are exp2 of (s - m) * log2(e), one FMA per score.
         m_new = tl.maximum(m_i, tl.max(s, 1))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet: weights 0, not NaN
-        alpha = tl.exp2(tl.where(m_i == float("-inf"), 0.0, m_i) - shift)
-        p = tl.exp2(s - shift[:, None])
+        alpha = tl.exp2((tl.where(m_i == float("-inf"), 0.0, m_i) - shift) * 1.4426950408889634)
+        p = tl.exp2(s * 1.4426950408889634 - (shift * 1.4426950408889634)[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
@@ -159,7 +169,7 @@ def _split_kernel(
 
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+    lse = tl.where(has_keys, m_i + tl.log(tl.where(has_keys, l_i, 1.0)), float("-inf"))
     out_rows = (b64 * NQ + qi) * HQ + head  # row of (B, Nq, Hq)
     lse_rows = (b64 * HQ + head) * NQ + qi  # row of (B, Hq, Nq)
     if SPLIT:
@@ -312,7 +322,7 @@ def decode_attention(
         table.stride(0),
         b, nq, hq, hk, d,
         split_keys,
-        scale if softcap > 0 else scale * LOG2E,
+        scale,
         softcap,
         window_left,
         window_right,
