@@ -71,10 +71,10 @@ def test_every_kernel_compiles_for_sm80_and_sm90(aot_report):
 
 def test_every_kernel_has_a_case():
     """Each @triton.jit kernel a kernel module exports in KERNELS is compiled by at least one case."""
-    from metagpt_fast.kernels.triton import attention, positional, rotary
+    from metagpt_fast.kernels.triton import attention, decode, positional, rotary
 
     compiled = {case.kernel for case in aot.all_cases()}
-    kernels = [k for module in (attention, positional, rotary) for k in module.KERNELS.values()]
+    kernels = [k for module in (attention, positional, rotary, decode) for k in module.KERNELS.values()]
     assert [k.__name__ for k in kernels if k not in compiled] == []
 
 

@@ -346,7 +346,8 @@ def rotary_cases() -> list[AotCase]:
 def decode_cases() -> list[AotCase]:
     """The decode split kernel at every tile the launcher picks for D = 64 and 128 (16 packed rows: a GQA group of 4
     to 16 query heads; 64: Nq = 4 x 16), 16-bit and float32 caches, paged and contiguous, with every score option
-    on (softcap, ALiBi) and partial outputs; the combine kernel for up to 128 splits."""
+    on (softcap, ALiBi) and partial outputs (float32 paged only); the combine kernel for up to 128 splits at D = 128.
+    Figures (registers, no spills on either arch) in kernels/triton/decode.py's ``gpu_tile``."""
     types = {"seqlens_ptr": "*i32", "batch_idx_ptr": "*i32", "table_ptr": "*i32", "slopes_ptr": "*fp32",
              "out_ptr": "*fp32", "lse_ptr": "*fp32", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32",
              "scale": "fp32", "softcap": "fp32"}  # fmt: skip
@@ -355,7 +356,7 @@ def decode_cases() -> list[AotCase]:
         for block_d in (64, 128):
             for block_m in (16, decode.MAX_PACKED_ROWS):
                 block_n, warps = decode.gpu_tile(block_m, block_d, itemsize)
-                for paged in (False, True):
+                for paged in (False, True) if dtype == "bf16" else (True,):  # float32: the heavier paged gather
                     constexprs = {
                         "GROUP": 4, "PAGE_SIZE": 16 if paged else 1, "PAGED": paged, "HAS_BATCH_IDX": not paged,
                         "HAS_ALIBI": True, "SOFTCAP": True, "SPLIT": True, "BLOCK_M": block_m, "BLOCK_N": block_n,
@@ -363,11 +364,11 @@ def decode_cases() -> list[AotCase]:
                     }  # fmt: skip
                     data = dict.fromkeys(("q_ptr", "k_ptr", "v_ptr"), f"*{dtype}")
                     kernel = decode.KERNELS["decode_split"]
-                    cases.append(case(kernel, constexprs, {**types, **data}, aligned=("D",), num_warps=warps))
-    for block_d in (64, 128):
-        constexprs = {"BLOCK_S": decode.MAX_SPLITS, "BLOCK_D": block_d}
-        types_c = {**types, "out_ptr": "*bf16"}
-        cases.append(case(decode.KERNELS["decode_combine"], constexprs, types_c, aligned=("D",), num_warps=4))
+                    args = {"aligned": ("D",), "num_warps": warps, "dtype": dtype}
+                    cases.append(case(kernel, constexprs, {**types, **data}, **args))
+    constexprs = {"BLOCK_S": decode.MAX_SPLITS, "BLOCK_D": 128}  # the largest combine tile
+    types_c = {**types, "out_ptr": "*bf16"}
+    cases.append(case(decode.KERNELS["decode_combine"], constexprs, types_c, aligned=("D",), num_warps=4))
     return cases
 
 
