@@ -119,11 +119,14 @@ def flash_attn_with_kvcache(
     if rotary_cos is not None:
         offsets = seqlens[:, None].long()
         local = causal or window_size[0] >= 0 or window_size[1] >= 0
-        q_pos = offsets + (torch.arange(nq, device=q.device) if local else 0)
-        q = reference.rotate_at(q, rotary_cos, rotary_sin, q_pos.expand(b, nq), rotary_interleaved)
-        k = reference.rotate_at(
-            k, rotary_cos, rotary_sin, offsets + torch.arange(new, device=q.device), rotary_interleaved
-        )
+        k_pos = offsets + torch.arange(new, device=q.device)
+        if nq == new and (local or nq == 1):  # q and k at the same positions (decode): one rotation of both
+            qk = reference.rotate_at(torch.cat((q, k), dim=2), rotary_cos, rotary_sin, k_pos, rotary_interleaved)
+            q, k = qk[:, :, :hq], qk[:, :, hq:]
+        else:
+            q_pos = offsets + (torch.arange(nq, device=q.device) if local else 0)
+            q = reference.rotate_at(q, rotary_cos, rotary_sin, q_pos.expand(b, nq), rotary_interleaved)
+            k = reference.rotate_at(k, rotary_cos, rotary_sin, k_pos, rotary_interleaved)
     if k is not None:
         reference.write_cache(k_cache, v_cache, k, v, seqlens, cache_batch_idx, block_table)
         seqlens = seqlens + new
