@@ -73,13 +73,19 @@ def _load_rows(base, start, n, stride_n, D: tl.constexpr, BLOCK_N: tl.constexpr,
 
 
 @triton.jit
-def _store_rows(base, tile, rows, n, stride_n, D: tl.constexpr, BLOCK_D: tl.constexpr):
+def _store_rows(
+    base, tile, start, n, stride_n, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr
+):  # fmt: skip
+    """Stores a (BLOCK_N, BLOCK_D) tile as rows ``[start, start + BLOCK_N)`` of an (n, D) matrix with unit column
+    stride (rows past ``n`` and columns past ``D`` are left alone). The block's offset is int64 (one sequence may pass
+    2**31 elements), the offsets within it int32 (an int64 pointer tile costs registers: 8 B spilled in dK/dV)."""
+    rows = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    ptrs = base + rows.to(tl.int64)[:, None] * stride_n + offs_d[None, :]  # one sequence may pass 2**31 elements
+    ptrs = base + start.to(tl.int64) * stride_n + (rows[:, None] * stride_n + offs_d[None, :])
     if BLOCK_D == D:
-        tl.store(ptrs, tile, mask=rows[:, None] < n)
+        tl.store(ptrs, tile, mask=rows[:, None] < n - start)
     else:
-        tl.store(ptrs, tile, mask=(rows[:, None] < n) & (offs_d[None, :] < D))
+        tl.store(ptrs, tile, mask=(rows[:, None] < n - start) & (offs_d[None, :] < D))
 
 
 @triton.jit
@@ -353,7 +359,7 @@ def _flash_fwd(
     lse = tl.where(empty, float("inf"), (m_i + tl.log2(l_safe)) * LN2)
     tl.store(Lse + h.to(tl.int64) * stride_lh + start_q + rows, lse, mask=rows < Lq)
     o_base = Out + start_q * stride_ot + h * stride_oh
-    _store_rows(o_base, out.to(Out.dtype.element_ty), rows, Lq, stride_ot, HEAD_DIM_V, BLOCK_DV)
+    _store_rows(o_base, out.to(Out.dtype.element_ty), m0, Lq, stride_ot, HEAD_DIM_V, BLOCK_M, BLOCK_DV)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -489,8 +495,8 @@ def _flash_bwd_dkdv(
 
     dk_base = DK + start_k * stride_dkt + hk * stride_dkh
     dv_base = DV + start_k * stride_dvt + hk * stride_dvh
-    _store_rows(dk_base, (dk * sm_scale).to(DK.dtype.element_ty), cols, Lk, stride_dkt, HEAD_DIM, BLOCK_D)
-    _store_rows(dv_base, dv.to(DV.dtype.element_ty), cols, Lk, stride_dvt, HEAD_DIM_V, BLOCK_DV)
+    _store_rows(dk_base, (dk * sm_scale).to(DK.dtype.element_ty), n0, Lk, stride_dkt, HEAD_DIM, BLOCK_N, BLOCK_D)
+    _store_rows(dv_base, dv.to(DV.dtype.element_ty), n0, Lk, stride_dvt, HEAD_DIM_V, BLOCK_N, BLOCK_DV)
 
 
 @triton.jit
@@ -594,7 +600,7 @@ def _flash_bwd_dq(
             COUNT_VISITS,
         )  # fmt: skip
     dq_base = DQ + start_q * stride_dqt + h * stride_dqh
-    _store_rows(dq_base, (dq * sm_scale).to(DQ.dtype.element_ty), rows, Lq, stride_dqt, HEAD_DIM, BLOCK_D)
+    _store_rows(dq_base, (dq * sm_scale).to(DQ.dtype.element_ty), m0, Lq, stride_dqt, HEAD_DIM, BLOCK_M, BLOCK_D)
 
 
 # ----------------------------------------------------------------------------------------------------------------
