@@ -182,6 +182,25 @@ bool tiles_fit(const Problem& pb) {
   return tile_kernels_available() && panels * TILE_KEYS * std::max(pb.d, pb.dv) <= MAX_PACKED;
 }
 
+// Keys [p0 * TILE_KEYS, p1 * TILE_KEYS) of head (b, hk) of x (width values per key) as panels of x^T in float32:
+// dst[p][c][j] = x[p * TILE_KEYS + j][c], zero past nk.
+template <typename T>
+void pack_panels(const T* x, Layout lx, int64_t b, int64_t hk, int64_t nk, int64_t width, int64_t p0, int64_t p1,
+                 float* dst) {
+  for (int64_t p = p0; p < p1; ++p) {
+    float* panel = dst + p * width * TILE_KEYS;
+    for (int64_t j = 0; j < TILE_KEYS; ++j) {
+      const int64_t key = p * TILE_KEYS + j;
+      if (key < nk) {
+        const T* row = x + lx.at(b, hk, key);
+        for (int64_t c = 0; c < width; ++c) panel[c * TILE_KEYS + j] = to_float(row[c]);
+      } else {
+        for (int64_t c = 0; c < width; ++c) panel[c * TILE_KEYS + j] = 0.0f;
+      }
+    }
+  }
+}
+
 // Query block of task t within its head, ordered (0, last, 1, last - 1, ...): a causal head's cheap and expensive
 // blocks alternate, so the contiguous task ranges of at::parallel_for get balanced work.
 int64_t zigzag_block(int64_t t, int64_t blocks) { return t % 2 == 0 ? t / 2 : blocks - 1 - t / 2; }
@@ -206,21 +225,13 @@ void forward_tiles(const Problem& pb, const T* q, Layout lq, const T* k, Layout 
       }
       const int64_t i0 = qb * TILE_Q, rows = std::min(TILE_Q, pb.nq - i0), jend = key_end(pb, i0 + rows);
       const int64_t need = (jend + TILE_KEYS - 1) / TILE_KEYS;
-      for (; packed_panels < need; ++packed_panels) {  // K^T panels (zero past nk); V in float32 for 16-bit
-        float* panel = packed.data() + packed_panels * d * TILE_KEYS;
-        for (int64_t c = 0; c < TILE_KEYS; ++c) {
-          const int64_t j = packed_panels * TILE_KEYS + c;
-          if (j < pb.nk) {
-            const T* krow = k + lk.at(b, hk, j);
-            for (int64_t x = 0; x < d; ++x) panel[x * TILE_KEYS + c] = to_float(krow[x]);
-            if constexpr (!std::is_same_v<T, float>) {
-              const T* vrow = v + lv.at(b, hk, j);
-              for (int64_t x = 0; x < dv; ++x) vbuf[j * dv + x] = to_float(vrow[x]);
-            }
-          } else {
-            for (int64_t x = 0; x < d; ++x) panel[x * TILE_KEYS + c] = 0.0f;
-          }
+      if (packed_panels < need) {  // K^T panels (zero past nk); V in float32 for 16-bit inputs
+        pack_panels(k, lk, b, hk, pb.nk, d, packed_panels, need, packed.data());
+        if constexpr (!std::is_same_v<T, float>) {
+          for (int64_t j = packed_panels * TILE_KEYS; j < std::min(pb.nk, need * TILE_KEYS); ++j)
+            for (int64_t x = 0; x < dv; ++x) vbuf[j * dv + x] = to_float(v[lv.at(b, hk, j) + x]);
         }
+        packed_panels = need;
       }
       const float* vf;
       int64_t ldv = dv;
@@ -340,25 +351,6 @@ void backward_blas(const Problem& pb, const T* dout, Layout ldo, const T* q, Lay
       for (int64_t x = 0; x < pb.nk * dvd; ++x) dvp[x] = from_float<T>(dv_acc[x]);
     }
   });
-}
-
-// Keys [p0 * TILE_KEYS, p1 * TILE_KEYS) of head (b, hk) of x (width values per key) as panels of x^T in float32:
-// dst[p][c][j] = x[p * TILE_KEYS + j][c], zero past nk.
-template <typename T>
-void pack_panels(const T* x, Layout lx, int64_t b, int64_t hk, int64_t nk, int64_t width, int64_t p0, int64_t p1,
-                 float* dst) {
-  for (int64_t p = p0; p < p1; ++p) {
-    float* panel = dst + p * width * TILE_KEYS;
-    for (int64_t j = 0; j < TILE_KEYS; ++j) {
-      const int64_t key = p * TILE_KEYS + j;
-      if (key < nk) {
-        const T* row = x + lx.at(b, hk, key);
-        for (int64_t c = 0; c < width; ++c) panel[c * TILE_KEYS + j] = to_float(row[c]);
-      } else {
-        for (int64_t c = 0; c < width; ++c) panel[c * TILE_KEYS + j] = 0.0f;
-      }
-    }
-  }
 }
 
 // Backward on the tile kernels: the BLAS path's loop nest, with K^T and V^T packed once per (batch, kv head) (and K
