@@ -61,8 +61,8 @@ def linear_cross_entropy_forward(
         if grad_hidden:
             torch.mm(z, weight, out=dh[r0:r1])
         if grad_weight:
-            if low:
-                dw += torch.mm(z.t(), h).to(f32)
+            if low:  # the chunk's product in the inputs' dtype, added into the float32 sum (no float32 copy)
+                dw.add_(torch.mm(z.t(), h))
             else:
                 dw.addmm_(z.t(), h)
         if grad_bias:
