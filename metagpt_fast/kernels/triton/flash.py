@@ -643,6 +643,11 @@ DQ_TILES = {  # BLOCK_M is the resident query block, BLOCK_N the streamed key bl
     (32, 256): [(16, 16, 4, 2)],
 }
 TILES = {"fwd": FWD_TILES, "dkdv": DKDV_TILES, "dq": DQ_TILES}
+# float32 dK/dV on FMA units: dK, dV, K and V of the key block stay in registers while the query blocks stream, and
+# ptxas picks register targets of 128 or 168 for these kernels, spilling 8-40 B with every tile tried (16x16 and
+# 16x32 on 4 or 8 warps; causal or with every feature). float32 is the accuracy path, not the speed path: allowed,
+# as in kernels/triton/attention.py (FP32_DKDV_256_SPILL).
+FP32_DKDV_SPILL = 48
 
 # Under TRITON_INTERPRET=1 (CPU tests) one small configuration; BLOCK_M != BLOCK_N so both orders of the block
 # bookkeeping are exercised.
