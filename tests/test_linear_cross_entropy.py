@@ -289,6 +289,21 @@ def test_only_the_gradients_asked_for(backend):
     torch.testing.assert_close(plain, F.cross_entropy(hidden @ weight.T, targets, reduction="none").reshape(2, 5))
 
 
+@pytest.mark.parametrize("backend", backend_params("linear_cross_entropy"))
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_no_rows_match_torch(backend, reduction):
+    # Zero rows never reach a kernel: torch's results (a NaN mean, a 0 sum, an empty per-row loss), zero gradients.
+    hidden, weight = torch.randn(2, 0, 16, requires_grad=True), torch.randn(30, 16, requires_grad=True)
+    targets = torch.zeros(2, 0, dtype=torch.long)
+    with helpers.backend_or_skip(backend):
+        loss = metagpt_fast.linear_cross_entropy(hidden, weight, targets, reduction=reduction)
+    want = F.cross_entropy(F.linear(hidden, weight).reshape(0, 30), targets.reshape(0), reduction=reduction)
+    torch.testing.assert_close(loss, want.reshape(loss.shape), equal_nan=True)
+    assert loss.shape == ((2, 0) if reduction == "none" else ())
+    loss.sum().backward()
+    assert hidden.grad.shape == hidden.shape and torch.equal(weight.grad, torch.zeros_like(weight))
+
+
 # ------------------------------------------------------------------------------------------------- peak memory
 
 
