@@ -71,11 +71,27 @@ def test_every_kernel_compiles_for_sm80_and_sm90(aot_report):
 
 def test_every_kernel_has_a_case():
     """Each @triton.jit kernel a kernel module exports in KERNELS is compiled by at least one case."""
-    from metagpt_fast.kernels.triton import attention, decode, positional, rotary
+    from metagpt_fast.kernels.triton import (
+        attention,
+        bias_gelu,
+        decode,
+        flash,
+        linear_cross_entropy,
+        norms,
+        positional,
+        rotary,
+    )
 
+    modules = (attention, positional, rotary, decode, flash, linear_cross_entropy, norms, bias_gelu)
     compiled = {case.kernel for case in aot.all_cases()}
-    kernels = [k for module in (attention, positional, rotary, decode) for k in module.KERNELS.values()]
+    kernels = [k for module in modules for k in module.KERNELS.values()]
     assert [k.__name__ for k in kernels if k not in compiled] == []
+
+
+def test_case_labels_are_unique():
+    """Reports and gates key on the label: two cases with one label would hide one of them."""
+    labels = [case.label for case in aot.all_cases()]
+    assert sorted(label for label in set(labels) if labels.count(label) > 1) == []
 
 
 def test_attention_autotuner_keys_on_length_buckets():

@@ -160,8 +160,10 @@ def needs_grad(*tensors: Any) -> bool:
 
 def attention_class(inputs: Mapping[str, Any]) -> tuple | None:
     """``(device, dtype, mode, causal, n, head_dim)`` of an attention input, or None where no class applies (a mask,
-    dropout, or keys and queries of different lengths)."""
-    q, k, v = inputs["query"], inputs["key"], inputs["value"]
+    dropout, keys and queries of different lengths, or no tensors to classify)."""
+    q, k, v = (inputs.get(name) for name in ("query", "key", "value"))
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+        return None
     if inputs.get("attn_mask") is not None or inputs.get("dropout_p", 0.0) > 0.0 or q.shape[-2] != k.shape[-2]:
         return None
     mode = "fwd+bwd" if needs_grad(q, k, v) else "fwd"

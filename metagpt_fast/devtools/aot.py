@@ -381,7 +381,7 @@ def linear_cross_entropy_cases() -> list[AotCase]:
         types = {"logits_ptr": f"*{dtype}", "targets_ptr": "*i64", "rows_scale_ptr": "*fp32", "losses_ptr": "*fp32",
                  "ignore_index": "i64", "grad_scale": "fp32", "eps": "fp32", "cap": "fp32"}  # fmt: skip
         constexprs = {"SOFTCAP": True, "SMOOTH": True, "GRADS": True, "HAS_ROWS": True, "BLOCK": lce.MAX_BLOCK}
-        cases.append(case(lce.KERNELS["cross_entropy_rows"], constexprs, types, num_warps=lce.NUM_WARPS))
+        cases.append(case(lce.KERNELS["cross_entropy_rows"], constexprs, types, num_warps=lce.NUM_WARPS, dtype=dtype))
     return cases
 
 
@@ -400,13 +400,13 @@ def norm_cases() -> list[AotCase]:
                 forward = {"HAS_RESIDUAL": True, "HAS_WEIGHT": True, "HAS_BIAS": not rms, "RMS": rms, "BLOCK_N": block}
                 backward = {"HAS_GRAD_SUM": True, "HAS_WEIGHT": True, "WEIGHT_GRAD": True, "BIAS_GRAD": not rms,
                             "RMS": rms, "BLOCK_N": block}  # fmt: skip
-                cases.append(case(norms.KERNELS["norm_forward"], forward, types, num_warps=warps))
-                cases.append(case(norms.KERNELS["norm_backward"], backward, types, num_warps=warps))
+                cases.append(case(norms.KERNELS["norm_forward"], forward, types, num_warps=warps, dtype=dtype))
+                cases.append(case(norms.KERNELS["norm_backward"], backward, types, num_warps=warps, dtype=dtype))
         for tanh in (False, True):
             for grad in (False, True):
                 constexprs = {"HAS_BIAS": True, "TANH": tanh, "BACKWARD": grad, "BIAS_GRAD": grad,
                               "BLOCK_ROWS": bias_gelu.BLOCK_ROWS, "BLOCK_N": 1024}  # fmt: skip
-                cases.append(case(bias_gelu.KERNELS["bias_gelu"], constexprs, types, num_warps=4))
+                cases.append(case(bias_gelu.KERNELS["bias_gelu"], constexprs, types, num_warps=4, dtype=dtype))
     return cases
 
 
