@@ -108,6 +108,9 @@ class Implementation:
 
 _ops: dict[str, OpSpec] = {}
 _registry: dict[tuple[str, str], Implementation] = {}
+# op -> its non-reference implementations, in registration order: what ``auto`` ranks on every call (rebuilt lazily
+# after any change to ``_registry``; scanning every op's entries cost about a third of a small op's dispatch).
+_candidates: dict[str, tuple[Implementation, ...]] = {}
 _unavailable: dict[str, str | None] = {}
 _loaded: set[str] = set()
 _lock = threading.RLock()
@@ -119,6 +122,7 @@ def declare_op(spec: OpSpec, reference: Callable[..., Any]) -> OpSpec:
     """Declares an op and registers its reference implementation (serves every valid input, on every device)."""
     with _lock:
         _ops[spec.name] = spec
+        _candidates.clear()
         _registry[(spec.name, "reference")] = Implementation(
             spec.name, "reference", reference, Capabilities(devices=ANY_DEVICE, features=frozenset(spec.features)),
             priority=lambda inputs: REFERENCE_PRIORITY,
@@ -151,6 +155,7 @@ def register(
     impl = Implementation(op, backend, fn, capabilities, extra_reasons, rank, slow)
     with _lock:
         _registry[(op, backend)] = impl
+        _candidates.clear()
     return impl
 
 
@@ -162,6 +167,7 @@ def registered(impl: Implementation) -> Iterator[Implementation]:
     with _lock:
         previous, unavailable = _registry.get(key), _unavailable.pop(impl.backend, None)
         _registry[key] = impl
+        _candidates.clear()
     try:
         yield impl
     finally:
@@ -170,6 +176,7 @@ def registered(impl: Implementation) -> Iterator[Implementation]:
                 _registry.pop(key, None)
             else:
                 _registry[key] = previous
+            _candidates.clear()
             if unavailable is not None:
                 _unavailable[impl.backend] = unavailable
 
@@ -315,18 +322,27 @@ def select(op: str, backend: str | None = None, **inputs: Any) -> Implementation
     # Reads without the lock (dict reads are atomic): torch.compile traces select() and cannot trace a lock.
     best = _registry[(op, "reference")]
     best_priority = REFERENCE_PRIORITY
-    for (o, b), impl in _registry.items():
-        if o != op or b == "reference" or impl.slow or _unavailable.get(b) is not None:
+    candidates = _candidates.get(op)
+    if candidates is None:
+        candidates = _candidates_of(op)
+    for impl in candidates:
+        if impl.slow or _unavailable.get(impl.backend) is not None:
             continue
         priority = impl.priority(inputs)
         if priority <= best_priority:
             continue
         reasons = impl.not_supported_reasons(**inputs)
         if reasons:
-            logger.debug("auto: %s/%s skipped: %s", op, b, "; ".join(reasons))
+            logger.debug("auto: %s/%s skipped: %s", op, impl.backend, "; ".join(reasons))
             continue
         best, best_priority = impl, priority
     return best
+
+
+def _candidates_of(op: str) -> tuple[Implementation, ...]:
+    candidates = tuple(impl for (o, b), impl in list(_registry.items()) if o == op and b != "reference")
+    _candidates[op] = candidates
+    return candidates
 
 
 def explain(op: str, **inputs: Any) -> dict[str, list[str]]:
@@ -346,6 +362,8 @@ def explain(op: str, **inputs: Any) -> dict[str, list[str]]:
 def _load_all_before_compiling(_args: Any) -> None:
     for backend in BACKENDS:
         _load(backend)
+    for op in list(_ops):  # so a traced select() only reads the index
+        _candidates_of(op)
 
 
 # torch.compile traces select(); importing a backend's modules cannot happen inside a trace, so every backend is

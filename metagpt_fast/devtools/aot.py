@@ -355,8 +355,12 @@ def decode_cases() -> list[AotCase]:
     cases = []
     for dtype, itemsize in (("bf16", 2), ("fp32", 4)):
         for block_d in (64, 128):
+            tiles: dict[tuple[int, tuple[int, int]], tuple[int, ...]] = {}  # (rows, (keys, warps)) -> archs
             for block_m in (16, decode.MAX_PACKED_ROWS):
-                block_n, warps = decode.gpu_tile(block_m, block_d, itemsize)
+                for arch in ARCHS:
+                    tile = (block_m, decode.gpu_tile(block_m, block_d, itemsize, (arch // 10, arch % 10)))
+                    tiles[tile] = (*tiles.get(tile, ()), arch)
+            for (block_m, (block_n, warps)), archs in tiles.items():
                 for paged in (False, True) if dtype == "bf16" else (True,):  # float32: the heavier paged gather
                     constexprs = {
                         "GROUP": 4, "PAGE_SIZE": 16 if paged else 1, "PAGED": paged, "HAS_BATCH_IDX": not paged,
@@ -365,7 +369,7 @@ def decode_cases() -> list[AotCase]:
                     }  # fmt: skip
                     data = dict.fromkeys(("q_ptr", "k_ptr", "v_ptr"), f"*{dtype}")
                     kernel = decode.KERNELS["decode_split"]
-                    args = {"aligned": ("D",), "num_warps": warps, "dtype": dtype}
+                    args = {"aligned": ("D",), "num_warps": warps, "dtype": dtype, "archs": archs}
                     cases.append(case(kernel, constexprs, {**types, **data}, **args))
     constexprs = {"BLOCK_S": decode.MAX_SPLITS, "BLOCK_D": 128}  # the largest combine tile
     types_c = {**types, "out_ptr": "*bf16"}

@@ -237,18 +237,20 @@ def sm_count(device: torch.device) -> int:
     return _SM_COUNTS[index]
 
 
-def config(nq: int, group: int, d: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+def config(
+    nq: int, group: int, d: int, dtype: torch.dtype, capability: tuple[int, int] = (8, 0)
+) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps): the packed rows padded to a tile (16 at least, for ``tl.dot``), and
-    the keys per block and warps of :func:`gpu_tile`."""
+    the keys per block and warps of :func:`gpu_tile` on a GPU of compute ``capability``."""
     block_m = max(16, triton.next_power_of_2(nq * group))
     block_d = max(16, triton.next_power_of_2(d))
     if triton_interpreted():
         return block_m, 16, block_d, NUM_WARPS  # small key blocks: several blocks per split at test shapes
-    block_n, num_warps = gpu_tile(block_m, block_d, torch.empty(0, dtype=dtype).element_size())
+    block_n, num_warps = gpu_tile(block_m, block_d, torch.empty(0, dtype=dtype).element_size(), capability)
     return block_m, block_n, block_d, num_warps
 
 
-def gpu_tile(block_m: int, block_d: int, itemsize: int) -> tuple[int, int]:
+def gpu_tile(block_m: int, block_d: int, itemsize: int, capability: tuple[int, int] = (8, 0)) -> tuple[int, int]:
     """(BLOCK_N, num_warps) on a GPU, from the AOT statistics (devtools/aot.py, sm_80 and sm_90, every score option
     on): at 16 packed rows, 64 keys of 16-bit data (64-125 registers at D <= 128) or 32 of float32 (70-125; 64 keys
     spilled 8 bytes at D = 64 on sm_80) on 4 warps; at up to 64 rows, 8 warps with 64 keys of 16-bit data (165
@@ -257,7 +259,9 @@ def gpu_tile(block_m: int, block_d: int, itemsize: int) -> tuple[int, int]:
     if block_m <= 16:
         return (64 if itemsize <= 2 else 32), NUM_WARPS
     if itemsize <= 2:
-        return 64, 8
+        # sm_90: one warpgroup. A 64-row wgmma is one warpgroup's product, so 8 warps computed every product twice
+        # (devtools' replication gate); on 4 warps 127-188 registers, no spills at D <= 128.
+        return 64, (4 if capability >= (9, 0) else 8)
     return (32 if block_d <= 64 else 16), 8
 
 
@@ -303,7 +307,8 @@ def decode_attention(
         return out, lse.fill_(float("-inf"))
     paged = block_table is not None
     capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
-    block_m, block_n, block_d, num_warps = config(nq, group, d, q.dtype)
+    capability = torch.cuda.get_device_capability(q.device) if q.device.type == "cuda" else (8, 0)
+    block_m, block_n, block_d, num_warps = config(nq, group, d, q.dtype, capability)
     splits = choose_splits(num_splits, b, hk, capacity, block_n, sm_count(q.device))
     split_keys = triton.cdiv(triton.cdiv(max(capacity, 1), splits), block_n) * block_n
     if splits > 1:
