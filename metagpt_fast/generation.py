@@ -141,7 +141,8 @@ class LayerCache:
 
         Prefill (``cache.prefilling``): causal attention over the ``T`` tokens, keys and values written at positions
         ``0 .. T-1``. Decode (``T`` = 1): the token sits at position ``seqlens[b]`` of row ``b``; its key and value are
-        appended there by the decode op, which attends to positions ``0 .. seqlens[b]``.
+        appended there by the decode op, which attends to positions ``0 .. seqlens[b]``. Under autocast the cache
+        stays in the weights' dtype: a decode step casts its query, key and value to it.
         """
         cache = self._cache()
         k_cache, v_cache = getattr(cache, f"k{self.index}"), getattr(cache, f"v{self.index}")
@@ -155,6 +156,8 @@ class LayerCache:
             return y
         if rotary is not None:
             q, k = rotary(q, k, position_ids=cache.seqlens[:, None])
+        if q.dtype != k_cache.dtype:  # autocast: the projections ran in low precision, the cache keeps the weights'
+            q, k, v = q.to(k_cache.dtype), k.to(k_cache.dtype), v.to(k_cache.dtype)
         y = flash_attn_with_kvcache(
             q.transpose(1, 2),
             k_cache,

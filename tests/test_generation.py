@@ -69,6 +69,21 @@ def test_greedy_with_cache_is_the_full_forward_argmax_for_ragged_batches(positio
 
 
 @pytest.mark.parametrize("positional", ["sinusoidal", "rotary"])
+def test_cache_runs_under_autocast(positional):
+    """Under bfloat16 autocast the projections come out in bfloat16 while the cache keeps the weights' float32: the
+    decode steps cast to the cache (they raised a dtype mismatch before). The first new token comes from the prefill,
+    the same bfloat16 forward as the no-cache loop's first step, so the two agree on it."""
+    model = model_for(positional)
+    prompt = ragged_prompts((9,))[0][None]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model.generate(prompt, 12, temperature=0)
+        no_cache = model.generate(prompt, 1, temperature=0, use_cache=False)
+    assert got.shape == (1, 21) and got.dtype == torch.long
+    assert torch.equal(got[:, :9], prompt) and int(got.max()) < VOCAB
+    assert torch.equal(got[:, : 9 + 1], no_cache)
+
+
+@pytest.mark.parametrize("positional", ["sinusoidal", "rotary"])
 def test_right_padded_tensor_with_lengths_is_the_list_form(positional):
     model = model_for(positional)
     prompts = ragged_prompts((5, 9, 2))
