@@ -63,21 +63,6 @@ struct Layout {
   int64_t at(int64_t bi, int64_t hi, int64_t ni) const { return bi * b + hi * h + ni * n; }
 };
 
-// Rows [0, rows) x [0, cols) of src (leading dimension ld) as float32: the input itself for float, else converted
-// into buf (leading dimension cols). Returns the pointer and sets *ld_out.
-template <typename T>
-const float* float_rows(const T* src, int64_t rows, int64_t cols, int64_t ld, float* buf, int64_t* ld_out) {
-  if constexpr (std::is_same_v<T, float>) {
-    *ld_out = ld;
-    return src;
-  } else {
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t c = 0; c < cols; ++c) buf[r * cols + c] = to_float(src[r * ld + c]);
-    *ld_out = cols;
-    return buf;
-  }
-}
-
 // Masks one row of scores s[0, n) for query i, keys j0 + c: causal keys after i and masked-out keys become -inf,
 // additive mask values are added.
 template <typename T>

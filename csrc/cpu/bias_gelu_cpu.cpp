@@ -101,22 +101,6 @@ MGF_GELU_CLONES void accumulate_row(float* acc, const float* v, int64_t n) {
   for (int64_t c = 0; c < n; ++c) acc[c] += v[c];
 }
 
-template <typename T>
-const float* float_row(const T* base, int64_t r, int64_t n, float* buf) {
-  const T* row = base + r * n;
-  if constexpr (std::is_same_v<T, float>) {
-    return reinterpret_cast<const float*>(row);
-  } else {
-    for (int64_t c = 0; c < n; ++c) buf[c] = static_cast<float>(row[c]);
-    return buf;
-  }
-}
-
-template <typename T>
-void store_row(T* dst, const float* src, int64_t n) {
-  for (int64_t c = 0; c < n; ++c) dst[c] = static_cast<T>(src[c]);
-}
-
 std::vector<float> float_bias(const c10::optional<at::Tensor>& bias, const at::Tensor& x) {
   std::vector<float> out;
   if (!bias.has_value()) return out;

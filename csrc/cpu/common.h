@@ -9,6 +9,7 @@
 #include <c10/util/Optional.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace metagpt_fast::cpu {
 
@@ -48,6 +49,39 @@ inline float to_float(T x) {
 template <typename T>
 inline T from_float(float x) {
   return static_cast<T>(x);
+}
+
+// Rows [0, rows) x [0, cols) of src (leading dimension ld) as float32: the input itself for float, else converted
+// into buf (leading dimension cols). Returns the pointer and sets *ld_out.
+template <typename T>
+inline const float* float_rows(const T* src, int64_t rows, int64_t cols, int64_t ld, float* buf, int64_t* ld_out) {
+  if constexpr (std::is_same_v<T, float>) {
+    *ld_out = ld;
+    return src;
+  } else {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) buf[r * cols + c] = to_float(src[r * ld + c]);
+    *ld_out = cols;
+    return buf;
+  }
+}
+
+// A float32 view of row r of a (M, N) contiguous tensor: the row itself for float32, else a converted copy in buf.
+template <typename T>
+inline const float* float_row(const T* base, int64_t r, int64_t n, float* buf) {
+  const T* row = base + r * n;
+  if constexpr (std::is_same_v<T, float>) {
+    return reinterpret_cast<const float*>(row);
+  } else {
+    for (int64_t c = 0; c < n; ++c) buf[c] = to_float(row[c]);
+    return buf;
+  }
+}
+
+// src (float32) stored as T.
+template <typename T>
+inline void store_row(T* dst, const float* src, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) dst[c] = from_float<T>(src[c]);
 }
 
 }  // namespace metagpt_fast::cpu

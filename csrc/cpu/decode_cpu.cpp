@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "common.h"
+#include "row_ops.h"
 #include "metagpt_fast/online_softmax.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
@@ -78,30 +79,6 @@ MGF_DECODE_CLONES void block_accumulate(float* acc, int64_t heads, int64_t g, in
       }
     }
   }
-}
-
-// One row of scores: exp(s - shift) in place; returns the sum (online_softmax.h's weights).
-MGF_DECODE_CLONES float block_softmax(float* s, int64_t n, float shift) {
-  float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t c = 0; c < n; ++c) {
-    const float p = softmax_weight(s[c], shift);
-    s[c] = p;
-    sum += p;
-  }
-  return sum;
-}
-
-MGF_DECODE_CLONES float row_maximum(const float* s, int64_t n) {
-  float m = -INFINITY;
-#pragma omp simd reduction(max : m)
-  for (int64_t c = 0; c < n; ++c) m = s[c] > m ? s[c] : m;
-  return m;
-}
-
-MGF_DECODE_CLONES void scale_rows(float* a, int64_t n, float alpha) {
-#pragma omp simd
-  for (int64_t e = 0; e < n; ++e) a[e] *= alpha;
 }
 
 struct Problem {
@@ -202,15 +179,15 @@ void process_task(const Problem& pb, const T* q, const int64_t* q_stride, const 
       if (j0 < lo[i] || j0 + cols > hi[i])  // the block straddles the row's visible range
         for (int64_t c = 0; c < cols; ++c)
           if (j0 + c < lo[i] || j0 + c >= hi[i]) srow[c] = -INFINITY;
-      const float block_max = row_maximum(srow, cols);
+      const float block_max = row_max(srow, cols);
       if (block_max == -INFINITY) {  // nothing visible here: weights all 0
         std::fill(srow, srow + cols, 0.0f);
         continue;
       }
       OnlineSoftmax& st = state[row];
       const float alpha = online_softmax_update(st, block_max);
-      st.l += block_softmax(srow, cols, online_softmax_shift(st.m));
-      if (alpha != 1.0f) scale_rows(acc.data() + row * d, d, alpha);
+      st.l += softmax_row(srow, cols, online_softmax_shift(st.m));
+      if (alpha != 1.0f) scale_row(acc.data() + row * d, d, alpha);
     }
     block_accumulate(acc.data(), hk_count, g, d, s.data(), BLOCK_KEYS, vptr.data(), head_stride, cols);
   }

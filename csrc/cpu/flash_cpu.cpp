@@ -139,21 +139,6 @@ struct Rows {
   int64_t at(int64_t ti, int64_t hi) const { return ti * t + hi * h; }
 };
 
-// Rows [0, rows) x [0, cols) of src (leading dimension ld) as float32: the input itself for float, else converted
-// into buf (leading dimension cols). Returns the pointer and sets *ld_out.
-template <typename T>
-const float* float_rows(const T* src, int64_t rows, int64_t cols, int64_t ld, float* buf, int64_t* ld_out) {
-  if constexpr (std::is_same_v<T, float>) {
-    *ld_out = ld;
-    return src;
-  } else {
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t c = 0; c < cols; ++c) buf[r * cols + c] = to_float(src[r * ld + c]);
-    *ld_out = cols;
-    return buf;
-  }
-}
-
 // Where the tile products run: AVX-512 register-blocked tiles (tile_kernels.h) when the CPU has them and one
 // sequence's packed keys fit the per-thread cap, else gemm.h (BLAS sgemm).
 constexpr int64_t MAX_PACKED = int64_t(1) << 23;  // floats per thread for one kv head's packed keys (32 MiB)

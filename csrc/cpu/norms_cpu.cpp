@@ -120,23 +120,6 @@ MGF_NORM_CLONES void row_grad_params(float* dw, float* db, const float* g, const
   }
 }
 
-// A float32 view of row r of a (M, N) contiguous tensor: the row itself for float32, else a converted copy in buf.
-template <typename T>
-const float* float_row(const T* base, int64_t r, int64_t n, float* buf) {
-  const T* row = base + r * n;
-  if constexpr (std::is_same_v<T, float>) {
-    return reinterpret_cast<const float*>(row);
-  } else {
-    for (int64_t c = 0; c < n; ++c) buf[c] = static_cast<float>(row[c]);
-    return buf;
-  }
-}
-
-template <typename T>
-void store_row(T* dst, const float* src, int64_t n) {
-  for (int64_t c = 0; c < n; ++c) dst[c] = static_cast<T>(src[c]);
-}
-
 // A parameter (N,) as a float32 vector (empty when absent).
 std::vector<float> float_parameter(const c10::optional<at::Tensor>& p, const at::Tensor& x, const char* name) {
   std::vector<float> out;

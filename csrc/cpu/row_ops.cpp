@@ -18,6 +18,7 @@ namespace metagpt_fast::cpu {
 
 MGF_CPU_CLONES float row_max(const float* s, int64_t n) {
   float m = -INFINITY;
+#pragma omp simd reduction(max : m)
   for (int64_t c = 0; c < n; ++c) m = s[c] > m ? s[c] : m;
   return m;
 }
