@@ -6,8 +6,7 @@ import torch
 from torch import nn
 
 from metagpt_fast.ops import linear_cross_entropy
-from metagpt_fast.ops import validation as check
-from metagpt_fast.ops.linear_cross_entropy import REDUCTIONS
+from metagpt_fast.ops.linear_cross_entropy import check_options
 
 
 class LinearCrossEntropy(nn.Module):
@@ -33,15 +32,8 @@ class LinearCrossEntropy(nn.Module):
         backend: str | None = None,
     ):
         super().__init__()
-        self.ignore_index = check.integer("ignore_index", ignore_index)
-        if reduction not in REDUCTIONS:
-            raise check.ArgumentError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        self.reduction = reduction
-        self.label_smoothing = check.finite_float("label_smoothing", label_smoothing)
-        if not 0.0 <= self.label_smoothing <= 1.0:
-            raise check.ArgumentError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-        self.softcap = None if softcap is None else check.finite_float("softcap", softcap, positive=True)
-        self.chunk_size = None if chunk_size is None else check.integer("chunk_size", chunk_size, minimum=1)
+        options = check_options(ignore_index, reduction, label_smoothing, softcap, chunk_size)
+        self.ignore_index, self.reduction, self.label_smoothing, self.softcap, self.chunk_size = options
         self.backend = backend
 
     def forward(

@@ -22,6 +22,24 @@ def _reference(hidden, weight, targets, bias, ignore_index, reduction, label_smo
 OP = backends.declare_op(backends.OpSpec("linear_cross_entropy", primary="hidden"), _reference)
 
 
+def check_options(
+    ignore_index: int, reduction: str, label_smoothing: float, softcap: float | None, chunk_size: int | None
+) -> tuple[int, str, float, float | None, int | None]:
+    """The loss's options, checked (errors name the argument) and normalised; shared with ``nn.LinearCrossEntropy``,
+    which checks them when it is built."""
+    ignore_index = check.integer("ignore_index", ignore_index)
+    if reduction not in REDUCTIONS:
+        raise check.ArgumentError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    label_smoothing = check.finite_float("label_smoothing", label_smoothing)
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise check.ArgumentError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if softcap is not None:
+        softcap = check.finite_float("softcap", softcap, positive=True)
+    if chunk_size is not None:
+        chunk_size = check.integer("chunk_size", chunk_size, minimum=1)
+    return ignore_index, reduction, label_smoothing, softcap, chunk_size
+
+
 def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -90,16 +108,9 @@ def linear_cross_entropy(
         )
     if targets.dtype not in (torch.int64, torch.int32):
         raise check.ArgumentTypeError(f"targets must hold integer class ids (int64 or int32), got {targets.dtype}")
-    ignore_index = check.integer("ignore_index", ignore_index)
-    if reduction not in REDUCTIONS:
-        raise check.ArgumentError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    label_smoothing = check.finite_float("label_smoothing", label_smoothing)
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise check.ArgumentError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if softcap is not None:
-        softcap = check.finite_float("softcap", softcap, positive=True)
-    if chunk_size is not None:
-        chunk_size = check.integer("chunk_size", chunk_size, minimum=1)
+    ignore_index, reduction, label_smoothing, softcap, chunk_size = check_options(
+        ignore_index, reduction, label_smoothing, softcap, chunk_size
+    )
     flat_targets = targets.reshape(rows).long()
     if rows and not check._is_fake(targets):
         bad = (flat_targets != ignore_index) & ((flat_targets < 0) | (flat_targets >= vocab))
