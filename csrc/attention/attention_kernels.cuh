@@ -27,6 +27,7 @@
 #include <stdint.h>
 
 #include "attention_params.h"
+#include "visibility.cuh"
 #include "metagpt_fast/online_softmax.h"
 #include "metagpt_fast/philox.h"
 #include "warp_primitives.cuh"
@@ -112,25 +113,6 @@ MGF_DEV void load_tile(T* tile, const T* matrix, int64_t row_stride, int row0, i
   }
 }
 
-// Is key j visible to query i? (Both may lie past the end: padding rows / columns of a tile are never visible.)
-struct Visibility {
-  int n_q, n_k;
-  bool causal;
-  const bool* mask;  // already offset to (batch, head), or null
-  int64_t mask_stride_q, mask_stride_k;
-
-  MGF_DEV bool operator()(int i, int j) const {
-    bool visible = i < n_q && j < n_k && (!causal || j <= i);
-    if (visible && mask != nullptr) visible = mask[i * mask_stride_q + j * mask_stride_k];
-    return visible;
-  }
-};
-
-MGF_DEV Visibility make_visibility(const AttentionParams& p, int b, int h) {
-  const bool* mask = p.mask == nullptr ? nullptr : p.mask + b * p.mask_stride_batch + h * p.mask_stride_head;
-  return Visibility{p.n_q, p.n_k, p.causal, mask, p.mask_stride_q, p.mask_stride_k};
-}
-
 // Sum / max over the four lanes of a quad (the lanes holding one row of a C fragment).
 MGF_DEV float quad_max(float x) {
   x = fmaxf(x, warp_shfl_xor(x, 1));
@@ -190,9 +172,9 @@ MGF_KERNEL void MGF_LAUNCH_BOUNDS(Tile::THREADS, 1) attention_forward_kernel(con
   for (int dn = 0; dn < D / 8; ++dn) acc[dn][0] = acc[dn][1] = acc[dn][2] = acc[dn][3] = 0.0f;
   OnlineSoftmax state[2] = {online_softmax_init(), online_softmax_init()};
 
-  // Causal: the last row of this block sees keys < m0 + BLOCK_M; later tiles are fully masked.
-  const int n_end = p.causal ? min(p.n_k, m0 + BLOCK_M) : p.n_k;
-  for (int n0 = 0; n0 < n_end; n0 += BLOCK_N) {
+  // Key tiles the window lets this block see; the others are fully masked.
+  const int n_end = visible.key_end(m0 + BLOCK_M);
+  for (int n0 = visible.key_begin(m0) / BLOCK_N * BLOCK_N; n0 < n_end; n0 += BLOCK_N) {
     block_sync();  // every warp is done with the previous K / V tile
     load_tile<BLOCK_N, D, Tile::THREADS>(sk, k, p.k_strides.row, n0, p.n_k, tid);
     load_tile<BLOCK_N, D, Tile::THREADS>(sv, v, p.v_strides.row, n0, p.n_k, tid);

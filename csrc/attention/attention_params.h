@@ -45,7 +45,16 @@ struct AttentionParams {
   int n_k = 0;
   int head_dim = 0;
   float scale = 1.0f;
-  bool causal = false;  // query i sees keys j <= i (top-left alignment)
+  bool causal = false;  // query i sees keys j <= i (top-left alignment); the same as window_right = 0
+
+  // Local windows (flash-attn's): key j is visible to query i when j - (i + off) lies in [-window_left, window_right],
+  // off = bottom_right ? n_k - n_q : 0; -1 leaves that side unbounded. ``causal`` forces window_right = 0.
+  int window_left = -1;
+  int window_right = -1;
+  bool bottom_right = false;
+  // Score cap: s = softcap * tanh(scale * q.k / softcap) before the softmax (0: off). The backward multiplies dS by
+  // 1 - tanh^2.
+  float softcap = 0.0f;
 
   // Dropout on the attention probabilities: an element is kept iff dropout_keep(seed, offset, threshold) with
   // offset = ((b * Hq + h) * Nq + i) * Nk + j; kept values are multiplied by dropout_scale = 1 / (1 - p).
