@@ -15,6 +15,7 @@ from metagpt_fast._spec import MAX_GRID_YZ
 from metagpt_fast.backends import autograd, measured
 from metagpt_fast.backends import triton as triton_backend
 from metagpt_fast.kernels.triton import attention as kernels
+from metagpt_fast.kernels.triton import attention_fused_bwd as fused_bwd
 
 
 @triton_op("metagpt_fast::triton_attention_forward", mutates_args=())
@@ -57,6 +58,15 @@ def attention_backward(
     dk = torch.empty(key.shape, dtype=key.dtype, device=key.device)
     dv = torch.empty(value.shape, dtype=value.dtype, device=value.device)
     delta = torch.empty(lse.shape[1:], dtype=torch.float32, device=lse.device)
+    # The fused 5-product backward where it has a spill-free tile, deterministic unless METAGPT_FAST_ATTENTION_BACKWARD
+    # asks for atomics; else the split kernels (kernels/triton/attention_fused_bwd.py, docs/triton-attention.md).
+    fused = fused_bwd.select(query, key, value, attn_mask, dropout_p)
+    if fused is not None:
+        fused_bwd.attention_backward(
+            grad_out, query, key, value, out, lse, attn_mask, seed, dropout_p, is_causal, scale, dq, dk, dv, delta,
+            *fused, launch=wrap_triton,
+        )  # fmt: skip
+        return dq, dk, dv
     kernels.attention_backward(
         grad_out, query, key, value, out, lse, attn_mask, seed, dropout_p, is_causal, scale, dq, dk, dv, delta,
         launch=wrap_triton,
