@@ -1,21 +1,74 @@
 // CPU emulation of the primitives in warp_primitives.cuh, so the attention kernels run without a GPU in tests.
 //
-// Compiled only with MGF_ATTENTION_EMULATION defined, by a host C++ compiler (never part of the extension). Every
-// CUDA thread of a block becomes a fiber (ucontext) on one OS thread; fibers switch only inside the block barrier
-// and the warp-collective operations (shuffle, mma), which gather all 32 lanes' operands before any lane reads the
-// result — the semantics of the real instructions, including the mma.m16n8k16 fragment layout. A barrier that can
-// never complete (a divergent __syncthreads) aborts with a message instead of hanging.
+// Compiled only with MGF_ATTENTION_EMULATION defined, by a host C++ compiler (never part of the extension; -std=c++20
+// for the test hooks below, C++17 works without them). Every CUDA thread of a block becomes a fiber (ucontext) on
+// one OS thread. The emulation is adversarial: it runs the real kernel code in schedules a GPU may produce and
+// makes the usual synchronisation mistakes visible as wrong results or as an abort with a message, instead of
+// hiding them behind a convenient order. What it guarantees:
+//
+// * Collectives. block_sync() and the warp-collective operations (warp_shfl_xor, mma_16816, ldmatrix_*) gather all
+//   32 lanes' operands before any lane gets a result, and compute the result at one instant (so an ldmatrix reads
+//   shared memory atomically for the warp), with the PTX fragment layouts. Lanes of one warp that reach different
+//   collectives (a divergent .sync.aligned instruction) abort; so does a barrier that can never complete (a divergent
+//   block_sync(), or one some threads skip by returning): "deadlock".
+// * Schedule. Fibers switch only at collectives and barriers. Between two barriers the warps run in an order drawn
+//   from a seeded PRNG: each step advances one warp (every runnable lane, in lane order, up to its next collective),
+//   and the next warp is picked at random among the runnable ones; per block the PRNG also picks how "sticky" the
+//   schedule is (a new warp every step, mostly the same warp, or each warp up to its next block barrier, in a random
+//   warp order). So a missing block_sync() — a warp reading shared data another warp has not written yet, or has
+//   already overwritten — gives wrong results for some seed. The seed is emulation::set_schedule_seed(uint64_t)
+//   (default kDefaultScheduleSeed); the schedule of a block depends only on the seed, the launch count since the seed
+//   was set and the block index, so a failing seed reproduces.
+// * Shared memory starts filled with 0xff bytes (NaN in fp16, bf16 and fp32), so a read of bytes nobody wrote shows.
+// * cp.async. cp_async_16 reads its source at issue (a zero-filled row when !valid) and queues the copy in the
+//   issuing thread's current group; cp_async_commit() closes the group; cp_async_wait<N>() lands (writes into shared
+//   memory) the thread's copies of every committed group except the newest N, cp_async_wait_all() every copy. A copy
+//   lands ONLY there, so a missing or too-weak wait reads stale bytes (the previous tile, or the 0xff fill). A copy
+//   still pending when its thread finishes the kernel aborts with a message: every copy a kernel issues must be
+//   retired by a wait (a prefetch beyond the last tile is a bug or wasted bandwidth; empty groups are fine).
+//   Addresses: the destination must be 16-byte aligned inside the block's dynamic shared memory, a valid source
+//   16-byte aligned and outside it; otherwise abort.
+// * ldmatrix. Row addresses (lanes 0-7 for x1, 0-15 for x2, all 32 for x4) must be 16-byte aligned rows inside the
+//   block's shared memory; otherwise abort.
+// * Race detector (shared memory written by cp.async and read by ldmatrix). Each byte remembers the thread whose copy
+//   last landed on it and the warps that read it with ldmatrix, per barrier epoch (the count of completed
+//   block_sync()s). A read of a byte another warp's copy landed on in the same epoch, or a copy landing on a byte
+//   another warp read, or wrote, in the same epoch, aborts with a message naming both threads — whatever the schedule.
+//   Plain C++ loads and stores of shared memory are not seen by the detector (only by the schedule).
+// * fast_exp2 is exp2f with denormal results flushed to zero (ex2.approx.ftz; the approximation error is not emulated).
+//
+// Test hooks (C++20, std::source_location): compiled with -DMGF_EMULATION_DROP_SYNC_LINE=n, the block_sync() call
+// written on source line n (of any file) does nothing; -DMGF_EMULATION_DROP_WAIT_LINE=n does the same for a
+// cp_async_wait<N>() / cp_async_wait_all() call. tests/test_cuda_emulator.py uses them to show that removing one
+// barrier or wait from a kernel makes its results wrong.
+//
+// Not emulated: timing, the hardware's mma rounding and accumulation order, memory ordering of plain global accesses
+// between blocks (blocks run one after another), and intra-warp races of plain loads/stores between collectives
+// (the lanes of a warp run in lane order there).
 #pragma once
 
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <ucontext.h>
 
 #include <algorithm>
 #include <cmath>
 #include <functional>
+#include <memory>
+#include <type_traits>
 #include <vector>
+
+#if __cplusplus >= 202002L && __has_include(<source_location>)
+#include <source_location>
+#define MGF_EMULATION_HAS_SOURCE_LOCATION 1
+#else
+#define MGF_EMULATION_HAS_SOURCE_LOCATION 0
+#if defined(MGF_EMULATION_DROP_SYNC_LINE) || defined(MGF_EMULATION_DROP_WAIT_LINE)
+#error "MGF_EMULATION_DROP_SYNC_LINE / MGF_EMULATION_DROP_WAIT_LINE need -std=c++20 (std::source_location)"
+#endif
+#endif
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -29,24 +82,71 @@ namespace metagpt_fast {
 namespace attention {
 namespace emulation {
 
+constexpr uint64_t kDefaultScheduleSeed = 0x9e3779b97f4a7c15ull;
+
 struct Dim3 {
   int x = 1, y = 1, z = 1;
 };
 
+[[noreturn]] inline void fail(const char* message) {
+  fprintf(stderr, "emulation: %s\n", message);
+  fflush(stderr);
+  abort();
+}
+
+inline uint64_t splitmix64(uint64_t& state) {
+  uint64_t z = (state += 0x9e3779b97f4a7c15ull);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+struct ScheduleSeed {
+  uint64_t seed = kDefaultScheduleSeed;
+  uint64_t launches = 0;  // kernel launches since the seed was set
+};
+
+inline ScheduleSeed& schedule_seed() {
+  static ScheduleSeed s;
+  return s;
+}
+
+// Sets the seed of the warp schedule (and restarts the launch count it is mixed with).
+inline void set_schedule_seed(uint64_t seed) {
+  schedule_seed().seed = seed;
+  schedule_seed().launches = 0;
+}
+
 enum class FiberState { kRunnable, kWaitWarp, kWaitBlock, kDone };
+
+struct PendingCopy {
+  char* dst;
+  uint64_t group;
+  unsigned char bytes[16];
+};
 
 struct Fiber {
   ucontext_t context;
-  std::vector<char> stack;
+  char* stack = nullptr;
   FiberState state = FiberState::kRunnable;
+  std::vector<PendingCopy> pending;  // cp.async copies not landed yet, in issue order
+  uint64_t committed = 0;            // groups committed; the open group's number
 };
+
+// What a lane is doing at a warp collective (all 32 lanes must agree): 1 shuffle, 2 mma, 10 + 2 * NUM + TRANS
+// ldmatrix .xNUM[.trans].
+constexpr int kShuffle = 1, kMma = 2;
+constexpr int ldmatrix_kind(int num, bool trans) { return 10 + 2 * num + (trans ? 1 : 0); }
 
 // Operands of one warp-collective operation, one slot per lane. Two slots alternate: a lane can only write slot s
 // again after the next operation's barrier, which every lane reaches only after reading slot s.
 struct WarpExchange {
+  int kind[32];
   uint32_t a[32][4];
   uint32_t b[32][2];
   float value[32];
+  const void* ptr[32];
+  uint32_t result[32][4];
 };
 
 struct Warp {
@@ -55,12 +155,24 @@ struct Warp {
   WarpExchange slots[2];
 };
 
+// Per-byte access record of the race detector (see the header comment).
+struct ByteRecord {
+  int32_t writer = -1;  // thread whose cp.async copy last landed here
+  uint32_t write_epoch = 0;
+  uint32_t read_epoch = 0;
+  uint32_t readers = 0;  // bit w: warp w read it with ldmatrix in read_epoch
+};
+
 struct Block {
   Dim3 index;
   int threads = 0;
+  size_t shared_bytes = 0;
   std::vector<char> shared;
+  char* shared_base = nullptr;  // 16-byte aligned start of the dynamic shared memory
   std::vector<Fiber> fibers;
   std::vector<Warp> warps;
+  std::vector<ByteRecord> records;  // allocated at the first tracked access
+  uint32_t epoch = 1;               // completed block barriers + 1
   int block_arrived = 0;
   int current = 0;
   ucontext_t scheduler;
@@ -70,6 +182,16 @@ struct Block {
 inline Block*& current_block() {
   static thread_local Block* block = nullptr;
   return block;
+}
+
+inline Fiber& current_fiber() { return current_block()->fibers[current_block()->current]; }
+
+// Fiber stacks, reused from block to block (allocating and zeroing 256 stacks per block is most of a small launch).
+constexpr size_t kFiberStackBytes = 256 * 1024;
+inline char* fiber_stack(int i) {
+  static thread_local std::vector<std::unique_ptr<char[]>> stacks;
+  while (static_cast<int>(stacks.size()) <= i) stacks.emplace_back(new char[kFiberStackBytes]);
+  return stacks[i].get();
 }
 
 inline void fiber_entry() {
@@ -84,53 +206,153 @@ inline void yield_to_scheduler() {
   swapcontext(&block.fibers[block.current].context, &block.scheduler);
 }
 
+inline bool in_shared(const Block& block, const void* p, size_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  return c >= block.shared_base && c + bytes <= block.shared_base + block.shared_bytes;
+}
+
+inline ByteRecord* records_at(Block& block, const char* p) {
+  if (block.records.empty()) block.records.resize(block.shared_bytes);
+  return block.records.data() + (p - block.shared_base);
+}
+
+// Race detector: warp ``warp`` reads [p, p + bytes) with ldmatrix.
+inline void track_read(Block& block, int warp, const char* p, size_t bytes) {
+  ByteRecord* r = records_at(block, p);
+  for (size_t i = 0; i < bytes; ++i) {
+    if (r[i].writer >= 0 && r[i].write_epoch == block.epoch && (r[i].writer >> 5) != warp) {
+      char message[256];
+      snprintf(message, sizeof message,
+               "shared-memory race in block (%d, %d, %d): warp %d reads (ldmatrix) byte %zu that thread %d's cp.async "
+               "landed on with no block_sync() in between",
+               block.index.x, block.index.y, block.index.z, warp, static_cast<size_t>(p + i - block.shared_base),
+               r[i].writer);
+      fail(message);
+    }
+    if (r[i].read_epoch != block.epoch) {
+      r[i].read_epoch = block.epoch;
+      r[i].readers = 0;
+    }
+    r[i].readers |= 1u << warp;
+  }
+}
+
+// Race detector: thread ``thread``'s cp.async copy lands on [p, p + 16).
+inline void track_write(Block& block, int thread, const char* p) {
+  ByteRecord* r = records_at(block, p);
+  const int warp = thread >> 5;
+  for (size_t i = 0; i < 16; ++i) {
+    const char* what = nullptr;
+    int other = -1;
+    if (r[i].read_epoch == block.epoch && (r[i].readers & ~(1u << warp)) != 0) {
+      what = "read (ldmatrix) by warp";
+      other = __builtin_ctz(r[i].readers & ~(1u << warp));
+    } else if (r[i].writer >= 0 && r[i].write_epoch == block.epoch && (r[i].writer >> 5) != warp) {
+      what = "written (cp.async) by thread";
+      other = r[i].writer;
+    }
+    if (what != nullptr) {
+      char message[256];
+      snprintf(message, sizeof message,
+               "shared-memory race in block (%d, %d, %d): thread %d's cp.async lands on byte %zu, %s %d with no "
+               "block_sync() in between",
+               block.index.x, block.index.y, block.index.z, thread, static_cast<size_t>(p + i - block.shared_base),
+               what, other);
+      fail(message);
+    }
+    r[i].writer = thread;
+    r[i].write_epoch = block.epoch;
+  }
+}
+
 // Runs ``body`` once per thread of a block of ``threads`` threads with ``shared_bytes`` of shared memory.
 inline void run_block(Dim3 index, int threads, size_t shared_bytes, const std::function<void()>& body) {
-  if (threads % 32 != 0) {
-    fprintf(stderr, "emulation: block of %d threads is not whole warps\n", threads);
+  if (threads % 32 != 0 || threads <= 0 || threads > 1024) {
+    fprintf(stderr, "emulation: block of %d threads is not 1 to 32 whole warps\n", threads);
     abort();
   }
   Block block;
   block.index = index;
   block.threads = threads;
-  block.shared.assign(shared_bytes + 16, 0);
+  block.shared_bytes = shared_bytes;
+  block.shared.assign(shared_bytes + 16, static_cast<char>(0xff));
+  const uintptr_t raw = reinterpret_cast<uintptr_t>(block.shared.data());
+  block.shared_base = block.shared.data() + (16 - raw % 16) % 16;
   block.fibers.resize(threads);
   block.warps.resize(threads / 32);
   block.body = body;
   Block* previous = current_block();
   current_block() = &block;
-  constexpr size_t kStackBytes = 256 * 1024;
   for (int i = 0; i < threads; ++i) {
     Fiber& f = block.fibers[i];
-    f.stack.resize(kStackBytes);
+    f.stack = fiber_stack(i);
     getcontext(&f.context);
-    f.context.uc_stack.ss_sp = f.stack.data();
-    f.context.uc_stack.ss_size = f.stack.size();
+    f.context.uc_stack.ss_sp = f.stack;
+    f.context.uc_stack.ss_size = kFiberStackBytes;
     f.context.uc_link = &block.scheduler;
     makecontext(&f.context, fiber_entry, 0);
   }
-  // Warp by warp, lane by lane; a fiber runs until it waits at a barrier or finishes.
+  // The schedule: this block's PRNG, from the seed, the launch count and the block index.
+  uint64_t rng = schedule_seed().seed ^ (schedule_seed().launches * 0xd1b54a32d192ed03ull);
+  rng ^= splitmix64(rng) + ((static_cast<uint64_t>(index.z) << 42) ^ (static_cast<uint64_t>(index.y) << 21) ^
+                            static_cast<uint64_t>(index.x));
+  splitmix64(rng);
+  // Stickiness (out of 8): the chance that the warp that just ran runs again. 8: up to its next block barrier.
+  static constexpr int kStickiness[4] = {0, 4, 7, 8};
+  const int sticky = kStickiness[splitmix64(rng) % 4];
+  const int n_warps = threads / 32;
+  int last = -1;
+  std::vector<int> runnable;
+  runnable.reserve(n_warps);
   for (;;) {
-    bool progress = false, all_done = true;
-    for (int w = 0; w < threads / 32; ++w) {
-      bool warp_progress = true;
-      while (warp_progress) {
-        warp_progress = false;
-        for (int lane = 0; lane < 32; ++lane) {
-          const int i = w * 32 + lane;
-          if (block.fibers[i].state == FiberState::kRunnable) {
-            block.current = i;
-            swapcontext(&block.scheduler, &block.fibers[i].context);
-            warp_progress = progress = true;
-          }
+    runnable.clear();
+    for (int w = 0; w < n_warps; ++w) {
+      for (int lane = 0; lane < 32; ++lane) {
+        if (block.fibers[w * 32 + lane].state == FiberState::kRunnable) {
+          runnable.push_back(w);
+          break;
         }
       }
     }
-    for (const Fiber& f : block.fibers) all_done = all_done && f.state == FiberState::kDone;
-    if (all_done) break;
-    if (!progress) {
-      fprintf(stderr, "emulation: deadlock in block (%d, %d, %d): a barrier is not reached by every thread\n",
-              index.x, index.y, index.z);
+    if (runnable.empty()) {
+      int done = 0, at_block = 0, at_warp = 0;
+      for (const Fiber& f : block.fibers) {
+        done += f.state == FiberState::kDone;
+        at_block += f.state == FiberState::kWaitBlock;
+        at_warp += f.state == FiberState::kWaitWarp;
+      }
+      if (done == threads) break;
+      fprintf(stderr,
+              "emulation: deadlock in block (%d, %d, %d): a barrier is not reached by every thread (%d threads at "
+              "block_sync, %d at a warp collective, %d finished)\n",
+              index.x, index.y, index.z, at_block, at_warp, done);
+      abort();
+    }
+    const bool last_runnable = last >= 0 && std::find(runnable.begin(), runnable.end(), last) != runnable.end();
+    int w;
+    if (last_runnable && (sticky == 8 || static_cast<int>(splitmix64(rng) % 8) < sticky)) {
+      w = last;
+    } else {
+      w = runnable[splitmix64(rng) % runnable.size()];
+    }
+    last = w;
+    // One step: every runnable lane of warp w, in lane order, up to its next collective (or barrier, or the end).
+    for (int lane = 0; lane < 32; ++lane) {
+      const int i = w * 32 + lane;
+      if (block.fibers[i].state == FiberState::kRunnable) {
+        block.current = i;
+        swapcontext(&block.scheduler, &block.fibers[i].context);
+      }
+    }
+  }
+  for (int i = 0; i < threads; ++i) {
+    const Fiber& f = block.fibers[i];
+    if (!f.pending.empty()) {
+      fprintf(stderr,
+              "emulation: thread %d of block (%d, %d, %d) finished with %zu cp.async copies never retired by a "
+              "cp_async_wait (the first to shared byte %zu)\n",
+              i, index.x, index.y, index.z, f.pending.size(),
+              static_cast<size_t>(f.pending.front().dst - block.shared_base));
       abort();
     }
   }
@@ -143,21 +365,38 @@ void launch(Kernel kernel, Dim3 grid, int threads, size_t shared_bytes, const Ar
   for (int z = 0; z < grid.z; ++z)
     for (int y = 0; y < grid.y; ++y)
       for (int x = 0; x < grid.x; ++x) run_block(Dim3{x, y, z}, threads, shared_bytes, [&] { kernel(args...); });
+  ++schedule_seed().launches;
 }
 
 inline int lane() { return current_block()->current & 31; }
 inline Warp& warp() { return current_block()->warps[current_block()->current >> 5]; }
 
-// Waits until all 32 lanes of the warp arrived; returns the exchange slot of this operation.
+// This lane's exchange slot for the next warp-collective operation.
 inline WarpExchange& warp_slot() {
   Warp& w = warp();
   return w.slots[w.parity];
 }
 
-inline void warp_barrier() {
+// Waits until all 32 lanes of the warp arrived with the same ``kind``; the last lane to arrive runs
+// ``complete(slot)`` (every lane's operands are in the slot) before any lane continues.
+template <typename Complete>
+inline void warp_collective(int kind, Complete&& complete) {
   Block& block = *current_block();
   Warp& w = warp();
+  WarpExchange& slot = w.slots[w.parity];
+  slot.kind[lane()] = kind;
   if (++w.arrived == 32) {
+    for (int l = 0; l < 32; ++l) {
+      if (slot.kind[l] != slot.kind[0]) {
+        char message[200];
+        snprintf(message, sizeof message,
+                 "warp %d of block (%d, %d, %d): lanes 0 and %d reached different warp-collective operations "
+                 "(%d, %d: 1 shuffle, 2 mma, 10 + 2 x + trans ldmatrix .x[.trans])",
+                 block.current >> 5, block.index.x, block.index.y, block.index.z, l, slot.kind[0], slot.kind[l]);
+        fail(message);
+      }
+    }
+    complete(slot);
     w.arrived = 0;
     w.parity ^= 1;
     const int base = block.current & ~31;
@@ -175,12 +414,97 @@ float unpack(uint32_t pair, int half) {
   const uint16_t bits = static_cast<uint16_t>(half ? pair >> 16 : pair & 0xffffu);
   T value;
   static_assert(sizeof(T) == 2, "16-bit element");
-  *reinterpret_cast<uint16_t*>(&value) = bits;
+  memcpy(static_cast<void*>(&value), &bits, 2);
   if constexpr (std::is_same<T, __half>::value) {
     return __half2float(value);
   } else {
     return __bfloat162float(value);
   }
+}
+
+// ldmatrix .x<NUM>[.trans] for the whole warp, from the row addresses in ``slot`` (see warp_primitives.cuh).
+template <int NUM, bool TRANS>
+inline void ldmatrix_gather(Block& block, WarpExchange& slot) {
+  const int warp = block.current >> 5;
+  for (int row = 0; row < 8 * NUM; ++row) {
+    const char* p = static_cast<const char*>(slot.ptr[row]);
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0 || !in_shared(block, p, 16)) {
+      char message[200];
+      snprintf(message, sizeof message,
+               "ldmatrix in warp %d of block (%d, %d, %d): lane %d's row address %p is not a 16-byte aligned row of "
+               "the block's shared memory",
+               warp, block.index.x, block.index.y, block.index.z, row, static_cast<const void*>(p));
+      fail(message);
+    }
+    track_read(block, warp, p, 16);
+  }
+  for (int l = 0; l < 32; ++l) {
+    const int g = l >> 2, t = l & 3;
+    for (int i = 0; i < NUM; ++i) {
+      uint16_t lo, hi;
+      if (!TRANS) {  // row g, columns 2t and 2t + 1 of matrix i
+        const char* p = static_cast<const char*>(slot.ptr[8 * i + g]) + 4 * t;
+        memcpy(&lo, p, 2);
+        memcpy(&hi, p + 2, 2);
+      } else {  // rows 2t and 2t + 1, column g
+        memcpy(&lo, static_cast<const char*>(slot.ptr[8 * i + 2 * t]) + 2 * g, 2);
+        memcpy(&hi, static_cast<const char*>(slot.ptr[8 * i + 2 * t + 1]) + 2 * g, 2);
+      }
+      slot.result[l][i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+    }
+  }
+}
+
+template <int NUM, bool TRANS>
+inline void ldmatrix(uint32_t (&r)[NUM], const void* row) {
+  WarpExchange& slot = warp_slot();
+  const int me = lane();
+  slot.ptr[me] = row;
+  warp_collective(ldmatrix_kind(NUM, TRANS), [](WarpExchange& s) { ldmatrix_gather<NUM, TRANS>(*current_block(), s); });
+  for (int i = 0; i < NUM; ++i) r[i] = slot.result[me][i];
+}
+
+// Lands every pending copy of ``fiber`` whose group is below ``group_end``.
+inline void land_copies(Block& block, Fiber& fiber, uint64_t group_end) {
+  size_t kept = 0;
+  for (size_t i = 0; i < fiber.pending.size(); ++i) {
+    PendingCopy& c = fiber.pending[i];
+    if (c.group < group_end) {
+      track_write(block, block.current, c.dst);
+      memcpy(c.dst, c.bytes, 16);
+    } else {
+      fiber.pending[kept++] = c;
+    }
+  }
+  fiber.pending.resize(kept);
+}
+
+#if MGF_EMULATION_HAS_SOURCE_LOCATION
+using SourceLocation = std::source_location;
+#define MGF_EMULATION_HERE = std::source_location::current()
+#else
+struct SourceLocation {
+  static constexpr uint32_t line() { return 0; }
+};
+#define MGF_EMULATION_HERE = ::metagpt_fast::attention::emulation::SourceLocation()
+#endif
+
+inline bool dropped_sync(const SourceLocation& where) {
+#if defined(MGF_EMULATION_DROP_SYNC_LINE)
+  return where.line() == static_cast<uint32_t>(MGF_EMULATION_DROP_SYNC_LINE);
+#else
+  (void)where;
+  return false;
+#endif
+}
+
+inline bool dropped_wait(const SourceLocation& where) {
+#if defined(MGF_EMULATION_DROP_WAIT_LINE)
+  return where.line() == static_cast<uint32_t>(MGF_EMULATION_DROP_WAIT_LINE);
+#else
+  (void)where;
+  return false;
+#endif
 }
 
 }  // namespace emulation
@@ -191,16 +515,15 @@ inline int thread_index() { return emulation::current_block()->current; }
 inline int block_index_x() { return emulation::current_block()->index.x; }
 inline int block_index_y() { return emulation::current_block()->index.y; }
 inline int block_index_z() { return emulation::current_block()->index.z; }
-inline char* dynamic_shared_memory() {
-  char* base = emulation::current_block()->shared.data();
-  return base + (16 - reinterpret_cast<uintptr_t>(base) % 16) % 16;
-}
+inline char* dynamic_shared_memory() { return emulation::current_block()->shared_base; }
 
-inline void block_sync() {
+inline void block_sync(emulation::SourceLocation where MGF_EMULATION_HERE) {
   using namespace emulation;
+  if (dropped_sync(where)) return;
   Block& block = *current_block();
   if (++block.block_arrived == block.threads) {
     block.block_arrived = 0;
+    ++block.epoch;
     for (Fiber& f : block.fibers) {
       if (f.state == FiberState::kWaitBlock) f.state = FiberState::kRunnable;
     }
@@ -214,7 +537,7 @@ inline float warp_shfl_xor(float value, int mask) {
   using namespace emulation;
   WarpExchange& slot = warp_slot();
   slot.value[lane()] = value;
-  warp_barrier();
+  warp_collective(kShuffle, [](WarpExchange&) {});
   return slot.value[lane() ^ mask];
 }
 
@@ -227,7 +550,7 @@ void mma_16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   const int me = lane();
   std::copy(a, a + 4, slot.a[me]);
   std::copy(b, b + 2, slot.b[me]);
-  warp_barrier();
+  warp_collective(kMma, [](WarpExchange&) {});
   const int g = me >> 2, t = me & 3;
   for (int e = 0; e < 4; ++e) {
     const int row = g + 8 * (e >> 1), col = 2 * t + (e & 1);
@@ -240,6 +563,71 @@ void mma_16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
     }
     c[e] += sum;
   }
+}
+
+// cp.async.cg.shared.global of 16 bytes, queued in this thread's open group; lands at the wait that retires it.
+inline void cp_async_16(void* shared_dst, const void* global_src, bool valid) {
+  using namespace emulation;
+  Block& block = *current_block();
+  char* dst = static_cast<char*>(shared_dst);
+  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || !in_shared(block, dst, 16)) {
+    char message[200];
+    snprintf(message, sizeof message,
+             "cp_async_16 by thread %d of block (%d, %d, %d): destination %p is not 16 aligned bytes of the block's "
+             "shared memory",
+             block.current, block.index.x, block.index.y, block.index.z, shared_dst);
+    fail(message);
+  }
+  PendingCopy copy;
+  copy.dst = dst;
+  copy.group = current_fiber().committed;
+  if (valid) {
+    if (reinterpret_cast<uintptr_t>(global_src) % 16 != 0 || in_shared(block, global_src, 1)) {
+      char message[200];
+      snprintf(message, sizeof message,
+               "cp_async_16 by thread %d of block (%d, %d, %d): source %p is not a 16-byte aligned global address",
+               block.current, block.index.x, block.index.y, block.index.z, global_src);
+      fail(message);
+    }
+    memcpy(copy.bytes, global_src, 16);
+  } else {
+    memset(copy.bytes, 0, 16);
+  }
+  current_fiber().pending.push_back(copy);
+}
+
+inline void cp_async_commit() { ++emulation::current_fiber().committed; }
+
+// Lands this thread's copies of every committed group but the newest N.
+template <int N>
+inline void cp_async_wait(emulation::SourceLocation where MGF_EMULATION_HERE) {
+  using namespace emulation;
+  static_assert(N >= 0, "cp.async.wait_group N >= 0");
+  if (dropped_wait(where)) return;
+  Fiber& f = current_fiber();
+  if (f.committed >= static_cast<uint64_t>(N)) land_copies(*current_block(), f, f.committed - N);
+}
+
+// Lands every copy of this thread, committed or not (wait_all also closes the open group).
+inline void cp_async_wait_all(emulation::SourceLocation where MGF_EMULATION_HERE) {
+  using namespace emulation;
+  if (dropped_wait(where)) return;
+  Fiber& f = current_fiber();
+  ++f.committed;
+  land_copies(*current_block(), f, f.committed);
+}
+
+inline void ldmatrix_x1(uint32_t (&r)[1], const void* row) { emulation::ldmatrix<1, false>(r, row); }
+inline void ldmatrix_x2(uint32_t (&r)[2], const void* row) { emulation::ldmatrix<2, false>(r, row); }
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) { emulation::ldmatrix<4, false>(r, row); }
+inline void ldmatrix_x2_trans(uint32_t (&r)[2], const void* row) { emulation::ldmatrix<2, true>(r, row); }
+inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) { emulation::ldmatrix<4, true>(r, row); }
+
+// ex2.approx.ftz.f32: exp2f with a denormal result flushed to zero (the input is flushed too).
+inline float fast_exp2(float x) {
+  if (std::fpclassify(x) == FP_SUBNORMAL) x = 0.0f;
+  const float y = exp2f(x);
+  return std::fpclassify(y) == FP_SUBNORMAL ? 0.0f : y;
 }
 
 }  // namespace attention

@@ -1,8 +1,8 @@
 // The few warp-level primitives the attention kernels use, in one place.
 //
 // The kernels touch hardware only through these functions (thread/block indices, __syncthreads, a shuffle inside a
-// quad of lanes, the m16n8k16 tensor-core mma and fp16/bf16 packing). Shared memory is read and written with plain
-// loads and stores — no ldmatrix, no cp.async — so the kernels are also plain C++: compiled with
+// quad of lanes, the m16n8k16 tensor-core mma, ldmatrix, cp.async, ex2.approx and fp16/bf16 packing). Shared memory is read and written with plain
+// loads and stores, or through ldmatrix and cp.async below — so the kernels are also plain C++: compiled with
 // MGF_ATTENTION_EMULATION defined (by a host compiler), attention_emulation.h supplies these primitives by running
 // every CUDA thread of a block as a fiber on the CPU, and the test suite executes the real kernel code without a GPU.
 //
@@ -63,6 +63,79 @@ MGF_DEV void mma_16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], con
       "{%0, %1, %2, %3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// ---- asynchronous global -> shared copies (sm_80+), PTX ISA "cp.async" / "cp.async.commit_group" /
+// "cp.async.wait_group". A copy is visible to the issuing thread only after the wait that retires its group, and to
+// other threads only after that wait AND a block_sync(); the emulation enforces exactly that.
+
+// cp.async.cg.shared.global, 16 bytes (both addresses 16-byte aligned). valid == false: src-size 0, so the 16 shared
+// bytes are zero-filled and global_src is not read (it may point anywhere, e.g. past the end of a tensor).
+MGF_DEV void cp_async_16(void* shared_dst, const void* global_src, bool valid) {
+  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(shared_dst));
+  const int src_bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(global_src), "r"(src_bytes)
+               : "memory");
+}
+
+// Closes this thread's current group of copies (cp.async.commit_group); an empty group is allowed.
+MGF_DEV void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+// Waits until at most N of this thread's most recent committed groups are pending (cp.async.wait_group N).
+// Copies issued after the last commit are not waited for.
+template <int N>
+MGF_DEV void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// Waits for every copy of this thread, committed or not (cp.async.wait_all).
+MGF_DEV void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+
+// ---- ldmatrix (sm_75+), PTX ISA "ldmatrix": warp-collective loads of 8x8 b16 matrices from shared memory.
+// ``row`` is THIS lane's row address: lanes 8i..8i+7 give the 8 row addresses of matrix i (x1 uses lanes 0-7, x2
+// lanes 0-15; the other lanes' addresses are ignored). Each row is 16 contiguous bytes, 16-byte aligned. Lane l
+// receives in r[i] the elements (l/4, 2*(l%4)) and (l/4, 2*(l%4)+1) of matrix i, lower column in the low half;
+// .trans: the elements (2*(l%4), l/4) and (2*(l%4)+1, l/4). Every lane of the warp must execute it (.sync.aligned).
+// So an x4 over the four 8x8 quadrants of a row-major 16x16 tile (lanes 0-15: rows 0-15 at column 0, lanes 16-31:
+// rows 0-15 at column 8) gives exactly the mma A fragment a[0..3]; an x2 over a B tile stored n-major (row n holds
+// k contiguous, as K for Q K^T; lanes 0-7: n 0-7 at k 0, lanes 8-15: n 0-7 at k 8) gives b[0..1]; and an x2 .trans
+// over a B tile stored k-major (row k holds n contiguous, as V for P V; lanes 0-15: rows k 0-15) gives b[0..1].
+
+MGF_DEV uint32_t shared_address(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
+
+MGF_DEV void ldmatrix_x1(uint32_t (&r)[1], const void* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(shared_address(row)));
+}
+
+MGF_DEV void ldmatrix_x2(uint32_t (&r)[2], const void* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(shared_address(row)));
+}
+
+MGF_DEV void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(shared_address(row)));
+}
+
+MGF_DEV void ldmatrix_x2_trans(uint32_t (&r)[2], const void* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(shared_address(row)));
+}
+
+MGF_DEV void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(shared_address(row)));
+}
+
+// 2^x, ex2.approx.ftz.f32 (max relative error 2^-22; denormal inputs and results flushed to zero).
+MGF_DEV float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
 }
 
 }  // namespace attention
