@@ -103,4 +103,7 @@ int mgf_emulated_attention_backward(int bf16, const void* grad_out, const void* 
               : metagpt_fast::attention::backward_any_head_dim<__half>(p, EmulatedLaunch{});
 }
 
+// Seed of the emulation's warp schedule (attention_emulation.h); every seed is a schedule a GPU may produce.
+void mgf_emulation_set_seed(uint64_t seed) { metagpt_fast::attention::emulation::set_schedule_seed(seed); }
+
 }  // extern "C"
