@@ -666,7 +666,7 @@ def _compile_emulation(tmp_dir: Path) -> ctypes.CDLL:
         pytest.skip("needs a host C++ compiler and the CUDA headers (cuda_fp16.h) to run the emulation")
     library = tmp_dir / "attention_emulation.so"
     subprocess.run(
-        [cxx, "-std=c++17", "-O2", "-shared", "-fPIC", "-DMGF_ATTENTION_EMULATION",
+        [cxx, "-std=c++20", "-O2", "-shared", "-fPIC", "-DMGF_ATTENTION_EMULATION",
          f"-I{ROOT / 'csrc' / 'attention'}", f"-I{ROOT / 'csrc' / 'include'}", f"-I{cuda_home / 'include'}",
          str(ROOT / "csrc" / "attention" / "attention_emulation.cc"), "-o", str(library)],
         check=True, capture_output=True, timeout=600,
