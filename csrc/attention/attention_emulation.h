@@ -17,8 +17,8 @@
 //   schedule is (a new warp every step, mostly the same warp, or each warp up to its next block barrier, in a random
 //   warp order). So a missing block_sync() — a warp reading shared data another warp has not written yet, or has
 //   already overwritten — gives wrong results for some seed. The seed is emulation::set_schedule_seed(uint64_t)
-//   (default kDefaultScheduleSeed); the schedule of a block depends only on the seed, the launch count since the seed
-//   was set and the block index, so a failing seed reproduces.
+//   (initially $MGF_EMULATION_SEED if set, else kDefaultScheduleSeed); the schedule of a block depends only on the
+//   seed, the launch count since the seed was set and the block index, so a failing seed reproduces.
 // * Shared memory starts filled with 0xff bytes (NaN in fp16, bf16 and fp32), so a read of bytes nobody wrote shows.
 // * cp.async. cp_async_16 reads its source at issue (a zero-filled row when !valid) and queues the copy in the
 //   issuing thread's current group; cp_async_commit() closes the group; cp_async_wait<N>() lands (writes into shared
@@ -30,11 +30,14 @@
 //   16-byte aligned and outside it; otherwise abort.
 // * ldmatrix. Row addresses (lanes 0-7 for x1, 0-15 for x2, all 32 for x4) must be 16-byte aligned rows inside the
 //   block's shared memory; otherwise abort.
-// * Race detector (shared memory written by cp.async and read by ldmatrix). Each byte remembers the thread whose copy
-//   last landed on it and the warps that read it with ldmatrix, per barrier epoch (the count of completed
-//   block_sync()s). A read of a byte another warp's copy landed on in the same epoch, or a copy landing on a byte
-//   another warp read, or wrote, in the same epoch, aborts with a message naming both threads — whatever the schedule.
-//   Plain C++ loads and stores of shared memory are not seen by the detector (only by the schedule).
+// * Race detector (shared memory written by cp.async, read by ldmatrix), deterministic whatever the schedule. Each
+//   byte remembers the thread with a copy onto it still pending, the thread whose copy last landed on it, and the
+//   warps that read it with ldmatrix, per barrier epoch (the count of completed block_sync()s). These abort with a
+//   message naming both threads: an ldmatrix of a byte with a pending copy (a missing wait, whoever issued it); an
+//   ldmatrix of a byte another warp's copy landed on in the same epoch (a missing block_sync() after the wait); a copy
+//   issued or landing onto a byte another warp read or wrote in the same epoch, or with another thread's copy onto it
+//   pending (a missing block_sync() before a buffer is refilled: on the GPU the copy may land at any time after its
+//   issue). Plain C++ loads and stores of shared memory are not seen by the detector, only by the schedule.
 // * fast_exp2 is exp2f with denormal results flushed to zero (ex2.approx.ftz; the approximation error is not emulated).
 //
 // Test hooks (C++20, std::source_location): compiled with -DMGF_EMULATION_DROP_SYNC_LINE=n, the block_sync() call
@@ -106,8 +109,14 @@ struct ScheduleSeed {
   uint64_t launches = 0;  // kernel launches since the seed was set
 };
 
+// The seed starts as $MGF_EMULATION_SEED when set (so a whole test run can be repeated under other schedules),
+// kDefaultScheduleSeed otherwise.
 inline ScheduleSeed& schedule_seed() {
-  static ScheduleSeed s;
+  static ScheduleSeed s = [] {
+    ScheduleSeed first;
+    if (const char* env = getenv("MGF_EMULATION_SEED")) first.seed = strtoull(env, nullptr, 0);
+    return first;
+  }();
   return s;
 }
 
@@ -157,7 +166,8 @@ struct Warp {
 
 // Per-byte access record of the race detector (see the header comment).
 struct ByteRecord {
-  int32_t writer = -1;  // thread whose cp.async copy last landed here
+  int32_t writer = -1;   // thread whose cp.async copy last landed here
+  int32_t pending = -1;  // thread with a cp.async copy onto this byte issued and not landed yet
   uint32_t write_epoch = 0;
   uint32_t read_epoch = 0;
   uint32_t readers = 0;  // bit w: warp w read it with ldmatrix in read_epoch
@@ -216,18 +226,30 @@ inline ByteRecord* records_at(Block& block, const char* p) {
   return block.records.data() + (p - block.shared_base);
 }
 
+[[noreturn]] inline void race(const Block& block, const char* p, const char* what) {
+  char message[400];
+  snprintf(message, sizeof message, "shared-memory race in block (%d, %d, %d) at shared byte %zu: %s", block.index.x,
+           block.index.y, block.index.z, static_cast<size_t>(p - block.shared_base), what);
+  fail(message);
+}
+
 // Race detector: warp ``warp`` reads [p, p + bytes) with ldmatrix.
 inline void track_read(Block& block, int warp, const char* p, size_t bytes) {
   ByteRecord* r = records_at(block, p);
+  char what[300];
   for (size_t i = 0; i < bytes; ++i) {
+    if (r[i].pending >= 0) {
+      snprintf(what, sizeof what,
+               "warp %d reads it (ldmatrix) while thread %d's cp.async onto it is pending (no cp_async_wait retired "
+               "it)",
+               warp, r[i].pending);
+      race(block, p + i, what);
+    }
     if (r[i].writer >= 0 && r[i].write_epoch == block.epoch && (r[i].writer >> 5) != warp) {
-      char message[256];
-      snprintf(message, sizeof message,
-               "shared-memory race in block (%d, %d, %d): warp %d reads (ldmatrix) byte %zu that thread %d's cp.async "
-               "landed on with no block_sync() in between",
-               block.index.x, block.index.y, block.index.z, warp, static_cast<size_t>(p + i - block.shared_base),
-               r[i].writer);
-      fail(message);
+      snprintf(what, sizeof what,
+               "warp %d reads it (ldmatrix) after thread %d's cp.async landed on it with no block_sync() in between",
+               warp, r[i].writer);
+      race(block, p + i, what);
     }
     if (r[i].read_epoch != block.epoch) {
       r[i].read_epoch = block.epoch;
@@ -237,31 +259,37 @@ inline void track_read(Block& block, int warp, const char* p, size_t bytes) {
   }
 }
 
-// Race detector: thread ``thread``'s cp.async copy lands on [p, p + 16).
-inline void track_write(Block& block, int thread, const char* p) {
+// Race detector: thread ``thread`` issues (landing == false) or lands a cp.async copy onto [p, p + 16). A copy may
+// land any time between its issue and its wait, so both must not meet another warp's access of the same epoch.
+inline void track_write(Block& block, int thread, const char* p, bool landing) {
   ByteRecord* r = records_at(block, p);
   const int warp = thread >> 5;
+  char what[300];
   for (size_t i = 0; i < 16; ++i) {
-    const char* what = nullptr;
-    int other = -1;
     if (r[i].read_epoch == block.epoch && (r[i].readers & ~(1u << warp)) != 0) {
-      what = "read (ldmatrix) by warp";
-      other = __builtin_ctz(r[i].readers & ~(1u << warp));
-    } else if (r[i].writer >= 0 && r[i].write_epoch == block.epoch && (r[i].writer >> 5) != warp) {
-      what = "written (cp.async) by thread";
-      other = r[i].writer;
+      snprintf(what, sizeof what,
+               "thread %d's cp.async %s onto it after warp %d read it (ldmatrix) with no block_sync() in between",
+               thread, landing ? "lands" : "is issued", __builtin_ctz(r[i].readers & ~(1u << warp)));
+      race(block, p + i, what);
     }
-    if (what != nullptr) {
-      char message[256];
-      snprintf(message, sizeof message,
-               "shared-memory race in block (%d, %d, %d): thread %d's cp.async lands on byte %zu, %s %d with no "
-               "block_sync() in between",
-               block.index.x, block.index.y, block.index.z, thread, static_cast<size_t>(p + i - block.shared_base),
-               what, other);
-      fail(message);
+    if (r[i].pending >= 0 && r[i].pending != thread) {
+      snprintf(what, sizeof what, "thread %d's cp.async %s onto it while thread %d's copy onto it is pending", thread,
+               landing ? "lands" : "is issued", r[i].pending);
+      race(block, p + i, what);
     }
-    r[i].writer = thread;
-    r[i].write_epoch = block.epoch;
+    if (r[i].writer >= 0 && r[i].write_epoch == block.epoch && (r[i].writer >> 5) != warp) {
+      snprintf(what, sizeof what,
+               "thread %d's cp.async %s onto it after thread %d's copy landed on it with no block_sync() in between",
+               thread, landing ? "lands" : "is issued", r[i].writer);
+      race(block, p + i, what);
+    }
+    if (landing) {
+      r[i].pending = -1;
+      r[i].writer = thread;
+      r[i].write_epoch = block.epoch;
+    } else {
+      r[i].pending = thread;
+    }
   }
 }
 
@@ -470,7 +498,7 @@ inline void land_copies(Block& block, Fiber& fiber, uint64_t group_end) {
   for (size_t i = 0; i < fiber.pending.size(); ++i) {
     PendingCopy& c = fiber.pending[i];
     if (c.group < group_end) {
-      track_write(block, block.current, c.dst);
+      track_write(block, block.current, c.dst, true);
       memcpy(c.dst, c.bytes, 16);
     } else {
       fiber.pending[kept++] = c;
@@ -593,6 +621,7 @@ inline void cp_async_16(void* shared_dst, const void* global_src, bool valid) {
   } else {
     memset(copy.bytes, 0, 16);
   }
+  track_write(block, block.current, dst, false);
   current_fiber().pending.push_back(copy);
 }
 

@@ -1,0 +1,325 @@
+"""The CPU emulation of the CUDA warp primitives (csrc/attention/attention_emulation.h) against the PTX semantics, and
+proof that it catches what a GPU would: a removed barrier or cp.async wait makes results wrong or aborts.
+
+csrc/attention/emulation_selftest.cc holds small test-only kernels written against warp_primitives.cuh; it is built
+with the host compiler and -DMGF_ATTENTION_EMULATION (C++20) and driven through ctypes. Kernels the emulation must
+refuse abort the process with an "emulation: ..." message, so those run in a subprocess. The slow tests rebuild the
+self-test kernels, and the real attention kernels (attention_emulation.cc), with one block_sync() or cp.async wait
+removed by the emulation's test hooks (-DMGF_EMULATION_DROP_SYNC_LINE / _WAIT_LINE) and check they fail for some
+schedule seed, while the unmodified build passes for every seed. Skipped without a compiler or the CUDA headers.
+"""
+
+import ctypes
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+ATTENTION = ROOT / "csrc" / "attention"
+SEEDS = (1, 2, 3, 4, 5, 6, 7, 8)
+
+
+def _build(tmp_dir: Path, source: Path, name: str, defines: tuple[str, ...] = ()) -> Path:
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("g++")
+    cuda_home = Path(os.environ.get("CUDA_HOME") or "/usr/local/cuda")
+    if cxx is None or not (cuda_home / "include" / "cuda_fp16.h").exists():
+        pytest.skip("needs a host C++ compiler and the CUDA headers (cuda_fp16.h) to run the emulation")
+    library = tmp_dir / f"{name}.so"
+    proc = subprocess.run(
+        [cxx, "-std=c++20", "-O2", "-shared", "-fPIC", "-DMGF_ATTENTION_EMULATION", *(f"-D{d}" for d in defines),
+         f"-I{ATTENTION}", f"-I{ROOT / 'csrc' / 'include'}", f"-I{cuda_home / 'include'}", str(source),
+         "-o", str(library)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"{source.name} failed to compile:\n{proc.stderr[-4000:]}"
+    return library
+
+
+@pytest.fixture(scope="module")
+def selftest_path(tmp_path_factory):
+    return _build(tmp_path_factory.mktemp("emulator"), ATTENTION / "emulation_selftest.cc", "selftest")
+
+
+@pytest.fixture(scope="module")
+def selftest(selftest_path):
+    lib = ctypes.CDLL(str(selftest_path))
+    lib.mgf_selftest_set_seed.argtypes = [ctypes.c_uint64]
+    lib.mgf_selftest_fast_exp2.argtypes = [ctypes.c_float]
+    lib.mgf_selftest_fast_exp2.restype = ctypes.c_float
+    return lib
+
+
+def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def _source_line(path: Path, marker: str) -> int:
+    """The 1-based line of ``path`` that contains ``marker`` (exactly one)."""
+    lines = [i for i, line in enumerate(path.read_text().splitlines(), 1) if marker in line]
+    assert len(lines) == 1, (path.name, marker, lines)
+    return lines[0]
+
+
+# Runs ``body`` (Python source using ``lib``) in a fresh interpreter, so an emulation abort cannot take pytest down.
+_ISOLATED = """
+import ctypes, json, sys
+lib = ctypes.CDLL(sys.argv[1])
+{body}
+"""
+
+
+def _isolated(library: Path, body: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    code = _ISOLATED.format(body=textwrap.dedent(body))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT)]))
+    return subprocess.run([sys.executable, "-c", code, str(library)], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------------ semantics
+
+
+def _expected_ldmatrix(num: int, trans: bool) -> list[list[int]]:
+    """PTX ldmatrix .x<num>[.trans] over the tile of (r << 8) | c, with the selftest's quadrant row addresses: matrix
+    i starts at row 8 (i % 2), column 8 (i // 2)."""
+    tile = [[(r << 8) | c for c in range(16)] for r in range(16)]
+    out = []
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        regs = []
+        for i in range(num):
+            r0, c0 = 8 * (i % 2), 8 * (i // 2)
+            if trans:
+                lo, hi = tile[r0 + 2 * t][c0 + g], tile[r0 + 2 * t + 1][c0 + g]
+            else:
+                lo, hi = tile[r0 + g][c0 + 2 * t], tile[r0 + g][c0 + 2 * t + 1]
+            regs.append(lo | (hi << 16))
+        out.append(regs)
+    return out
+
+
+def test_ldmatrix_follows_the_ptx_fragment_layout(selftest):
+    """x1/x2/x4 and .trans give every lane the elements PTX specifies (x1/x2 ignore lanes 8-31/16-31's addresses,
+    which are misaligned and outside shared memory), and x4 / x2 / x2.trans equal the mma A and B fragments that
+    load_a / load_b build from the same tile (the layout documented in warp_primitives.cuh)."""
+    out = (ctypes.c_uint32 * (5 * 32 * 4))()
+    mismatches = (ctypes.c_int * 3)()
+    assert selftest.mgf_selftest_ldmatrix(out, mismatches) == 0
+    for v, (num, trans) in enumerate([(1, False), (2, False), (4, False), (2, True), (4, True)]):
+        got = [[out[(v * 32 + lane) * 4 + i] for i in range(num)] for lane in range(32)]
+        assert got == _expected_ldmatrix(num, trans), f"ldmatrix x{num}{'.trans' if trans else ''}"
+    assert list(mismatches) == [0, 0, 0], "ldmatrix x4 / x2 / x2.trans against load_a / load_b (n-major / k-major)"
+
+
+def test_cp_async_lands_only_at_the_wait_that_retires_its_group(selftest):
+    src = torch.randint(0, 255, (2, 64, 16), dtype=torch.uint8)
+    out = torch.zeros(64, 5, 3, 16, dtype=torch.uint8)
+    assert selftest.mgf_selftest_cp_async(_ptr(src), _ptr(out)) == 0
+    fill, zero = torch.full((16,), 0xFF, dtype=torch.uint8), torch.zeros(16, dtype=torch.uint8)
+    for tid in range(64):
+        row0, row1 = src[0, tid], src[1, tid]
+        seen = out[tid]
+        expected = [
+            (fill, fill, fill),  # issued and committed, not waited for: shared memory still holds the 0xff fill
+            (row0, fill, fill),  # wait<1>: group 0 landed, group 1 (the newest) pending
+            (row0, row1, fill),  # wait<0>: both groups; the uncommitted zero-fill copy is not waited for
+            (row0, row1, zero),  # wait_all: everything, the !valid copy zero-filled
+        ]
+        for point, rows in enumerate(expected):
+            for r in range(3):
+                assert torch.equal(seen[point, r], rows[r]), (tid, point, r)
+        other = tid ^ 32  # another warp's rows, after its wait_all and a block_sync
+        for r, rows in enumerate((src[0, other], src[1, other], zero)):
+            assert torch.equal(seen[4, r], rows), (tid, "other warp", r)
+
+
+def test_a_missing_barrier_gives_wrong_results_for_some_seed(selftest):
+    """Two warps read each other's plain shared-memory stores: with the block_sync() every seed is right; without it
+    the seeded schedule makes some seeds read the 0xff fill (NaN), not all. The same seed gives the same schedule."""
+    expected = torch.tensor([float((tid ^ 32) + 1) for tid in range(64)])
+
+    def run(with_barrier, seed):
+        out = torch.zeros(64)
+        selftest.mgf_selftest_set_seed(seed)
+        assert selftest.mgf_selftest_barrier(with_barrier, _ptr(out)) == 0
+        return out
+
+    for seed in SEEDS:
+        assert torch.equal(run(1, seed), expected), seed
+    without = {seed: run(0, seed) for seed in SEEDS}
+    wrong = [seed for seed, out in without.items() if not torch.equal(out, expected)]
+    assert wrong, "no seed caught the missing barrier"
+    assert len(wrong) < len(SEEDS), "every seed failed: the schedule is not what varies"
+    torch.testing.assert_close(run(0, wrong[0]), without[wrong[0]], rtol=0, atol=0, equal_nan=True)
+
+
+def _pipeline_inputs(k: int):
+    gen = torch.Generator().manual_seed(k)
+    a = torch.randn(64, k, generator=gen).half()
+    b = torch.randn(k, 32, generator=gen).half()
+    return a, b, a.float() @ b.float()
+
+
+@pytest.mark.parametrize("k", [72, 96])  # 72: the last K tile is 8 of 32 columns, the rest zero-filled
+def test_cp_async_pipeline_with_ldmatrix_and_mma_matches_matmul(selftest, k):
+    a, b, reference = _pipeline_inputs(k)
+    for seed in SEEDS[:4]:
+        c = torch.full((64, 32), float("nan"))
+        selftest.mgf_selftest_set_seed(seed)
+        assert selftest.mgf_selftest_pipeline(_ptr(a), _ptr(b), _ptr(c), k) == 0
+        # Products of fp16 values are exact in fp32; only the order of the fp32 sums differs from torch's.
+        torch.testing.assert_close(c, reference, rtol=1e-5, atol=1e-4, msg=f"seed {seed}")
+
+
+def test_fast_exp2_is_exp2_with_denormals_flushed(selftest):
+    for x in (0.0, 1.0, -3.5, 10.25, -126.0):
+        assert selftest.mgf_selftest_fast_exp2(x) == pytest.approx(2.0**x, rel=1e-6)
+    assert selftest.mgf_selftest_fast_exp2(-130.0) == 0.0  # 2^-130 is denormal: flushed
+    assert selftest.mgf_selftest_fast_exp2(float("-inf")) == 0.0
+    assert selftest.mgf_selftest_fast_exp2(float("inf")) == float("inf")
+
+
+@pytest.mark.parametrize(
+    "which,message",
+    [
+        (0, "ldmatrix in warp 0 of block (0, 0, 0): lane 0's row address"),
+        (1, "finished with 1 cp.async copies never retired by a cp_async_wait"),
+        (2, "lanes 0 and 1 reached different warp-collective operations"),
+        (3, "is not 16 aligned bytes of the block's shared memory"),
+    ],
+    ids=["ldmatrix-misaligned", "cp-async-never-waited", "divergent-collective", "cp-async-to-global"],
+)
+def test_the_emulation_aborts_on_what_the_hardware_forbids(selftest_path, which, message):
+    proc = _isolated(
+        selftest_path,
+        f"""
+        buf = (ctypes.c_uint8 * 4096)()
+        src = ctypes.addressof(buf) + (-ctypes.addressof(buf)) % 16
+        lib.mgf_selftest_error({which}, ctypes.c_void_p(src))
+        """,
+    )
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+
+
+# -------------------------------------------------------------- removing a wait or a barrier must fail (slow)
+
+_PIPELINE_SEEDS = """
+import torch
+from test_cuda_emulator import _pipeline_inputs
+a, b, reference = _pipeline_inputs(96)
+lib.mgf_selftest_set_seed.argtypes = [ctypes.c_uint64]
+for seed in {seeds}:
+    c = torch.full((64, 32), float("nan"))
+    lib.mgf_selftest_set_seed(seed)
+    lib.mgf_selftest_pipeline(ctypes.c_void_p(a.data_ptr()), ctypes.c_void_p(b.data_ptr()),
+                              ctypes.c_void_p(c.data_ptr()), 96)
+    print(json.dumps([seed, bool(torch.allclose(c, reference, rtol=1e-5, atol=1e-4))]), flush=True)
+"""
+
+
+@pytest.mark.slow  # one build of the self-test kernels per removed line
+@pytest.mark.parametrize(
+    "kind,marker,caught",
+    [
+        ("WAIT", "PIPELINE_WAIT", "while thread"),  # ldmatrix of bytes whose copy is still pending
+        ("SYNC", "PIPELINE_SYNC_AFTER_WAIT", "shared-memory race"),  # another warp's copy, same epoch
+        ("SYNC", "PIPELINE_SYNC_BEFORE_REFILL", "shared-memory race"),  # a refill of a buffer still being read
+    ],
+    ids=["no-wait", "no-barrier-after-wait", "no-barrier-before-refill"],
+)
+def test_selftest_pipeline_without_one_wait_or_barrier_fails(tmp_path, kind, marker, caught):
+    """The cp.async + ldmatrix pipeline with one wait or block_sync() removed aborts with the race detector's message
+    (whatever the seed: the detector does not depend on the schedule); the unmodified build passes every seed (the
+    quick test above)."""
+    line = _source_line(ATTENTION / "emulation_selftest.cc", marker)
+    library = _build(
+        tmp_path, ATTENTION / "emulation_selftest.cc", "dropped", (f"MGF_EMULATION_DROP_{kind}_LINE={line}",)
+    )
+    for seed in SEEDS[:3]:
+        proc = _isolated(library, _PIPELINE_SEEDS.format(seeds=[seed]))
+        assert proc.returncode != 0 and caught in proc.stderr, (seed, proc.stdout, proc.stderr[-2000:])
+
+
+# The real attention kernels, forward and backward, for several schedule seeds (through test_attention's helpers).
+_ATTENTION_SEEDS = """
+import math
+import torch
+import test_attention as ta
+lib.mgf_emulation_set_seed.argtypes = [ctypes.c_uint64]
+b, hq, hk, nq, nk, d, dtype = 1, 2, 2, 150, 150, 64, torch.float16
+torch.manual_seed(0)
+q, k, v = ta._make_inputs(b, hq, hk, nq, nk, d, dtype, "cpu", transposed=False)
+grad_out = torch.randn(b, hq, nq, d).to(dtype)
+scale = 1.0 / math.sqrt(d)
+reference = ta._references(q, k, v, None, 0.0, False, scale, grad_out, None)
+for seed in {seeds}:
+    lib.mgf_emulation_set_seed(seed)
+    *fast, lse = ta.emulated_forward_backward(lib, q, k, v, None, 0.0, False, scale, ta.SEED, grad_out, ta.SM90)
+    try:
+        ta._check_parity(fast, reference, f"seed {{seed}}")
+        ok = True
+    except AssertionError:
+        ok = False
+    print(json.dumps([seed, ok]), flush=True)
+"""
+
+
+def _forward_kernel_source() -> tuple[Path, list[str]]:
+    """The file that defines the forward kernel the launch templates use, and the lines of that kernel's body."""
+    launch = (ATTENTION / "attention_launch.cuh").read_text()
+    candidates = [ATTENTION / "forward_kernel.cuh"] if '"forward_kernel.cuh"' in launch else []
+    candidates.append(ATTENTION / "attention_kernels.cuh")
+    for path in candidates:
+        lines = path.read_text().splitlines()
+        starts = [i for i, line in enumerate(lines) if re.search(r"MGF_KERNEL .*attention_forward\w*kernel\(", line)]
+        if starts:
+            start = starts[0]
+            end = next(i for i in range(start, len(lines)) if lines[i] == "}")
+            return path, [lines[i] if start <= i <= end else "" for i in range(len(lines))]
+    raise AssertionError("no forward kernel found in csrc/attention")
+
+
+def _run_attention(library: Path, seeds) -> tuple[subprocess.CompletedProcess, dict[int, bool]]:
+    proc = _isolated(library, _ATTENTION_SEEDS.format(seeds=list(seeds)), timeout=300)
+    results = {json.loads(line)[0]: json.loads(line)[1] for line in proc.stdout.splitlines() if line.startswith("[")}
+    return proc, results
+
+
+@pytest.fixture(scope="module")
+def attention_build_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("attention_emulation")
+
+
+@pytest.mark.slow  # builds the attention emulation twice and runs it for four seeds each
+@pytest.mark.parametrize("kind", ["SYNC", "WAIT"])
+def test_real_forward_kernel_without_one_barrier_or_wait_fails(attention_build_dir, kind):
+    """The unmodified attention emulation matches the reference for every seed; with the forward kernel's
+    block_sync() after its tile loads (or its first cp.async wait) removed, some seed fails: wrong results, or an
+    emulation abort (race detector)."""
+    path, body = _forward_kernel_source()
+    call = "block_sync()" if kind == "SYNC" else "cp_async_wait"
+    lines = [i for i, line in enumerate(body, 1) if call in line and not line.strip().startswith("//")]
+    if not lines:
+        pytest.skip(f"the forward kernel ({path.name}) has no {call} yet")
+    # The barrier that publishes a freshly loaded tile: the first block_sync() after a load or wait.
+    line = lines[1] if kind == "SYNC" and len(lines) > 1 and "done with" in body[lines[0] - 1] else lines[0]
+    seeds = SEEDS[:4]
+    control = attention_build_dir / "attention_emulation.so"
+    if not control.exists():
+        _build(attention_build_dir, ATTENTION / "attention_emulation.cc", "attention_emulation")
+    proc, results = _run_attention(control, seeds)
+    assert proc.returncode == 0 and all(results.get(s) for s in seeds), (results, proc.stderr[-3000:])
+    dropped = _build(attention_build_dir, ATTENTION / "attention_emulation.cc", f"dropped_{kind.lower()}",
+                     (f"MGF_EMULATION_DROP_{kind}_LINE={line}",))  # fmt: skip
+    proc, results = _run_attention(dropped, seeds)
+    aborted = proc.returncode != 0 and "emulation: " in proc.stderr
+    assert aborted or not all(results.get(s) for s in seeds), (
+        f"{path.name}:{line} ({body[line - 1].strip()}) removed, yet every seed matched the reference: {results}"
+    )
