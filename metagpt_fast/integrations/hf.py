@@ -45,6 +45,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from metagpt_fast.integrations import hf_alibi
+from metagpt_fast.integrations.hf_alibi import patch_alibi as patch_alibi
+from metagpt_fast.integrations.hf_alibi import unpatch_alibi as unpatch_alibi
 from metagpt_fast.ops import apply_rotary, linear_cross_entropy, scaled_dot_product_attention
 from metagpt_fast.ops.flash import flash_attn_func, flash_attn_varlen_func
 from metagpt_fast.ops.kvcache import flash_attn_with_kvcache
@@ -402,6 +405,12 @@ def _sliding_window_mask_skippable(
     return isinstance(got, torch.Tensor) and got.shape == expected.shape and bool((got == expected).all())
 
 
+def _eager_mask():
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    return ALL_MASK_ATTENTION_FUNCTIONS["eager"]
+
+
 def _mask_builder(sdpa_mask):
     """transformers' sdpa mask builder, refusing models whose attention never reaches :func:`attention_forward`.
 
@@ -414,10 +423,13 @@ def _mask_builder(sdpa_mask):
     def mask(*args, **kwargs):
         config = kwargs.get("config")
         model_type = getattr(config, "model_type", None)
+        if isinstance(model_type, str) and hf_alibi.is_patched(model_type):
+            return _eager_mask()(*args, **kwargs)  # the patched ALiBi attention reads eager's masks
         if isinstance(model_type, str) and not torch.compiler.is_compiling() and not _dispatches_attention(model_type):
+            hint = f"hf.patch_alibi({model_type!r}) serves it, or use" if model_type in hf_alibi.MODEL_TYPES else "use"
             raise ValueError(
                 f"attn_implementation={NAME!r}: {model_type!r} models compute attention in their own code, not "
-                "through transformers' AttentionInterface, so metagpt_fast would never run; use 'eager' or 'sdpa'"
+                f"through transformers' AttentionInterface, so metagpt_fast would never run; {hint} 'eager' or 'sdpa'"
             )
         if not args and _sliding_window_mask_skippable(**kwargs):
             return None  # attention_forward applies the window through the flash-attention op
