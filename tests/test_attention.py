@@ -718,7 +718,8 @@ def emulated_forward_backward(lib, q, k, v, mask, dropout_p, causal, scale, seed
     rc = lib.mgf_emulated_attention_backward(
         bf16, _ptr(grad_out), _ptr(q), _ptr(k), _ptr(v), _ptr(out), _ptr(lse), mask_ptr, _ptr(dq), _ptr(dk), _ptr(dv),
         _ptr(delta), _strides(q, k, v, out, grad_out, dq, dk, dv), mask_strides, sizes, ctypes.c_float(scale),
-        int(causal), ctypes.c_double(dropout_p), _ptr(seed_t), shared_per_sm,
+        int(causal), ctypes.c_double(dropout_p), _ptr(seed_t), shared_per_sm, (ctypes.c_int * 3)(-1, -1, 0),
+        ctypes.c_float(0.0),
     )  # fmt: skip
     assert rc == 0
     return out, dq, dk, dv, lse

@@ -22,9 +22,10 @@ struct EmulatedLaunch {
 
 TensorStrides strides_at(const int64_t* s) { return TensorStrides{s[0], s[1], s[2]}; }
 
-// sizes: B, Hq, Hk, Nq, Nk, D.
+// sizes: B, Hq, Hk, Nq, Nk, D; window: left, right, bottom_right (null: unbounded, top-left).
 AttentionParams base_params(const int* sizes, float scale, int causal, double dropout_p, const int64_t* seed,
-                            const bool* mask, const int64_t* mask_strides, int shared_memory_per_sm) {
+                            const bool* mask, const int64_t* mask_strides, int shared_memory_per_sm, const int* window,
+                            float softcap) {
   AttentionParams p;
   p.batch = sizes[0];
   p.heads_q = sizes[1];
@@ -46,6 +47,12 @@ AttentionParams base_params(const int* sizes, float scale, int causal, double dr
   p.dropout_scale = p.dropout ? static_cast<float>(1.0 / (1.0 - dropout_p)) : 1.0f;
   p.seed = seed;
   p.shared_memory_per_sm = shared_memory_per_sm;
+  if (window != nullptr) {
+    p.window_left = window[0];
+    p.window_right = window[1];
+    p.bottom_right = window[2] != 0;
+  }
+  p.softcap = softcap;
   return p;
 }
 
@@ -53,12 +60,14 @@ AttentionParams base_params(const int* sizes, float scale, int causal, double dr
 
 extern "C" {
 
-// strides: q, k, v, out (3 each: batch, head, row); mask_strides: 4 (batch, head, query, key).
+// strides: q, k, v, out (3 each: batch, head, row); mask_strides: 4 (batch, head, query, key); window: 3 ints
+// (left, right, bottom_right) or null; softcap: 0 for none.
 int mgf_emulated_attention_forward(int bf16, const void* q, const void* k, const void* v, void* out, float* lse,
                                    const bool* mask, const int64_t* strides, const int64_t* mask_strides,
                                    const int* sizes, float scale, int causal, double dropout_p, const int64_t* seed,
-                                   int shared_memory_per_sm) {
-  AttentionParams p = base_params(sizes, scale, causal, dropout_p, seed, mask, mask_strides, shared_memory_per_sm);
+                                   int shared_memory_per_sm, const int* window, float softcap) {
+  AttentionParams p = base_params(sizes, scale, causal, dropout_p, seed, mask, mask_strides, shared_memory_per_sm,
+                                  window, softcap);
   p.q = q;
   p.k = k;
   p.v = v;
@@ -73,13 +82,17 @@ int mgf_emulated_attention_forward(int bf16, const void* q, const void* k, const
               : metagpt_fast::attention::forward_any_head_dim<__half>(p, EmulatedLaunch{});
 }
 
-// strides: q, k, v, out, grad_out, grad_q, grad_k, grad_v (3 each).
+// strides: q, k, v, out, grad_out, grad_q, grad_k, grad_v (3 each); window and softcap as for the forward.
 int mgf_emulated_attention_backward(int bf16, const void* grad_out, const void* q, const void* k, const void* v,
                                     const void* out, float* lse, const bool* mask, void* grad_q, void* grad_k,
                                     void* grad_v, float* delta, const int64_t* strides, const int64_t* mask_strides,
                                     const int* sizes, float scale, int causal, double dropout_p, const int64_t* seed,
-                                    int shared_memory_per_sm) {
+                                    int shared_memory_per_sm, const int* window, float softcap) {
   AttentionParams p = base_params(sizes, scale, causal, dropout_p, seed, mask, mask_strides, shared_memory_per_sm);
+  p.window_left = window[0];  // window: left, right, bottom_right (flash-attn's windows; -1 unbounded)
+  p.window_right = window[1];
+  p.bottom_right = window[2] != 0;
+  p.softcap = softcap;
   p.q = q;
   p.k = k;
   p.v = v;
