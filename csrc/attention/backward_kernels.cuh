@@ -189,7 +189,7 @@ struct DqTile {
 // ---------------------------------------------------------------------------------------------------------------
 // dK, dV. Grid: (ceil(Nk / BLOCK_N), Hk, B).
 template <typename T, typename Tile>
-MGF_KERNEL void MGF_LAUNCH_BOUNDS(Tile::THREADS, 1) attention_backward_dkdv_kernel(const AttentionParams p) {
+MGF_KERNEL void MGF_LAUNCH_BOUNDS(Tile::THREADS, 2) attention_backward_dkdv_kernel(const AttentionParams p) {
   constexpr int D = Tile::D, BLOCK_M = Tile::BLOCK_M, BLOCK_N = Tile::BLOCK_N, STAGES = Tile::STAGES;
   constexpr int THREADS = Tile::THREADS;
   const int tid = thread_index(), lane = tid & 31, warp = tid >> 5, t = lane & 3;
@@ -306,7 +306,7 @@ MGF_KERNEL void MGF_LAUNCH_BOUNDS(Tile::THREADS, 1) attention_backward_dkdv_kern
 // ---------------------------------------------------------------------------------------------------------------
 // dQ. Grid: (ceil(Nq / BLOCK_M), Hq, B).
 template <typename T, typename Tile>
-MGF_KERNEL void MGF_LAUNCH_BOUNDS(Tile::THREADS, 1) attention_backward_dq_kernel(const AttentionParams p) {
+MGF_KERNEL void MGF_LAUNCH_BOUNDS(Tile::THREADS, 2) attention_backward_dq_kernel(const AttentionParams p) {
   constexpr int D = Tile::D, BLOCK_M = Tile::BLOCK_M, BLOCK_N = Tile::BLOCK_N, STAGES = Tile::STAGES;
   constexpr int THREADS = Tile::THREADS;
   const int tid = thread_index(), lane = tid & 31, warp = tid >> 5, t = lane & 3;
