@@ -1,184 +1,264 @@
-"""The CUDA attention kernels compile for sm_80 and sm_90 without register spills (no GPU needed).
+"""The CUDA attention kernels' static figures and gates for sm_80 and sm_90 (no GPU needed).
 
-Each csrc/attention/*.cu is compiled with nvcc for both architectures (``-Xptxas -v``); the test prints registers,
-shared memory and spill bytes per kernel and fails on a compile error or any spill. Dynamic shared memory per launch
-(what the launch templates request, per head dim and architecture) comes from the launch templates themselves,
-compiled on the host with a launcher that records instead of launching. Skipped when nvcc is missing.
+Every csrc/attention/*.cu is compiled by nvcc for both architectures and its SASS read with cuobjdump
+(``metagpt_fast.devtools.cuda_attention``); the launch templates are compiled on the host with a launcher that records
+each launch (kernel, threads, dynamic shared memory) instead of launching. The report prints, per kernel and arch:
+registers, spills, threads, shared memory per CTA, CTAs per SM and what limits them, the HMMA / LDS / LDSM / LDGSTS /
+LDG / STS counts and (LDS + LDSM) per HMMA of the whole kernel and of its main loop. The gates of
+``cuda_attention.GATES`` are one test each: no kernel missing from the SASS or the ptxas log, no spills, at least one
+CTA per SM, ldmatrix and cp.async loads in the forward, dK/dV and dQ kernels, and at most 1.5 (forward) / 1.75 (dK/dV,
+dQ) shared-memory loads per HMMA. The gates themselves are checked on canned rows (quick tier), so none passes by
+construction. Compiling is the slow tier; skipped when nvcc is missing.
 """
 
-import os
-import re
-import shutil
-import subprocess
-import tempfile
-from concurrent.futures import ThreadPoolExecutor
+import importlib.util
+import io
+import json
 from pathlib import Path
 
 import pytest
 
+from metagpt_fast.devtools import cuda_attention as cuda
 from metagpt_fast.devtools import sass
 
 ROOT = Path(__file__).resolve().parents[1]
-ATTENTION = ROOT / "csrc" / "attention"
-INCLUDE = ROOT / "csrc" / "include"
-ARCHS = (80, 90)
-# Shared memory per SM (bytes) of the parts the launch templates distinguish.
-SHARED_PER_SM = {"sm_80 (A100)": 167936, "sm_86/89 (100 KB)": 102400, "sm_90 (H100/H200)": 233472}
+NVCC = cuda.find_nvcc()
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (set CUDA_HOME)")
+# slow: nvcc compiles every kernel for two architectures (about a minute on 2 cores).
+compiled = [pytest.mark.slow, needs_nvcc]
 
-
-def _nvcc() -> str | None:
-    home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
-    candidate = Path(home) / "bin" / "nvcc"
-    return str(candidate) if candidate.exists() else shutil.which("nvcc")
-
-
-NVCC = _nvcc()
-# slow: nvcc compiles every kernel for two architectures (over a minute on 2 cores).
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(NVCC is None, reason="nvcc not found (set CUDA_HOME)")]
-
-
-def _demangle(names: list[str]) -> dict[str, str]:
-    cxxfilt = shutil.which("c++filt")
-    if cxxfilt is None:
-        return {n: n for n in names}
-    out = subprocess.run([cxxfilt], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
-    short = [re.sub(r"metagpt_fast::attention::|\(.*\)$|void ", "", s) for s in out]
-    return dict(zip(names, short, strict=True))
-
-
-def _compile(source: Path) -> tuple[Path, str, float]:
-    import time
-
-    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS]
-    with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        proc = subprocess.run(
-            [
-                NVCC,
-                "-std=c++17",
-                "-O3",
-                f"-I{INCLUDE}",
-                *gencode,
-                "-Xptxas",
-                "-v",
-                "-c",
-                str(source),
-                "-o",
-                os.path.join(tmp, "kernel.o"),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        elapsed = time.perf_counter() - start
-    assert proc.returncode == 0, f"{source.name} failed to compile:\n{proc.stderr[-4000:]}"
-    return source, proc.stderr, elapsed
-
-
-def _parse(ptxas: str) -> list[dict]:
-    return [
-        dict(kernel=k.function, arch=int(k.arch.removeprefix("sm_")), registers=k.registers, static_smem=k.shared,
-             stack=k.stack, spill_stores=k.spill_stores, spill_loads=k.spill_loads)
-        for k in sass.parse_ptxas(ptxas)
-    ]  # fmt: skip
+# Kernels whose rewrite (issue 17: ldmatrix fragment loads, cp.async multi-stage copies, swizzled shared tiles) is not
+# committed yet: the mma.sync kernels of attention_kernels.cuh load every fragment register with its own LDS.32
+# (3-3.8 LDS per HMMA) and copy tiles with LDG + STS. Their gates are expected to fail (strict: a pass is reported, so
+# the mark is removed as soon as the new kernel lands).
+PENDING = {
+    "forward": "the forward kernel still loads fragments with LDS.32 and tiles with LDG+STS (issue 17 rewrite pending)",
+    "dkdv": "the dK/dV kernel still loads fragments with LDS.32 and tiles with LDG+STS (issue 17 rewrite pending)",
+    "dq": "the dQ kernel still loads fragments with LDS.32 and tiles with LDG+STS (issue 17 rewrite pending)",
+}
+# Kernels compiled but launched on none of the parts the templates tell apart, with the reason (a documented
+# allowance, as for spills): forward<T, 64>'s narrow tile is the fallback for parts where two wide CTAs do not fit,
+# and at D = 64 two wide CTAs (2 x 36 KB) fit on every sm_80+ part.
+ALLOWED_UNLAUNCHED = {
+    "attention_forward_kernel<__half,ForwardTile<64,64,64,4>>",
+    "attention_forward_kernel<__nv_bfloat16,ForwardTile<64,64,64,4>>",
+}
 
 
 @pytest.fixture(scope="module")
-def ptxas_report():
-    sources = sorted(ATTENTION.glob("*.cu"))
-    assert sources, "no .cu files under csrc/attention"
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        results = list(pool.map(_compile, sources))
-    rows = []
-    for source, log, elapsed in results:
-        print(f"{source.name}: compiled for sm_{', sm_'.join(map(str, ARCHS))} in {elapsed:.0f} s")
-        rows += _parse(log)
-    names = _demangle(sorted({r["kernel"] for r in rows}))
-    for r in sorted(rows, key=lambda r: (names[r["kernel"]], r["arch"])):
-        print(
-            f"  sm_{r['arch']} {names[r['kernel']]}: {r.get('registers')} registers, {r.get('static_smem')} B static "
-            f"smem, {r.get('stack')} B stack, {r.get('spill_stores')} / {r.get('spill_loads')} B spill stores / loads"
-        )
+def report():
+    rows, lines = cuda.stats_rows(ROOT, jobs=2, nvcc=NVCC)
+    for line in lines:
+        print(line)
+    for row in rows:
+        print("  " + cuda.format_row(row))
     return rows
 
 
-def test_every_kernel_compiles_for_sm80_and_sm90(ptxas_report):
-    kernels = {r["kernel"] for r in ptxas_report}
+def _gate(rows, gate):
+    failures = cuda.gate_failures(rows, gate)
+    assert not failures, "\n".join(failures)
+
+
+def _slow(fn):
+    for mark in compiled:
+        fn = mark(fn)
+    return fn
+
+
+@_slow
+def test_every_kernel_compiles_for_sm80_and_sm90(report):
+    kernels = {r["kernel"] for r in report}
     for kernel in kernels:
-        assert {r["arch"] for r in ptxas_report if r["kernel"] == kernel} == set(ARCHS), kernel
-    for family in (
-        "attention_forward_kernel",
-        "attention_backward_dkdv_kernel",
-        "attention_backward_dq_kernel",
-        "attention_backward_delta_kernel",
-    ):
-        assert any(family in k for k in kernels), f"no {family} instantiated"
-    # {fp16, bf16} x {64, 128} x {wide, narrow} forward tiles, {fp16, bf16} x {64, 128} dK/dV and dQ, 2 delta.
-    assert len(kernels) == 8 + 4 + 4 + 2
+        assert {r["arch"] for r in report if r["kernel"] == kernel} == set(cuda.ARCHS), kernel
+    assert {r["role"] for r in report} == {"forward", "dkdv", "dq", "delta"}, sorted(kernels)
+    assert {r["dtype"] for r in report} == {"fp16", "bf16"}
+    _gate(report, "compile")
 
 
-def test_no_register_spills(ptxas_report):
-    spilling = [r for r in ptxas_report if r["stack"] or r["spill_stores"] or r["spill_loads"]]
-    assert not spilling, spilling
-    assert all(r["registers"] <= 255 for r in ptxas_report)
+@_slow
+def test_every_compiled_kernel_is_launched(report):
+    """A kernel the launch templates never launch is dead code (or launched in a form the recorder cannot name)."""
+    assert set(cuda.unlaunched(report)) <= ALLOWED_UNLAUNCHED
 
 
-_SHAPES_PROGRAM = r"""
-#include <cstdio>
-#include <typeinfo>
-#include "attention_launch.cuh"
-using namespace metagpt_fast::attention;
-struct Record {
-  const char* what;
-  template <typename Kernel>
-  int operator()(Kernel, const LaunchShape& s, const AttentionParams& p) const {
-    std::printf("%s D=%d: %d threads, %d B dynamic shared memory\n", what, p.head_dim, s.threads, s.shared_bytes);
-    return 0;
-  }
-};
-int main(int argc, char** argv) {
-  AttentionParams p;
-  p.batch = p.heads_q = p.heads_k = 1;
-  p.n_q = p.n_k = 128;
-  p.shared_memory_per_sm = std::atoi(argv[1]);
-  for (int d : {64, 128}) {
-    p.head_dim = d;
-    forward_any_head_dim<__half>(p, Record{"forward"});
-    backward_any_head_dim<__half>(p, Record{"backward (delta, dK/dV, dQ)"});
-  }
-}
+@_slow
+def test_no_register_spills(report):
+    _gate(report, "spills")
+    assert all(r["registers"] <= 255 for r in report)
+
+
+@_slow
+def test_at_least_one_cta_per_sm(report):
+    _gate(report, "fits")
+    launched = [r for r in report if r["launched_on"]]
+    assert launched and all(r["ctas_per_sm"] >= 1 for r in launched)
+
+
+@_slow
+def test_launch_shapes_fit_shared_memory(report):
+    """Shared memory per CTA (static + dynamic) of each launch fits the per-block opt-in limit of each part that
+    launches it: 1 KB below the part's shared memory per SM."""
+    for row in report:
+        for part in row["launched_on"]:
+            assert row["smem_per_cta"] <= cuda.LAUNCH_PARTS[part] - cuda.RESERVED_SHARED_PER_CTA, (part, row["kernel"])
+
+
+def _by_role():
+    """One case per kernel role, expected to fail (strictly) while the role's rewrite is pending."""
+    params = []
+    for role in cuda.ASYNC_ROLES:
+        marks = [pytest.mark.xfail(strict=True, reason=PENDING[role])] if role in PENDING else []
+        params.append(pytest.param(role, marks=marks, id=role))
+    return pytest.mark.parametrize("role", params)
+
+
+@_slow
+@_by_role()
+def test_tiles_load_with_ldmatrix_and_cp_async(report, role):
+    rows = [r for r in report if r["role"] == role]
+    assert rows
+    _gate(rows, "async_loads")
+
+
+@_slow
+@_by_role()
+def test_shared_loads_per_hmma_within_limit(report, role):
+    rows = [r for r in report if r["role"] == role]
+    assert rows
+    _gate(rows, "lds_per_hmma")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the gates and the figures on canned input (no compiler)
+
+GOOD = {
+    "kernel": "attention_forward_kernel<__half,ForwardTile<128,128,64,8>>", "arch": 80, "role": "forward",
+    "dtype": "fp16", "registers": 200, "stack": 0, "spill_stores": 0, "spill_loads": 0, "spill_bytes": 0,
+    "threads": 256, "smem_per_cta": 98304, "ctas_per_sm": 1, "occupancy_limit": "registers", "launched_on": ["x"],
+    "opcodes": {"HMMA": 128, "LDS": 8, "LDSM": 112, "LDGSTS": 64, "LDG": 4, "STS": 16},
+    "lds_per_hmma": 0.938, "loop_lds_per_hmma": 0.875,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("gate", "bad"),
+    [
+        ("compile", {"error": "no SASS for this kernel"}),
+        ("spills", {"spill_stores": 8, "spill_loads": 8, "spill_bytes": 16}),
+        ("spills", {"stack": 16, "spill_bytes": 16}),
+        ("fits", {"ctas_per_sm": 0, "occupancy_limit": "shared"}),
+        ("async_loads", {"opcodes": {**GOOD["opcodes"], "LDSM": 0}}),
+        ("async_loads", {"opcodes": {**GOOD["opcodes"], "LDGSTS": 0}}),
+        ("async_loads", {"role": "dq", "opcodes": {**GOOD["opcodes"], "LDGSTS": 0}}),
+        ("lds_per_hmma", {"lds_per_hmma": 1.51}),
+        ("lds_per_hmma", {"loop_lds_per_hmma": 1.51}),
+        ("lds_per_hmma", {"role": "dkdv", "loop_lds_per_hmma": 1.76}),
+        ("lds_per_hmma", {"role": "dq", "lds_per_hmma": 3.0}),
+        ("lds_per_hmma", {"loop_lds_per_hmma": None}),  # no HMMA in any loop
+        ("lds_per_hmma", {"lds_per_hmma": None, "loop_lds_per_hmma": None}),  # no HMMA at all
+    ],
+)
+def test_gates_fail_bad_rows_and_pass_good_ones(gate, bad):
+    assert cuda.gate_failures([GOOD], gate) == []
+    [failure] = cuda.gate_failures([{**GOOD, **bad}], gate)
+    assert failure.startswith("sm_80 attention_forward_kernel<")
+
+
+@pytest.mark.parametrize(
+    ("gate", "exempt"),
+    [
+        ("fits", {"ctas_per_sm": None, "launched_on": []}),  # never launched: test_every_compiled_kernel_is_launched
+        ("async_loads", {"role": "delta", "opcodes": {**GOOD["opcodes"], "LDSM": 0, "LDGSTS": 0}}),
+        ("lds_per_hmma", {"lds_per_hmma": 1.5, "loop_lds_per_hmma": 1.5}),  # exactly at the forward's limit
+        ("lds_per_hmma", {"role": "dkdv", "lds_per_hmma": 1.75, "loop_lds_per_hmma": 1.6}),
+        ("lds_per_hmma", {"role": "delta", "lds_per_hmma": None, "loop_lds_per_hmma": None}),
+        ("spills", {"error": "no SASS for this kernel", "spill_bytes": None}),  # the compile gate reports it
+    ],
+)
+def test_gates_leave_out_what_they_do_not_cover(gate, exempt):
+    assert cuda.gate_failures([{**GOOD, **exempt}], gate) == []
+
+
+@pytest.mark.parametrize(
+    ("arch", "registers", "threads", "smem", "expected"),
+    [
+        (80, 246, 256, 69632, (1, "registers")),  # 248 x 32 x 8 warps = 63488 of 65536
+        (80, 246, 128, 52224, (2, "registers")),
+        (90, 128, 256, 69632, (2, "registers")),  # 4096 per warp: 16 warps, 2 CTAs of 8
+        (90, 64, 256, 69632, (3, "shared")),  # 233472 // (69632 + 1024) = 3; registers allow 4
+        (80, 64, 256, 69632, (2, "shared")),  # 167936 // 70656 = 2
+        (90, 46, 128, 0, (10, "registers")),  # 48 x 32 = 1536 per warp: 42 warps, 10 CTAs of 4
+        (90, 16, 32, 0, (32, "ctas")),
+        (90, 16, 1024, 0, (2, "threads")),
+        (80, 255, 256, 0, (1, "registers")),
+        (80, 64, 128, 166912, (1, "shared")),  # exactly the per-SM capacity with the reserved KB
+        (80, 64, 128, 166913, (0, "shared")),
+    ],
+)
+def test_ctas_per_sm(arch, registers, threads, smem, expected):
+    assert cuda.ctas_per_sm(arch, registers, threads, smem) == expected
+
+
+def test_roles_and_dtypes_from_symbols():
+    assert cuda.role_of("attention_backward_dkdv_kernel<__half,DkdvTile<64,32,64,4>>") == "dkdv"
+    assert cuda.role_of("attention_backward_dq_kernel<__half,DqTile<64,64,64,4>>") == "dq"
+    assert cuda.role_of("attention_backward_delta_kernel<__nv_bfloat16>") == "delta"
+    assert cuda.role_of("_ZN12metagpt_fast9attention24attention_forward_kernelI6__halfEEvv") == "forward"
+    assert cuda.role_of("softmax_kernel") is None
+    assert cuda.dtype_of("attention_forward_kernel<__nv_bfloat16,X>") == "bf16"
+    assert cuda.dtype_of("attention_forward_kernel<__half,X>") == "fp16"
+
+
+def test_launch_lines_parsed():
+    out = "launch _Z1kv 256 69632\nsomething else\nlaunch _Z1dv 128 0\n"
+    assert cuda.parse_launches(out) == [("_Z1kv", 256, 69632), ("_Z1dv", 128, 0)]
+
+
+# A kernel whose HMMA sit in a loop (0x40-0xa0) that holds a tile-copy loop of its own (0x50-0x70): the innermost
+# loop has no HMMA, so the main loop is the enclosing one. A loop after it without HMMA is not taken.
+_SASS = """
+	code for sm_80
+		Function : _Z6kernelv
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0040*/                   LDSM.16.M88.4 R4, [R2] ;
+        /*0050*/                   LDG.E.128 R8, [R6.64] ;
+        /*0060*/                   STS.128 [R3], R8 ;
+        /*0070*/              @P0  BRA 0x50 ;
+        /*0080*/                   HMMA.16816.F32 R12, R4, R10, R12 ;
+        /*0090*/                   LDS R5, [R3] ;
+        /*00a0*/              @P1  BRA 0x40 ;
+        /*00b0*/                   LDS R5, [R3] ;
+        /*00c0*/              @P2  BRA 0xb0 ;
+        /*00d0*/                   EXIT ;
 """
 
 
-def test_launch_shapes_fit_shared_memory():
-    """Prints the shared memory each launch requests per architecture and checks it fits the per-block limit."""
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no host C++ compiler")
-    cuda_include = Path(NVCC).resolve().parent.parent / "include"
-    with tempfile.TemporaryDirectory() as tmp:
-        src, exe = Path(tmp) / "shapes.cc", Path(tmp) / "shapes"
-        src.write_text(_SHAPES_PROGRAM)
-        subprocess.run(
-            [
-                cxx,
-                "-std=c++17",
-                "-O0",
-                "-DMGF_ATTENTION_EMULATION",
-                f"-I{ATTENTION}",
-                f"-I{INCLUDE}",
-                f"-I{cuda_include}",
-                str(src),
-                "-o",
-                str(exe),
-            ],
-            check=True,
-            capture_output=True,
-            timeout=300,
-        )
-        for part, smem in SHARED_PER_SM.items():
-            out = subprocess.run([str(exe), str(smem)], check=True, capture_output=True, text=True).stdout
-            print(f"{part}:\n  " + out.strip().replace("\n", "\n  "))
-            requested = [int(b) for b in re.findall(r"(\d+) B dynamic", out)]
-            # Per-block opt-in limit is 1 KB below the per-SM capacity on these parts.
-            assert requested and max(requested) <= smem - 1024, (part, requested)
+def test_main_loop_is_the_innermost_loop_with_hmma():
+    [listing] = sass.listings(_SASS).values()
+    loop = cuda.matmul_loop(listing)
+    assert (loop.start, loop.end) == (0x40, 0xA0)
+    row = cuda.kernel_row(80, "_Z6kernelv", "attention_forward_kernel<__half,T>", None, listing, None)
+    assert row["opcodes"]["HMMA"] == 1 and row["opcodes"]["LDS"] == 2 and row["opcodes"]["LDSM"] == 1
+    assert row["lds_per_hmma"] == 3.0 and row["loop_lds_per_hmma"] == 2.0 and row["loop_instructions"] == 7
+    assert row["ctas_per_sm"] is None and cuda.gate_failures([row], "fits") == []
+
+
+def _stats_script():
+    spec = importlib.util.spec_from_file_location("cuda_sass_stats", ROOT / "scripts" / "cuda_sass_stats.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(("bad", "status"), [({}, 0), ({"spill_bytes": 8, "spill_stores": 8}, 1)])
+def test_stats_script_prints_json_rows_and_fails_on_a_gate(bad, status):
+    """scripts/cuda_sass_stats.py: one JSON row per kernel and arch on stdout, the table and the gates on stderr,
+    exit status 1 while a gate fails."""
+    row = {**GOOD, "symbol": "_Z1kv", "static_smem": 0, "threads": 256, "dynamic_smem": 98304, "loop_instructions": 900,
+           "loop_opcodes": GOOD["opcodes"], **bad}  # fmt: skip
+    out, err = io.StringIO(), io.StringIO()
+    assert _stats_script().report([row], ["x.cu: compiled"], out, err) == status
+    assert [json.loads(line) for line in out.getvalue().splitlines()] == [row]
+    assert "x.cu: compiled" in err.getvalue() and f"spills {status}" in err.getvalue()
+    assert "sm_80 attention_forward_kernel<__half,ForwardTile<128,128,64,8>>: 200 regs" in err.getvalue()
