@@ -210,17 +210,12 @@ def test_the_emulation_aborts_on_what_the_hardware_forbids(selftest_path, which,
 
 # -------------------------------------------------------------- removing a wait or a barrier must fail (slow)
 
-_PIPELINE_SEEDS = """
-import torch
-from test_cuda_emulator import _pipeline_inputs
-a, b, reference = _pipeline_inputs(96)
+# Zero inputs: the race detector aborts whatever the data (no torch import: the subprocess starts in milliseconds).
+_PIPELINE_SEED = """
 lib.mgf_selftest_set_seed.argtypes = [ctypes.c_uint64]
-for seed in {seeds}:
-    c = torch.full((64, 32), float("nan"))
-    lib.mgf_selftest_set_seed(seed)
-    lib.mgf_selftest_pipeline(ctypes.c_void_p(a.data_ptr()), ctypes.c_void_p(b.data_ptr()),
-                              ctypes.c_void_p(c.data_ptr()), 96)
-    print(json.dumps([seed, bool(torch.allclose(c, reference, rtol=1e-5, atol=1e-4))]), flush=True)
+lib.mgf_selftest_set_seed({seed})
+a, b, c = (ctypes.c_uint16 * (64 * 96))(), (ctypes.c_uint16 * (96 * 32))(), (ctypes.c_float * (64 * 32))()
+lib.mgf_selftest_pipeline(a, b, c, 96)
 """
 
 
@@ -243,83 +238,97 @@ def test_selftest_pipeline_without_one_wait_or_barrier_fails(tmp_path, kind, mar
         tmp_path, ATTENTION / "emulation_selftest.cc", "dropped", (f"MGF_EMULATION_DROP_{kind}_LINE={line}",)
     )
     for seed in SEEDS[:3]:
-        proc = _isolated(library, _PIPELINE_SEEDS.format(seeds=[seed]))
+        proc = _isolated(library, _PIPELINE_SEED.format(seed=seed))
         assert proc.returncode != 0 and caught in proc.stderr, (seed, proc.stdout, proc.stderr[-2000:])
 
 
-# The real attention kernels, forward and backward, for several schedule seeds (through test_attention's helpers).
-_ATTENTION_SEEDS = """
-import math
-import torch
-import test_attention as ta
-lib.mgf_emulation_set_seed.argtypes = [ctypes.c_uint64]
-b, hq, hk, nq, nk, d, dtype = 1, 2, 2, 150, 150, 64, torch.float16
-torch.manual_seed(0)
-q, k, v = ta._make_inputs(b, hq, hk, nq, nk, d, dtype, "cpu", transposed=False)
-grad_out = torch.randn(b, hq, nq, d).to(dtype)
-scale = 1.0 / math.sqrt(d)
-reference = ta._references(q, k, v, None, 0.0, False, scale, grad_out, None)
-for seed in {seeds}:
-    lib.mgf_emulation_set_seed(seed)
-    *fast, lse = ta.emulated_forward_backward(lib, q, k, v, None, 0.0, False, scale, ta.SEED, grad_out, ta.SM90)
-    try:
-        ta._check_parity(fast, reference, f"seed {{seed}}")
-        ok = True
-    except AssertionError:
-        ok = False
-    print(json.dumps([seed, ok]), flush=True)
-"""
+# The real attention kernels, forward and backward, for several schedule seeds, compared with the reference through
+# test_attention's helpers (the ctypes signature of the emulation library lives there).
+ATTENTION_SEEDS = SEEDS[:4]
 
 
-def _forward_kernel_source() -> tuple[Path, list[str]]:
-    """The file that defines the forward kernel the launch templates use, and the lines of that kernel's body."""
+def attention_seed_results(lib, seeds) -> dict[int, bool]:
+    """Whether forward and backward match the reference (test_attention's parity check), per schedule seed; a case
+    with several key tiles per query block and several query blocks."""
+    import math
+
+    import test_attention as ta
+
+    lib.mgf_emulation_set_seed.argtypes = [ctypes.c_uint64]
+    b, hq, hk, nq, nk, d, dtype = 1, 2, 2, 150, 150, 64, torch.float16
+    torch.manual_seed(0)
+    q, k, v = ta._make_inputs(b, hq, hk, nq, nk, d, dtype, "cpu", transposed=False)
+    grad_out = torch.randn(b, hq, nq, d).to(dtype)
+    scale = 1.0 / math.sqrt(d)
+    reference = ta._references(q, k, v, None, 0.0, False, scale, grad_out, None)
+    results = {}
+    for seed in seeds:
+        lib.mgf_emulation_set_seed(seed)
+        *fast, _ = ta.emulated_forward_backward(lib, q, k, v, None, 0.0, False, scale, ta.SEED, grad_out, ta.SM90)
+        try:
+            ta._check_parity(fast, reference, f"seed {seed}")
+            results[seed] = True
+        except AssertionError:
+            results[seed] = False
+        print(json.dumps([seed, results[seed]]), flush=True)
+    return results
+
+
+def _forward_kernel() -> tuple[Path, list[str]]:
+    """The file that defines the forward kernel the launch templates use, and its lines (blank outside the kernel)."""
     launch = (ATTENTION / "attention_launch.cuh").read_text()
     candidates = [ATTENTION / "forward_kernel.cuh"] if '"forward_kernel.cuh"' in launch else []
     candidates.append(ATTENTION / "attention_kernels.cuh")
     for path in candidates:
         lines = path.read_text().splitlines()
-        starts = [i for i, line in enumerate(lines) if re.search(r"MGF_KERNEL .*attention_forward\w*kernel\(", line)]
+        starts = [i for i, line in enumerate(lines) if re.search(r"MGF_KERNEL .*attention_forward_kernel\(", line)]
         if starts:
-            start = starts[0]
-            end = next(i for i in range(start, len(lines)) if lines[i] == "}")
-            return path, [lines[i] if start <= i <= end else "" for i in range(len(lines))]
+            end = next(i for i in range(starts[0], len(lines)) if lines[i] == "}")
+            return path, [line if starts[0] <= i <= end else "" for i, line in enumerate(lines)]
     raise AssertionError("no forward kernel found in csrc/attention")
 
 
-def _run_attention(library: Path, seeds) -> tuple[subprocess.CompletedProcess, dict[int, bool]]:
-    proc = _isolated(library, _ATTENTION_SEEDS.format(seeds=list(seeds)), timeout=300)
-    results = {json.loads(line)[0]: json.loads(line)[1] for line in proc.stdout.splitlines() if line.startswith("[")}
-    return proc, results
+def _drop_targets():
+    """(kind, line) of every block_sync() and every cp_async_wait<N>() of the forward kernel, as pytest params."""
+    path, body = _forward_kernel()
+    params = []
+    for kind, call in (("SYNC", "block_sync()"), ("WAIT", "cp_async_wait<")):
+        lines = [i for i, line in enumerate(body, 1) if call in line.split("//")[0]]
+        params += [pytest.param(kind, line, id=f"{kind}-{path.name}:{line}") for line in lines]
+        if not lines:
+            params.append(pytest.param(kind, 0, id=f"{kind}-none", marks=pytest.mark.skip(f"{path.name}: no {call}")))
+    return params
 
 
 @pytest.fixture(scope="module")
 def attention_build_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("attention_emulation")
+    """The unmodified attention emulation, checked to match the reference for every seed (so the failures below come
+    from the removed line, and the kernels are race-free under these schedules)."""
+    directory = tmp_path_factory.mktemp("attention_emulation")
+    library = _build(directory, ATTENTION / "attention_emulation.cc", "attention_emulation")
+    results = attention_seed_results(ctypes.CDLL(str(library)), ATTENTION_SEEDS)
+    assert all(results.values()), f"the unmodified attention emulation fails for some seed: {results}"
+    return directory
 
 
-@pytest.mark.slow  # builds the attention emulation twice and runs it for four seeds each
-@pytest.mark.parametrize("kind", ["SYNC", "WAIT"])
-def test_real_forward_kernel_without_one_barrier_or_wait_fails(attention_build_dir, kind):
-    """The unmodified attention emulation matches the reference for every seed; with the forward kernel's
-    block_sync() after its tile loads (or its first cp.async wait) removed, some seed fails: wrong results, or an
-    emulation abort (race detector)."""
-    path, body = _forward_kernel_source()
-    call = "block_sync()" if kind == "SYNC" else "cp_async_wait"
-    lines = [i for i, line in enumerate(body, 1) if call in line and not line.strip().startswith("//")]
-    if not lines:
-        pytest.skip(f"the forward kernel ({path.name}) has no {call} yet")
-    # The barrier that publishes a freshly loaded tile: the first block_sync() after a load or wait.
-    line = lines[1] if kind == "SYNC" and len(lines) > 1 and "done with" in body[lines[0] - 1] else lines[0]
-    seeds = SEEDS[:4]
-    control = attention_build_dir / "attention_emulation.so"
-    if not control.exists():
-        _build(attention_build_dir, ATTENTION / "attention_emulation.cc", "attention_emulation")
-    proc, results = _run_attention(control, seeds)
-    assert proc.returncode == 0 and all(results.get(s) for s in seeds), (results, proc.stderr[-3000:])
-    dropped = _build(attention_build_dir, ATTENTION / "attention_emulation.cc", f"dropped_{kind.lower()}",
+_ATTENTION_ISOLATED = """
+from test_cuda_emulator import attention_seed_results
+attention_seed_results(lib, {seeds})
+"""
+
+
+@pytest.mark.slow  # one build of the attention emulation per removed line (and the unmodified one, once)
+@pytest.mark.parametrize("kind,line", _drop_targets())
+def test_real_forward_kernel_without_one_barrier_or_wait_fails(attention_build_dir, kind, line):
+    """With one block_sync() or cp.async wait of the forward kernel removed, some seed fails: wrong results, or an
+    emulation abort (the race detector, a copy never retired)."""
+    path, body = _forward_kernel()
+    library = _build(attention_build_dir, ATTENTION / "attention_emulation.cc", f"dropped_{kind}_{line}",
                      (f"MGF_EMULATION_DROP_{kind}_LINE={line}",))  # fmt: skip
-    proc, results = _run_attention(dropped, seeds)
+    proc = _isolated(library, _ATTENTION_ISOLATED.format(seeds=list(ATTENTION_SEEDS)), timeout=300)
+    results = {json.loads(x)[0]: json.loads(x)[1] for x in proc.stdout.splitlines() if x.startswith("[")}
     aborted = proc.returncode != 0 and "emulation: " in proc.stderr
-    assert aborted or not all(results.get(s) for s in seeds), (
-        f"{path.name}:{line} ({body[line - 1].strip()}) removed, yet every seed matched the reference: {results}"
+    assert aborted or (proc.returncode == 0 and not all(results.values())), (
+        f"{path.name}:{line} ({body[line - 1].strip()}) removed, yet every seed matched the reference: {results} "
+        f"{proc.stderr[-2000:]}"
     )
