@@ -208,20 +208,21 @@ MGF_KERNEL void MGF_LAUNCH_BOUNDS(Tile::THREADS, 2) attention_backward_dkdv_kern
   const int tiles_per_head = m_end > m_begin ? (m_end - m_begin + BLOCK_M - 1) / BLOCK_M : 0;
   const int n_tiles = group * tiles_per_head;
 
-  // Issues the copies of tile ``it`` into its stage; returns the row statistic this thread stores for it.
+  // Issues the copies of tile ``it`` into its stage (rows past m_end, which see none of these keys, are zero-filled
+  // rather than read); returns the row statistic this thread stores for it.
   auto issue = [&](int it) -> float {
     const int h = hk * group + it / tiles_per_head, m0 = m_begin + (it % tiles_per_head) * BLOCK_M;
     T* sq = stages + (it % STAGES) * 2 * BLOCK_M * D;
     load_tile_async<BLOCK_M, D, THREADS>(sq, static_cast<const T*>(p.q) + b * p.q_strides.batch + h * p.q_strides.head,
-                                         p.q_strides.row, m0, p.n_q, tid);
+                                         p.q_strides.row, m0, m_end, tid);
     load_tile_async<BLOCK_M, D, THREADS>(
         sq + BLOCK_M * D,
         static_cast<const T*>(p.grad_out) + b * p.grad_out_strides.batch + h * p.grad_out_strides.head,
-        p.grad_out_strides.row, m0, p.n_q, tid);
+        p.grad_out_strides.row, m0, m_end, tid);
     const int r = tid % BLOCK_M, i = m0 + r;
     const int64_t row = (static_cast<int64_t>(b) * p.heads_q + h) * p.n_q + i;
-    if (tid < BLOCK_M) return i < p.n_q ? p.lse[row] * kLog2e : INFINITY;
-    return i < p.n_q && tid < 2 * BLOCK_M ? p.delta[row] : 0.0f;
+    if (tid < BLOCK_M) return i < m_end ? p.lse[row] * kLog2e : INFINITY;
+    return i < m_end && tid < 2 * BLOCK_M ? p.delta[row] : 0.0f;
   };
   auto store_stat = [&](int it, float value) {
     if (tid < 2 * BLOCK_M) stats[(it % STAGES) * 2 * BLOCK_M + tid] = value;
@@ -323,11 +324,12 @@ MGF_KERNEL void MGF_LAUNCH_BOUNDS(Tile::THREADS, 2) attention_backward_dq_kernel
   const BackwardPointwise pointwise = make_pointwise(p, b, h);
   const int n_begin = visible.key_begin(m0), n_end = visible.key_end(m0 + BLOCK_M);
   const int n_tiles = n_end > n_begin ? (n_end - n_begin + BLOCK_N - 1) / BLOCK_N : 0;
+  // Issues the copies of key tile ``it`` into its stage; keys past n_end (outside the window) are zero-filled.
   auto issue = [&](int it) {
     T* skv = stages + (it % STAGES) * 2 * BLOCK_N * D;
     const int n0 = n_begin + it * BLOCK_N;
-    load_tile_async<BLOCK_N, D, THREADS>(skv, k, p.k_strides.row, n0, p.n_k, tid);
-    load_tile_async<BLOCK_N, D, THREADS>(skv + BLOCK_N * D, v, p.v_strides.row, n0, p.n_k, tid);
+    load_tile_async<BLOCK_N, D, THREADS>(skv, k, p.k_strides.row, n0, n_end, tid);
+    load_tile_async<BLOCK_N, D, THREADS>(skv + BLOCK_N * D, v, p.v_strides.row, n0, n_end, tid);
   };
 
   if (n_tiles > 0) {
