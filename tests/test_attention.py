@@ -698,28 +698,46 @@ def _mask_args(mask, shape):
     return view, _ptr(view), _int64s(list(view.stride()))
 
 
-def emulated_forward_backward(lib, q, k, v, mask, dropout_p, causal, scale, seed, grad_out, shared_per_sm):
+def _window_args(window, softcap):
+    """The emulation's window (left, right, bottom_right; None: unbounded) and softcap arguments."""
+    return (None if window is None else (ctypes.c_int * 3)(*window)), ctypes.c_float(softcap)
+
+
+def emulated_forward(lib, q, k, v, mask, dropout_p, causal, scale, seed, shared_per_sm, *, window=None, softcap=0.0):
+    """out (B, Hq, Nq, D) and lse (B, Hq, Nq) of the CUDA forward kernel run by the emulation."""
+    b, hq, nq, d = q.shape
+    hk, nk = k.shape[1], k.shape[2]
+    sizes = (ctypes.c_int * 6)(b, hq, hk, nq, nk, d)
+    seed_t = torch.tensor([seed], dtype=torch.int64)
+    _, mask_ptr, mask_strides = _mask_args(mask, (b, hq, nq, nk))
+    out = torch.empty(b, hq, nq, d, dtype=q.dtype)
+    lse = torch.empty(b, hq, nq, dtype=torch.float32)
+    rc = lib.mgf_emulated_attention_forward(
+        int(q.dtype == torch.bfloat16), _ptr(q), _ptr(k), _ptr(v), _ptr(out), _ptr(lse), mask_ptr,
+        _strides(q, k, v, out), mask_strides, sizes, ctypes.c_float(scale), int(causal), ctypes.c_double(dropout_p),
+        _ptr(seed_t), shared_per_sm, *_window_args(window, softcap),
+    )  # fmt: skip
+    assert rc == 0
+    return out, lse
+
+
+def emulated_forward_backward(lib, q, k, v, mask, dropout_p, causal, scale, seed, grad_out, shared_per_sm, *,
+                              window=None, softcap=0.0):  # fmt: skip
     b, hq, nq, d = q.shape
     hk, nk = k.shape[1], k.shape[2]
     sizes = (ctypes.c_int * 6)(b, hq, hk, nq, nk, d)
     bf16 = int(q.dtype == torch.bfloat16)
     seed_t = torch.tensor([seed], dtype=torch.int64)
-    view, mask_ptr, mask_strides = _mask_args(mask, (b, hq, nq, nk))
-    out = torch.empty(b, hq, nq, d, dtype=q.dtype)
-    lse = torch.empty(b, hq, nq, dtype=torch.float32)
-    rc = lib.mgf_emulated_attention_forward(
-        bf16, _ptr(q), _ptr(k), _ptr(v), _ptr(out), _ptr(lse), mask_ptr, _strides(q, k, v, out), mask_strides, sizes,
-        ctypes.c_float(scale), int(causal), ctypes.c_double(dropout_p), _ptr(seed_t), shared_per_sm,
-    )  # fmt: skip
-    assert rc == 0
+    _, mask_ptr, mask_strides = _mask_args(mask, (b, hq, nq, nk))
+    out, lse = emulated_forward(lib, q, k, v, mask, dropout_p, causal, scale, seed, shared_per_sm, window=window,
+                                softcap=softcap)  # fmt: skip
     dq = torch.empty_like(out)
     dk, dv = torch.empty(b, hk, nk, d, dtype=q.dtype), torch.empty(b, hk, nk, d, dtype=q.dtype)
     delta = torch.empty_like(lse)
     rc = lib.mgf_emulated_attention_backward(
         bf16, _ptr(grad_out), _ptr(q), _ptr(k), _ptr(v), _ptr(out), _ptr(lse), mask_ptr, _ptr(dq), _ptr(dk), _ptr(dv),
         _ptr(delta), _strides(q, k, v, out, grad_out, dq, dk, dv), mask_strides, sizes, ctypes.c_float(scale),
-        int(causal), ctypes.c_double(dropout_p), _ptr(seed_t), shared_per_sm, (ctypes.c_int * 3)(-1, -1, 0),
-        ctypes.c_float(0.0),
+        int(causal), ctypes.c_double(dropout_p), _ptr(seed_t), shared_per_sm, *_window_args(window, softcap),
     )  # fmt: skip
     assert rc == 0
     return out, dq, dk, dv, lse
@@ -747,3 +765,60 @@ def test_cuda_emulated_kernels_match_reference(emulation, case, shared_per_sm):
     if mask_kind == "key_padding":  # batch 0 sees no key: output 0, lse +inf, zero gradients
         assert torch.equal(fast[0][0], torch.zeros_like(fast[0][0])) and torch.isinf(lse[0]).all()
         assert not fast[1][0].any() and not fast[2][0].any() and not fast[3][0].any()
+
+
+# Windows (flash-attn's local attention, bottom-right aligned) and softcap of the forward kernel against the flash
+# reference (metagpt_fast.ops.reference.flash): (b, h, hk, nq, nk, d, dtype, (left, right, bottom_right), softcap).
+# Nq > Nk with a bottom-right window leaves the first rows without a key (out 0, lse +inf).
+WINDOW_CASES = {
+    "d64-fp16-window(16,0)-nq<nk": (1, 2, 2, 70, 90, 64, F16, (16, 0, 1), 0.0),
+    "d128-bf16-window(8,8)-nq>nk-gqa": (1, 4, 2, 90, 70, 128, BF16, (8, 8, 1), 0.0),
+    "d64-bf16-causal-bottom-right": (2, 2, 2, 33, 150, 64, BF16, (-1, 0, 1), 0.0),
+    "d128-fp16-softcap": (1, 2, 2, 50, 50, 128, F16, (-1, -1, 1), 1.5),
+    "d64-fp16-window(5,0)-softcap": (1, 2, 1, 45, 45, 64, F16, (5, 0, 1), 2.0),
+}
+
+
+def _flash_reference(q, k, v, scale, window, softcap):
+    """out (B, H, Nq, D) and lse (B, H, Nq) of the flash reference on dense (B, H, N, D) inputs."""
+    b, hq, nq, d = q.shape
+    nk = k.shape[2]
+    cu_q = torch.arange(b + 1, dtype=torch.int32) * nq
+    cu_k = torch.arange(b + 1, dtype=torch.int32) * nk
+    packed = [x.transpose(1, 2).reshape(-1, x.shape[1], d) for x in (q, k, v)]  # (B * N, H, D)
+    out, lse = reference.flash.flash_attention(*packed, cu_q, cu_k, scale, window[0], window[1], softcap)
+    return out.reshape(b, nq, hq, d).transpose(1, 2), lse.reshape(hq, b, nq).transpose(0, 1)
+
+
+@pytest.mark.slow  # the emulation (see above)
+@pytest.mark.parametrize("case", list(WINDOW_CASES))
+def test_cuda_emulated_forward_windows_and_softcap(emulation, case):
+    b, hq, hk, nq, nk, d, dtype, window, softcap = WINDOW_CASES[case]
+    q, k, v = _make_inputs(b, hq, hk, nq, nk, d, dtype, "cpu")
+    scale = 1.0 / math.sqrt(d)
+    out, lse = emulated_forward(emulation, q, k, v, None, 0.0, False, scale, SEED, SM90, window=window, softcap=softcap)
+    ref_out, ref_lse = _flash_reference(q, k, v, scale, window, softcap)
+    oracle_out, oracle_lse = _flash_reference(q.double(), k.double(), v.double(), scale, window, softcap)
+    assert_parity(out, ref_out, oracle_out, name=f"{case} out")
+    empty = torch.isinf(oracle_lse)
+    assert torch.equal(torch.isinf(lse), empty) and (lse[empty] > 0).all()
+    assert not out[empty].any()
+    if window[2] and nq > nk:
+        assert empty.any()  # the case exercises rows without a key
+    assert_parity(lse[~empty], ref_lse[~empty], oracle_lse[~empty], name=f"{case} lse")
+
+
+@pytest.mark.slow  # the emulation (see above)
+@pytest.mark.parametrize("d", [64, 128])
+def test_cuda_emulated_forward_skips_key_tiles_outside_the_window(emulation, d):
+    """A window of w visits O(w) key tiles per query tile: keys no query can see are poisoned with NaN, which would
+    reach the output through 0 * NaN in P V (and through the scores' maximum) if their tile were loaded."""
+    nq, nk, window = 64, 320, (16, 0, 1)  # bottom-right: queries see keys [i + 240, i + 256]
+    q, k, v = _make_inputs(1, 2, 2, nq, nk, d, F16, "cpu")
+    scale = 1.0 / math.sqrt(d)
+    ref_out, ref_lse = _flash_reference(q, k, v, scale, window, 0.0)
+    oracle_out, _ = _flash_reference(q.double(), k.double(), v.double(), scale, window, 0.0)
+    k[:, :, :192], v[:, :, :192] = float("nan"), float("nan")
+    out, lse = emulated_forward(emulation, q, k, v, None, 0.0, False, scale, SEED, SM90, window=window)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    assert_parity(out, ref_out, oracle_out, name=f"d{d} out")

@@ -88,11 +88,8 @@ int mgf_emulated_attention_backward(int bf16, const void* grad_out, const void* 
                                     void* grad_v, float* delta, const int64_t* strides, const int64_t* mask_strides,
                                     const int* sizes, float scale, int causal, double dropout_p, const int64_t* seed,
                                     int shared_memory_per_sm, const int* window, float softcap) {
-  AttentionParams p = base_params(sizes, scale, causal, dropout_p, seed, mask, mask_strides, shared_memory_per_sm);
-  p.window_left = window[0];  // window: left, right, bottom_right (flash-attn's windows; -1 unbounded)
-  p.window_right = window[1];
-  p.bottom_right = window[2] != 0;
-  p.softcap = softcap;
+  AttentionParams p = base_params(sizes, scale, causal, dropout_p, seed, mask, mask_strides, shared_memory_per_sm,
+                                  window, softcap);
   p.q = q;
   p.k = k;
   p.v = v;

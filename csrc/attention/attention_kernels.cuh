@@ -1,11 +1,8 @@
-// Fused scaled-dot-product attention, forward and backward (FlashAttention-2 algorithm, Dao 2023), on
-// mma.sync.m16n8k16 tensor cores (sm_80 and newer; also runs on sm_90).
+// Fused scaled-dot-product attention, backward (FlashAttention-2 algorithm, Dao 2023), on mma.sync.m16n8k16 tensor
+// cores (sm_80 and newer; also runs on sm_90). The forward kernel, which saves lse = log sum_j exp(S_ij) per row for
+// this pass, is in forward_kernel.cuh.
 //
 //   S = scale * Q K^T (+ causal / boolean mask)      P = softmax(S)      O = dropout(P) V
-//
-// Forward: a CTA owns BLOCK_M query rows of one (batch, head); each warp owns 16 of them and streams BLOCK_N-key
-// tiles of K and V through shared memory, keeping the online-softmax state (metagpt_fast/online_softmax.h) and the
-// output accumulator in registers. It saves lse = log sum_j exp(S_ij) per row for the backward pass.
 //
 // Backward, deterministic (no atomics): delta_i = dO_i . O_i (attention_backward_delta_kernel); then
 //   attention_backward_dkdv_kernel: a CTA owns BLOCK_N keys of one (batch, kv head) and loops over every query head
@@ -27,6 +24,7 @@
 #include <stdint.h>
 
 #include "attention_params.h"
+#include "tile_io.cuh"
 #include "visibility.cuh"
 #include "metagpt_fast/online_softmax.h"
 #include "metagpt_fast/philox.h"
@@ -67,16 +65,6 @@ MGF_DEV void paired_row_products(float (&x1)[NT][4], float (&x2)[NT][4], const T
   }
 }
 
-template <int D_, int BLOCK_M_, int BLOCK_N_, int WARPS_>
-struct ForwardTile {
-  static constexpr int D = D_, BLOCK_M = BLOCK_M_, BLOCK_N = BLOCK_N_, WARPS = WARPS_, THREADS = 32 * WARPS_;
-  static constexpr int PITCH = kSharedPitch<D_>;
-  // Q tile, K tile, V tile (2-byte elements).
-  static constexpr int SHARED_BYTES = (BLOCK_M + 2 * BLOCK_N) * PITCH * 2;
-  static_assert(BLOCK_M == 16 * WARPS, "each warp owns 16 query rows");
-  static_assert(D % 16 == 0 && BLOCK_N % 16 == 0, "tiles are whole m16n8k16 steps");
-};
-
 // dK/dV: a CTA owns BLOCK_N keys (16 per warp) and steps through BLOCK_M query rows at a time.
 template <int D_, int BLOCK_M_, int BLOCK_N_, int WARPS_>
 struct DkdvTile {
@@ -111,152 +99,6 @@ MGF_DEV void load_tile(T* tile, const T* matrix, int64_t row_stride, int row0, i
     if (row0 + r < n_rows) chunk = *reinterpret_cast<const uint4*>(matrix + (row0 + r) * row_stride + col);
     *reinterpret_cast<uint4*>(tile + r * PITCH + col) = chunk;
   }
-}
-
-// Sum / max over the four lanes of a quad (the lanes holding one row of a C fragment).
-MGF_DEV float quad_max(float x) {
-  x = fmaxf(x, warp_shfl_xor(x, 1));
-  return fmaxf(x, warp_shfl_xor(x, 2));
-}
-
-MGF_DEV float quad_sum(float x) {
-  x += warp_shfl_xor(x, 1);
-  return x + warp_shfl_xor(x, 2);
-}
-
-// Stores 16 rows x D of fp32 C fragments (rows row_lo and row_lo + 8 of this lane), times ``factor[r]``, to a
-// row-major global matrix; rows at or past n_rows are skipped.
-template <int D, typename T>
-MGF_DEV void store_rows(T* matrix, int64_t row_stride, const float (&acc)[D / 8][4], int row_lo, int n_rows,
-                        const float (&factor)[2], int lane) {
-  const int t = lane & 3;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int row = row_lo + 8 * r;
-    if (row < n_rows) {
-      T* dst = matrix + row * row_stride + 2 * t;
-#pragma unroll
-      for (int dn = 0; dn < D / 8; ++dn) {
-        *reinterpret_cast<uint32_t*>(dst + dn * 8) =
-            pack2_float<T>(acc[dn][2 * r] * factor[r], acc[dn][2 * r + 1] * factor[r]);
-      }
-    }
-  }
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// Forward. Grid: (ceil(Nq / BLOCK_M), Hq, B).
-template <typename T, typename Tile>
-MGF_KERNEL void MGF_LAUNCH_BOUNDS(Tile::THREADS, 1) attention_forward_kernel(const AttentionParams p) {
-  constexpr int D = Tile::D, BLOCK_M = Tile::BLOCK_M, BLOCK_N = Tile::BLOCK_N, PITCH = Tile::PITCH;
-  const int tid = thread_index(), lane = tid & 31, warp = tid >> 5, t = lane & 3;
-  const int m0 = block_index_x() * BLOCK_M, h = block_index_y(), b = block_index_z();
-  const int hk = h / (p.heads_q / p.heads_k);
-
-  T* sq = reinterpret_cast<T*>(dynamic_shared_memory());  // (BLOCK_M, PITCH)
-  T* sk = sq + BLOCK_M * PITCH;                             // (BLOCK_N, PITCH)
-  T* sv = sk + BLOCK_N * PITCH;                             // (BLOCK_N, PITCH)
-  const T* q = static_cast<const T*>(p.q) + b * p.q_strides.batch + h * p.q_strides.head;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_strides.batch + hk * p.k_strides.head;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_strides.batch + hk * p.v_strides.head;
-  load_tile<BLOCK_M, D, Tile::THREADS>(sq, q, p.q_strides.row, m0, p.n_q, tid);
-
-  const Visibility visible = make_visibility(p, b, h);
-  const uint64_t seed = p.dropout ? static_cast<uint64_t>(*p.seed) : 0;
-  const uint64_t dropout_row0 = (static_cast<uint64_t>(b) * p.heads_q + h) * p.n_q;
-  const int row_lo = m0 + warp * 16 + (lane >> 2);  // this lane's rows: row_lo and row_lo + 8
-  const T* sq_warp = sq + warp * 16 * PITCH;
-
-  float acc[D / 8][4];
-#pragma unroll
-  for (int dn = 0; dn < D / 8; ++dn) acc[dn][0] = acc[dn][1] = acc[dn][2] = acc[dn][3] = 0.0f;
-  OnlineSoftmax state[2] = {online_softmax_init(), online_softmax_init()};
-
-  // Key tiles the window lets this block see; the others are fully masked.
-  const int n_end = visible.key_end(m0 + BLOCK_M);
-  for (int n0 = visible.key_begin(m0) / BLOCK_N * BLOCK_N; n0 < n_end; n0 += BLOCK_N) {
-    block_sync();  // every warp is done with the previous K / V tile
-    load_tile<BLOCK_N, D, Tile::THREADS>(sk, k, p.k_strides.row, n0, p.n_k, tid);
-    load_tile<BLOCK_N, D, Tile::THREADS>(sv, v, p.v_strides.row, n0, p.n_k, tid);
-    block_sync();
-
-    // s = Q K^T: A = Q rows of this warp, B(k = d, n = key) = K[key][d].
-    float s[BLOCK_N / 8][4];
-#pragma unroll
-    for (int nt = 0; nt < BLOCK_N / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t a[4];
-      load_a<PITCH, 1>(a, sq_warp + kk * 16, lane);
-#pragma unroll
-      for (int nt = 0; nt < BLOCK_N / 8; ++nt) {
-        uint32_t bf[2];
-        load_b<1, PITCH>(bf, sk + nt * 8 * PITCH + kk * 16, lane);
-        mma_16816<T>(s[nt], a, bf);
-      }
-    }
-
-    // Scale and mask, then the online-softmax update of each of this lane's two rows.
-    float block_max[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int nt = 0; nt < BLOCK_N / 8; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = row_lo + 8 * (e >> 1), j = n0 + nt * 8 + 2 * t + (e & 1);
-        s[nt][e] = visible(i, j) ? s[nt][e] * p.scale : -INFINITY;
-        block_max[e >> 1] = fmaxf(block_max[e >> 1], s[nt][e]);
-      }
-    }
-    float shift[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const float alpha = online_softmax_update(state[r], quad_max(block_max[r]));
-#pragma unroll
-      for (int dn = 0; dn < D / 8; ++dn) {
-        acc[dn][2 * r] *= alpha;
-        acc[dn][2 * r + 1] *= alpha;
-      }
-      shift[r] = online_softmax_shift(state[r].m);
-    }
-#pragma unroll
-    for (int nt = 0; nt < BLOCK_N / 8; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float w = softmax_weight(s[nt][e], shift[e >> 1]);  // 0 for a masked (-inf) score
-        state[e >> 1].l += w;                                 // this lane's part of the row sum (reduced at the end)
-        if (p.dropout) {
-          const int i = row_lo + 8 * (e >> 1), j = n0 + nt * 8 + 2 * t + (e & 1);
-          const uint64_t offset = (dropout_row0 + i) * p.n_k + j;
-          w = dropout_keep(seed, offset, p.dropout_threshold) ? w * p.dropout_scale : 0.0f;
-        }
-        s[nt][e] = w;
-      }
-    }
-
-    // acc += P V: A = P (C fragments of two 8-key tiles), B(k = key, n = d) = V[key][d].
-#pragma unroll
-    for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
-      uint32_t a[4];
-      c_to_a<T>(a, s[2 * kk], s[2 * kk + 1]);
-#pragma unroll
-      for (int dn = 0; dn < D / 8; ++dn) {
-        uint32_t bf[2];
-        load_b<PITCH, 1>(bf, sv + kk * 16 * PITCH + dn * 8, lane);
-        mma_16816<T>(acc[dn], a, bf);
-      }
-    }
-  }
-
-  float inv_sum[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const OnlineSoftmax row{state[r].m, quad_sum(state[r].l)};
-    inv_sum[r] = online_softmax_inv_sum(row);
-    const int i = row_lo + 8 * r;
-    if (t == 0 && i < p.n_q) p.lse[dropout_row0 + i] = online_softmax_lse(row);
-  }
-  T* out = static_cast<T*>(p.out) + b * p.out_strides.batch + h * p.out_strides.head;
-  store_rows<D>(out, p.out_strides.row, acc, row_lo, p.n_q, inv_sum, lane);
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@
 #pragma once
 
 #include "attention_kernels.cuh"
+#include "forward_kernel.cuh"
 
 namespace metagpt_fast {
 namespace attention {
@@ -25,19 +26,41 @@ int forward_with_tile(const AttentionParams& p, Launch&& launch) {
   return launch(&attention_forward_kernel<T, Tile>, shape, p);
 }
 
-// Forward tiles. One warp owns 16 query rows and keeps its output accumulator (D/8 x 4 fp32) and a 16 x BLOCK_N
-// score tile in registers, so BLOCK_N = 64 keeps D = 128 under the 255-register limit without spilling.
-// The wide tile (128 query rows, 8 warps) halves how often K and V are streamed through shared memory per query
-// row. It is used where two of its CTAs fit in one SM's shared memory (68 KB each at D = 128): sm_80 (164 KB) and
-// sm_90 (228 KB), where the second CTA's matmuls overlap the first one's softmax and global loads (these kernels do
-// not software-pipeline). On 100 KB parts (sm_86, sm_89) a second wide CTA would not fit and the 64-row tile
-// (4 warps, 52 KB) keeps more independent CTAs per SM.
+// Forward tiles (forward_kernel.cuh): 4 warps of 32 query rows (BLOCK_M = 128) and two CTAs per SM
+// (__launch_bounds__(128, 2): up to 255 registers a thread), two K / V stages in shared memory.
+//   D = 64: BLOCK_N = 64, Q fragments in registers (233-237 registers); 48 KB, two CTAs fit on every sm_80+ part.
+//   D = 128: Q re-read from shared memory each tile (its 64 registers do not fit beside the 32 x 128 fp32
+//   accumulator) and BLOCK_N = 32 (64 KB; 249-253 registers): with BLOCK_N = 64 ptxas spills 12-48 B on sm_80 or
+//   sm_90 depending on the features compiled in. On the 100 KB parts (sm_86, sm_89) 16-row warps (BLOCK_M = 64,
+//   48 KB) keep two CTAs per SM.
+template <int D>
+struct ForwardTiles;
+
+template <>
+struct ForwardTiles<64> {
+  using Wide = ForwardTile<64, 4, 32, 64, true, 2>;
+  using Narrow = Wide;
+};
+
+template <>
+struct ForwardTiles<128> {
+  using Wide = ForwardTile<128, 4, 32, 32, false, 2>;
+  using Narrow = ForwardTile<128, 4, 16, 32, false, 2>;
+};
+
+// Two CTAs of ``Tile`` fit in ``shared_per_sm`` bytes (1 KB of each CTA's share is reserved by the hardware).
+template <typename Tile>
+bool two_ctas_fit(int shared_per_sm) {
+  return 2 * (Tile::SHARED_BYTES + 1024) <= shared_per_sm;
+}
+
 template <typename T, int D, typename Launch>
 int forward(const AttentionParams& p, Launch&& launch) {
-  using Wide = ForwardTile<D, 128, 64, 8>;
-  using Narrow = ForwardTile<D, 64, 64, 4>;
-  if (p.shared_memory_per_sm >= 2 * Wide::SHARED_BYTES) return forward_with_tile<T, Wide>(p, launch);
-  return forward_with_tile<T, Narrow>(p, launch);
+  using Tiles = ForwardTiles<D>;
+  if (two_ctas_fit<typename Tiles::Wide>(p.shared_memory_per_sm)) {
+    return forward_with_tile<T, typename Tiles::Wide>(p, launch);
+  }
+  return forward_with_tile<T, typename Tiles::Narrow>(p, launch);
 }
 
 // Backward tiles, the same on every architecture. The dK/dV kernel holds two D-wide fp32 accumulators (dK and dV)
