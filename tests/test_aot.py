@@ -73,6 +73,7 @@ def test_every_kernel_has_a_case():
     """Each @triton.jit kernel a kernel module exports in KERNELS is compiled by at least one case."""
     from metagpt_fast.kernels.triton import (
         attention,
+        attention_fused_bwd,
         bias_gelu,
         decode,
         flash,
@@ -82,7 +83,9 @@ def test_every_kernel_has_a_case():
         rotary,
     )
 
-    modules = (attention, positional, rotary, decode, flash, linear_cross_entropy, norms, bias_gelu)
+    modules = (
+        attention, attention_fused_bwd, positional, rotary, decode, flash, linear_cross_entropy, norms, bias_gelu,
+    )  # fmt: skip
     compiled = {case.kernel for case in aot.all_cases()}
     kernels = [k for module in modules for k in module.KERNELS.values()]
     assert [k.__name__ for k in kernels if k not in compiled] == []

@@ -35,6 +35,7 @@ from triton.backends.compiler import GPUTarget
 from metagpt_fast._spec import triton_interpreted
 from metagpt_fast.devtools import sass, ttgir
 from metagpt_fast.kernels.triton import attention as attn
+from metagpt_fast.kernels.triton import attention_fused_bwd as fused_bwd
 from metagpt_fast.kernels.triton import bias_gelu, decode, norms, rotary
 from metagpt_fast.kernels.triton import flash as flash_attn
 from metagpt_fast.kernels.triton import linear_cross_entropy as lce
@@ -70,8 +71,13 @@ class AotCase:
     allowed_replication: int = 1
     # The most SASS instructions one main-loop step may take per 128 streamed rows; None: no budget.
     loop_budget: int | None = None
-    # Streamed operands read through tensor descriptors: on sm_90, TMA loads (UTMALDG) and no cp.async (LDGSTS).
+    # Streamed operands read through tensor descriptors: on sm_90, TMA loads (UTMALDG) and no cp.async (LDGSTS) but,
+    # with ``cp_async_rows``, that of per-row vectors (dK/dV's LSE and Delta rows, read by cp.async beside the TMA
+    # tiles: attention.BLOCK_POINTER_FAMILIES says why they stay pointer loads).
     expect_tma: bool = False
+    cp_async_rows: bool = False
+    # A loop marked warp_specialize that triton must specialise on sm_90 (the TTGIR holds ttg.warp_specialize).
+    expect_warp_specialized: bool = False
 
     @property
     def label(self) -> str:
@@ -107,6 +113,8 @@ class AotStats:
     # ops; or no ptxas >= 12.8), with the ptxas used or the reason in ``ptxas``.
     ptxas_advisories: list[str] | None = None
     ptxas: str = ""
+    # Whether triton warp-specialised a loop (the TTGIR holds a ttg.warp_specialize region).
+    warp_specialized: bool = False
 
     @property
     def spill_bytes(self) -> int:
@@ -132,6 +140,8 @@ def case(
     allowed_replication: int = 1,
     loop_budget: int | None = None,
     expect_tma: bool = False,
+    cp_async_rows: bool = False,
+    expect_warp_specialized: bool = False,
 ) -> AotCase:
     """One compile of ``kernel`` as Triton's launcher would specialise it for contiguous, aligned inputs.
 
@@ -141,8 +151,9 @@ def case(
     constant: every ``stride_*d`` argument (contiguous last dim) and those in ``unit_strides`` become the constexpr
     1, after ``constexprs`` (the order shows in the label). Pointers and strides are seen as multiples of 16, with
     ``aligned`` added and ``unaligned`` taken out. Like ``types``, these three name lists may hold names the kernel
-    lacks. ``role``, ``dtype``, ``streamed_rows``, ``allowed_replication``, ``loop_budget`` and ``expect_tma`` are
-    recorded for the gates, ``archs`` limits the targets (see :class:`AotCase`).
+    lacks. ``role``, ``dtype``, ``streamed_rows``, ``allowed_replication``, ``loop_budget``, ``expect_tma``,
+    ``cp_async_rows`` and ``expect_warp_specialized`` are recorded for the gates, ``archs`` limits the targets
+    (see :class:`AotCase`).
     """
     names = kernel.arg_names
     unknown = [name for name in constexprs if name not in names]
@@ -160,7 +171,8 @@ def case(
     )
     return AotCase(
         kernel, signature, constexprs, num_warps, num_stages, expect_wgmma, allowed_spill_bytes, divisible, role,
-        dtype, streamed_rows, archs, allowed_replication, loop_budget, expect_tma,
+        dtype, streamed_rows, archs, allowed_replication, loop_budget, expect_tma, cp_async_rows,
+        expect_warp_specialized,
     )  # fmt: skip
 
 
@@ -185,11 +197,19 @@ def attention_cases() -> list[AotCase]:
     # A contiguous mask (stride_mn = 1); its other strides, and the seed pointer, are not assumed aligned.
     layout = {"unit_strides": ("stride_mn",), "unaligned": ("Seed", "stride_mb", "stride_mh", "stride_mm")}
 
-    def tile_case(kind, bits, width, tile, *, archs, descriptors, is_causal, mask_kind, has_dropout) -> AotCase:
+    def tile_case(
+        kind, bits, width, tile, *, archs, descriptors, is_causal, mask_kind, has_dropout, schedule="grid"
+    ) -> AotCase:
         block_m, block_n, num_warps, num_stages = tile
-        # The forward's FOLD_SCALE for a positive scale (the usual one), KV_DESCRIPTORS as attention.kv_descriptors
-        # sets it for aligned inputs on the case's architectures.
-        forward = {"FOLD_SCALE": True, "KV_DESCRIPTORS": descriptors} if kind == "fwd" else {}
+        # The forward's FOLD_SCALE for a positive scale (the usual one), KV_DESCRIPTORS (DESCRIPTORS in the backward)
+        # as attention.stream_descriptors sets it for aligned inputs on the case's architectures, and its schedule.
+        if kind == "fwd":
+            forward = {
+                "FOLD_SCALE": True, "KV_DESCRIPTORS": descriptors, "PERSISTENT": schedule == "persistent",
+                "WARP_SPECIALIZE": schedule == "warp_specialize",
+            }  # fmt: skip
+        else:
+            forward = {"DESCRIPTORS": descriptors}
         constexprs = {
             "HEAD_DIM": width, "HEAD_DIM_V": width, "BLOCK_D": width, "BLOCK_DV": width, "IS_CAUSAL": is_causal,
             "MASK_KIND": mask_kind, "MASK_ROW_BCAST": False, "HAS_DROPOUT": has_dropout, **forward,
@@ -207,12 +227,17 @@ def attention_cases() -> list[AotCase]:
                 attn.SM90_HEAVY_FWD_256_REPLICATION if (kind, bits, width, has_dropout) == ("fwd", 16, 256, True)
                 else 1
             ),
+            # The budget is the grid schedule's: the warp-specialised form masks every step, and its figure is one
+            # consumer warpgroup's loop (docs/triton-attention.md).
             loop_budget=(
                 attn.FWD_128X128_LOOP_BUDGET
                 if (kind, bits, block_m, block_n, mask_kind) == ("fwd", 16, 128, 128, attn.MASK_NONE) and width <= 128
+                and schedule != "warp_specialize"
                 else None
             ),
             expect_tma=descriptors,
+            cp_async_rows=kind == "dkdv",
+            expect_warp_specialized=schedule == "warp_specialize",
         )  # fmt: skip
 
     cases = []
@@ -229,12 +254,27 @@ def attention_cases() -> list[AotCase]:
                 for tile in dict.fromkeys(tile for listed in per_arch.values() for tile in listed):
                     by_descriptors: dict[bool, tuple[int, ...]] = {}
                     for arch in (arch for arch in ARCHS if tile in per_arch[arch]):
-                        descriptors = kind == "fwd" and bits == 16 and arch >= 90 and not heavy
+                        descriptors = (
+                            bits == 16 and arch >= 90 and not heavy
+                            and (bits, width) not in attn.BLOCK_POINTER_FAMILIES.get(kind, ())
+                        )  # fmt: skip
                         by_descriptors[descriptors] = (*by_descriptors.get(descriptors, ()), arch)
                     for descriptors, archs in by_descriptors.items():
                         cases.append(
                             tile_case(kind, bits, width, tile, archs=archs, descriptors=descriptors, **variant)
                         )
+    # The forward's other schedules (attention.FORWARD_SCHEDULES), 16-bit on sm_90 with TMA: persistent on the first
+    # tile of the causal lists, warp-specialised on its own tiles.
+    for width in (64, 128):
+        variant = {"is_causal": True, "mask_kind": attn.MASK_NONE, "has_dropout": False}
+        first = attn.tiles("fwd", (16, width, False), (9, 0))[0]
+        cases.append(
+            tile_case("fwd", 16, width, first, archs=(90,), descriptors=True, schedule="persistent", **variant)
+        )
+        for tile in attn.tiles("fwd", (16, width, False), (9, 0), "warp_specialize"):
+            cases.append(
+                tile_case("fwd", 16, width, tile, archs=(90,), descriptors=True, schedule="warp_specialize", **variant)
+            )
     for width in (64, 128, 256):
         for bits in (16, 32):
             constexprs = {"HEAD_DIM_V": width, "BLOCK_DV": width, "BLOCK_M": attn.preprocess_block_m(width)}
@@ -243,6 +283,56 @@ def attention_cases() -> list[AotCase]:
                 case(
                     preprocess, constexprs, types(bits, attn.MASK_NONE), **layout, num_stages=1, role="preprocess",
                     dtype=DTYPES[bits],
+                )
+            )  # fmt: skip
+    return cases
+
+
+def fused_backward_case(bits, width, tile, *, heavy, atomic, archs=ARCHS) -> AotCase:
+    """The fused attention backward (kernels/triton/attention_fused_bwd.py) at one tile: causal without mask, or
+    (``heavy``) a dense additive mask with dropout; dQ through the deterministic scratch or (``atomic``) atomics."""
+    block_m, block_n, num_warps, num_stages = tile
+    data = "*" + DTYPES[bits]
+    types = {
+        **dict.fromkeys(("Q", "K", "V", "DOut", "DK", "DV", "Mask"), data), "Lse": "*fp32", "Delta": "*fp32",
+        "DQAcc": "*fp32", "Seed": "*i64", "qk_scale": "fp32", "sm_scale": "fp32", "dropout_scale": "fp32",
+    }  # fmt: skip
+    constexprs = {
+        "HEAD_DIM": width, "HEAD_DIM_V": width, "BLOCK_D": width, "BLOCK_DV": width, "IS_CAUSAL": not heavy,
+        "MASK_KIND": attn.MASK_ADDITIVE if heavy else attn.MASK_NONE, "MASK_ROW_BCAST": False, "HAS_DROPOUT": heavy,
+        "ATOMIC": atomic, "BLOCK_M": block_m, "BLOCK_N": block_n,
+    }  # fmt: skip
+    layout = {"unit_strides": ("stride_mn",), "unaligned": ("Seed", "stride_mb", "stride_mh", "stride_mm")}
+    return case(
+        fused_bwd.KERNELS["fused"], constexprs, types, **layout, num_warps=num_warps, num_stages=num_stages,
+        # keys are the rows of S^T, dP^T, dV and dK: wgmma needs 64 a warpgroup
+        expect_wgmma=bits == 16 and block_n >= 64, role="fused_bwd", dtype=DTYPES[bits], streamed_rows=block_m,
+        archs=archs,
+    )  # fmt: skip
+
+
+def fused_backward_cases() -> list[AotCase]:
+    """Every tile of the fused backward's tables (one per family and architecture) with its family's variant and
+    widest head dim, deterministic; the atomic form of the families without mask and dropout; the dQ reduction per
+    head dim bucket."""
+    by_tile: dict[tuple, tuple[int, ...]] = {}
+    for arch, table in fused_bwd.FUSED_TILES.items():
+        for (bits, width, heavy), tile in table.items():
+            for atomic in (False, True) if not heavy else (False,):
+                key = (bits, width, heavy, atomic, tile)
+                by_tile[key] = (*by_tile.get(key, ()), arch)
+    cases = [
+        fused_backward_case(bits, width, tile, heavy=heavy, atomic=atomic, archs=archs)
+        for (bits, width, heavy, atomic, tile), archs in by_tile.items()
+    ]
+    for width in (64, 128, 256):
+        for bits in (16, 32):
+            types = {"DQAcc": "*fp32", "DQ": "*" + DTYPES[bits], "sm_scale": "fp32"}
+            constexprs = {"HEAD_DIM": width, "BLOCK_D": width, "BLOCK_M": fused_bwd.REDUCE_BLOCK_M}
+            cases.append(
+                case(
+                    fused_bwd.KERNELS["dq_reduce"], constexprs, types, unit_strides=("stride_dqd",), num_stages=1,
+                    role="preprocess", dtype=DTYPES[bits],
                 )
             )  # fmt: skip
     return cases
@@ -416,8 +506,8 @@ def norm_cases() -> list[AotCase]:
 
 def all_cases() -> list[AotCase]:
     return (
-        attention_cases() + flash_cases() + positional_cases() + rotary_cases() + decode_cases()
-        + linear_cross_entropy_cases() + norm_cases()
+        attention_cases() + fused_backward_cases() + flash_cases() + positional_cases() + rotary_cases()
+        + decode_cases() + linear_cross_entropy_cases() + norm_cases()
     )  # fmt: skip
 
 
@@ -506,6 +596,7 @@ def analyse(case: AotCase, arch: int, compiled: Compiled, ptxas: tuple[str | Non
         replication=max((dot.replication for dot in dots if dot.tensor_core), default=1),
         ptxas_advisories=[a.code for a in sass.advisories(log)] if log is not None else None,
         ptxas=about,
+        warp_specialized="ttg.warp_specialize" in compiled.ttgir,
     )
 
 
@@ -525,6 +616,8 @@ def _row(case: AotCase, arch: int, work: Callable[[], AotStats]) -> dict[str, An
         "loop_budget": case.loop_budget,
         "expect_wgmma": case.expect_wgmma,
         "expect_tma": case.expect_tma,
+        "cp_async_rows": case.cp_async_rows,
+        "expect_warp_specialized": case.expect_warp_specialized,
     }
     try:
         stats = work()
@@ -629,9 +722,15 @@ def _missing_tma(row: dict[str, Any]) -> str | None:
     if "error" in row or row["arch"] < 90 or not row.get("expect_tma"):
         return None
     tma, cp_async = row["opcodes"]["UTMALDG"], row["opcodes"]["LDGSTS"]
-    if tma == 0 or cp_async:
+    if tma == 0 or (cp_async and not row.get("cp_async_rows")):
         return f"{tma} UTMALDG and {cp_async} LDGSTS: expected TMA loads and no cp.async"
     return None
+
+
+def _not_warp_specialized(row: dict[str, Any]) -> str | None:
+    if "error" in row or row["arch"] < 90 or not row.get("expect_warp_specialized"):
+        return None
+    return None if row["warp_specialized"] else "triton left the warp_specialize loop unspecialised"
 
 
 # name -> check of one row (a failure message, or None). "serialised_wgmma" needs ptxas >= 12.8; rows without it carry
@@ -645,6 +744,7 @@ GATES: dict[str, Callable[[dict[str, Any]], str | None]] = {
     "replicated_products": _replicated_products,
     "loop_budget": _over_loop_budget,
     "tma": _missing_tma,
+    "warp_specialized": _not_warp_specialized,
 }
 
 
