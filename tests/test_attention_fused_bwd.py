@@ -19,6 +19,8 @@ from metagpt_fast.ops.reference import dropout_keep_mask
 from metagpt_fast.ops.reference.attention import attention as reference_attention
 from metagpt_fast.testing import assert_all_parity, attention_backward_slack, oracle_dtype
 
+pytest.importorskip("triton")
+
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 NAMES = ("out", "dq", "dk", "dv")
 interpreted_triton = helpers.interpreted_triton("attention")
@@ -171,8 +173,7 @@ def test_backward_mode_selection(monkeypatch):
     _, fused = _modules()
     q, k, v = torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16)
     monkeypatch.delenv(fused.ENV_VAR, raising=False)
-    assert fused.backward_mode() == "auto"
-    # Under the interpreter "auto" keeps the split kernels (the CPU parity suite tests them).
+    assert fused.backward_mode() == "split"  # the default
     assert fused.select(q, k, v, None, 0.0) is None
     assert fused.select(q, k, v, None, 0.0, "split") is None
     tile, n_splits, atomic = fused.select(q, k, v, None, 0.0, "fused")
@@ -186,6 +187,38 @@ def test_backward_mode_selection(monkeypatch):
     monkeypatch.setenv(fused.ENV_VAR, "atomics")
     with pytest.raises(ValueError, match=fused.ENV_VAR):
         fused.backward_mode()
+
+
+def test_fused_tiles_and_splits_on_a_gpu(monkeypatch):
+    """What :func:`plan` picks on a GPU (capability and multiprocessors mocked): a tile only for the spill-free
+    families (sm_90, 16-bit, D <= 64), splits bounded by the scratch budget, the split kernels when too few programs
+    would be left."""
+    _, fused = _modules()
+    monkeypatch.setattr(fused, "INTERPRETED", False)
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda device: type("P", (), {"multi_processor_count": 132})
+    )
+    capability = {"cc": 90}
+    monkeypatch.setattr(fused, "_capability", lambda device: capability["cc"])
+
+    def tensors(b, hq, hk, n, d, dtype=F16):
+        return (
+            torch.empty(b, hq, n, d, dtype=dtype),
+            torch.empty(b, hk, n, d, dtype=dtype),
+            torch.empty(b, hk, n, d, dtype=dtype),
+        )
+
+    plain, heavy = fused.FUSED_TILES[90][(16, 64, False)], fused.FUSED_TILES[90][(16, 64, True)]
+    assert fused.plan(*tensors(2, 4, 4, 1000, 64), None, 0.0, False) == (plain, math.ceil(1000 / plain[1]))
+    assert fused.plan(*tensors(2, 4, 4, 1000, 48), None, 0.1, False)[0] == heavy  # dropout: the heavy family
+    assert fused.plan(*tensors(2, 4, 4, 1000, 128), None, 0.0, False) is None  # D=128 spills: split kernels
+    assert fused.plan(*tensors(2, 4, 4, 1000, 64, F32), None, 0.0, False) is None  # float32: split kernels
+    # 64 key blocks, dQ in float32 is 64 MiB: 16 splits fill the 1 GiB budget, 128 programs
+    assert fused.plan(*tensors(1, 32, 8, 8192, 64), None, 0.0, False) == (plain, 16)
+    assert fused.plan(*tensors(1, 32, 8, 8192, 64), None, 0.0, True) == (plain, 64)  # atomic: every key block
+    assert fused.plan(*tensors(1, 32, 2, 8192, 64), None, 0.0, False) is None  # 32 programs: split kernels
+    capability["cc"] = 80
+    assert fused.plan(*tensors(2, 4, 4, 1000, 64), None, 0.0, False) is None  # sm_80: mma.sync tiles repeat or spill
 
 
 # ------------------------------------------------------------------------------------------------------------ GPU

@@ -58,8 +58,8 @@ def attention_backward(
     dk = torch.empty(key.shape, dtype=key.dtype, device=key.device)
     dv = torch.empty(value.shape, dtype=value.dtype, device=value.device)
     delta = torch.empty(lse.shape[1:], dtype=torch.float32, device=lse.device)
-    # The fused 5-product backward where it has a spill-free tile, deterministic unless METAGPT_FAST_ATTENTION_BACKWARD
-    # asks for atomics; else the split kernels (kernels/triton/attention_fused_bwd.py, docs/triton-attention.md).
+    # The split kernels, or the fused 5-product kernel where METAGPT_FAST_ATTENTION_BACKWARD asks for it and it has a
+    # spill-free tile (deterministic unless atomics are asked for): kernels/triton/attention_fused_bwd.py.
     fused = fused_bwd.select(query, key, value, attn_mask, dropout_p)
     if fused is not None:
         fused_bwd.attention_backward(

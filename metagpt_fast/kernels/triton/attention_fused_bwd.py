@@ -24,7 +24,8 @@ Conventions are those of the split kernels, whose helpers this module calls: bas
 additive masks through broadcast strides) and the same Philox dropout offsets ``((b * Hq + h) * Nq + i) * Nk + j``.
 Keys past ``Nk`` are masked (their scores ``-inf``) because here they would reach dQ.
 
-Which backward runs is chosen by :func:`backward_mode` (``METAGPT_FAST_ATTENTION_BACKWARD``) and :func:`plan`; see
+Which backward runs is chosen by :func:`backward_mode` (``METAGPT_FAST_ATTENTION_BACKWARD``: the split kernels by
+default, the fused one on request) and :func:`plan` (the fused one only where it has a spill-free tile); see
 docs/triton-attention.md, "Fused backward".
 """
 
@@ -268,28 +269,30 @@ INTERPRETER_TILE = (16, 32, 4, 1)
 INTERPRETER_SPLITS = 2
 REDUCE_BLOCK_M = 32  # rows of the reduction kernel: 32 x 256 float32 over 128 threads is 64 registers a thread
 # The deterministic scratch holds n_splits float32 copies of dQ; past this many bytes the splits shrink, and when
-# they would leave the GPU with fewer programs than streaming multiprocessors the split kernels run instead.
+# they would leave over half the streaming multiprocessors without a program the split kernels run instead. (B=1,
+# Hq=32, Hk=8, Nq=Nk=8192, D=64: dQ in float32 is 64 MiB, 16 splits of 4 key blocks, 128 programs.)
 SCRATCH_BUDGET_BYTES = 1 << 30
 
 KERNELS = {"fused": _attn_bwd_fused, "dq_reduce": _attn_bwd_fused_dq_reduce}
 
-MODES = ("auto", "split", "fused", "fused_atomic")
+MODES = ("split", "fused", "fused_atomic")
 ENV_VAR = "METAGPT_FAST_ATTENTION_BACKWARD"
 
 
 def backward_mode() -> str:
     """The Triton attention backward asked for by ``METAGPT_FAST_ATTENTION_BACKWARD``:
 
-    - unset or ``auto``: on a GPU, the fused kernel with the deterministic dQ reduction where :func:`plan` has a tile
-      for the inputs, else the split kernels (deterministic too); under the interpreter the split kernels (the CPU
-      parity suite keeps testing them; the fused kernel's own tests ask for it);
-    - ``split``: always the split kernels (dK/dV and dQ apart, 7 products per tile);
-    - ``fused``: the fused kernel with the deterministic reduction where :func:`plan` has a tile, else split;
+    - unset or ``split`` (the default): the split kernels (dK/dV and dQ apart, 7 products per tile, deterministic).
+      The fused kernel is not the default until a GPU measurement shows it faster: its static figures do not settle
+      it (docs/triton-attention.md, "Fused backward"), and its deterministic scratch takes up to
+      ``SCRATCH_BUDGET_BYTES`` more memory;
+    - ``fused``: the fused kernel with the deterministic dQ reduction where :func:`plan` has a tile for the inputs,
+      else the split kernels (deterministic either way);
     - ``fused_atomic``: the fused kernel with dQ added by atomics (non-deterministic in dQ's last bits) where
       :func:`plan` has a tile, else split; under ``torch.use_deterministic_algorithms(True)`` the deterministic
       reduction instead.
     """
-    value = os.environ.get(ENV_VAR, "").strip().lower() or "auto"
+    value = os.environ.get(ENV_VAR, "").strip().lower() or "split"
     if value not in MODES:
         raise ValueError(f"{ENV_VAR} must be one of {', '.join(MODES)}, got {value!r}")
     return value
@@ -299,7 +302,7 @@ def select(q, k, v, attn_mask, dropout_p, mode: str | None = None):
     """``(tile, n_splits, atomic)`` for the fused backward under ``mode`` (default :func:`backward_mode`), or None
     for the split kernels."""
     mode = backward_mode() if mode is None else mode
-    if mode == "split" or (mode == "auto" and INTERPRETED):
+    if mode == "split":
         return None
     atomic = mode == "fused_atomic" and not torch.are_deterministic_algorithms_enabled()
     planned = plan(q, k, v, attn_mask, dropout_p, atomic)
@@ -327,8 +330,8 @@ def tile_for(itemsize: int, head_dim: int, head_dim_v: int, heavy: bool, device:
 
 def plan(q, k, v, attn_mask, dropout_p, atomic: bool):
     """``(tile, n_splits)`` of the fused backward for these inputs, or None for the split kernels: no tile for the
-    family (:func:`tile_for`), or a deterministic reduction whose scratch budget would leave fewer programs than the
-    GPU has multiprocessors. ``n_splits`` is the number of key blocks in the atomic mode."""
+    family (:func:`tile_for`), or a deterministic reduction whose scratch budget would leave over half the GPU's
+    multiprocessors idle. ``n_splits`` is the number of key blocks in the atomic mode."""
     B, Hq, Nq, D = q.shape
     Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     mask_kind, row_bcast = _mask_kind(attn_mask, (B, Hq, Nq, Nk))
@@ -345,7 +348,7 @@ def plan(q, k, v, attn_mask, dropout_p, atomic: bool):
     slice_bytes = B * Hq * Nq * D * 4
     budget = max(1, SCRATCH_BUDGET_BYTES // max(1, slice_bytes))
     n_splits = min(n_blocks, triton.cdiv(2 * sms, max(1, B * Hk)), budget)
-    if n_splits < n_blocks and n_splits * B * Hk < sms:
+    if n_splits < n_blocks and 2 * n_splits * B * Hk < sms:
         return None
     return tile, n_splits
 
