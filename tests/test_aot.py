@@ -158,10 +158,18 @@ def test_hopper_forward_main_loop_within_its_budget(aot_report):
 
 
 @slow
-def test_hopper_forward_loads_keys_and_values_with_tma(aot_report):
+def test_hopper_attention_streams_its_tiles_with_tma(aot_report):
+    """The forward's K and V, dQ's K and V and dK/dV's Q and dO (but at D=128: attention.BLOCK_POINTER_FAMILIES)."""
     expecting = [r for r in aot_report if r.get("expect_tma") and r["arch"] >= 90]
-    assert {r["dtype"] for r in expecting} == {"bf16"} and {r["role"] for r in expecting} == {"fwd"}
+    assert {r["dtype"] for r in expecting} == {"bf16"} and {r["role"] for r in expecting} == {"fwd", "dq", "dkdv"}
     _gate(aot_report, "tma")
+
+
+@slow
+def test_hopper_forward_warp_specialises_its_one_loop_form(aot_report):
+    expecting = [r for r in aot_report if r.get("expect_warp_specialized") and r["arch"] >= 90]
+    assert expecting, "no warp-specialised case"
+    _gate(aot_report, "warp_specialized")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -172,7 +180,7 @@ GOOD = {
     "expect_wgmma": True, "registers": 186, "spill_bytes": 0, "uses_wgmma": True,
     "opcodes": {"HGMMA": 24, "WARPGROUP.DEPBAR": 4}, "replicated_dots": [], "replication": 1,
     "allowed_replication": 1, "ptxas_advisories": [], "loop_budget": 550, "loop_instructions_per_128_rows": 516.0,
-    "expect_tma": True,
+    "expect_tma": True, "cp_async_rows": False, "expect_warp_specialized": True, "warp_specialized": True,
 }  # fmt: skip
 GOOD["opcodes"] = {**GOOD["opcodes"], "UTMALDG": 8, "LDGSTS": 0}
 WGMMA_X2 = {"replicated_dots": ["64x32 mma v3 warpsPerCTA=[8, 1] x2"], "replication": 2}
@@ -196,6 +204,8 @@ MMA_X4 = {"replicated_dots": ["32x16 mma v2 warpsPerCTA=[1, 8] x4"], "replicatio
         ("loop_budget", {"loop_instructions_per_128_rows": None}),  # no main loop found
         ("tma", {"opcodes": {**GOOD["opcodes"], "UTMALDG": 0}}),
         ("tma", {"opcodes": {**GOOD["opcodes"], "LDGSTS": 16}}),
+        ("tma", {"cp_async_rows": True, "opcodes": {**GOOD["opcodes"], "UTMALDG": 0, "LDGSTS": 16}}),
+        ("warp_specialized", {"warp_specialized": False}),
     ],
 )
 def test_gates_fail_bad_rows_and_pass_good_ones(gate, bad):
@@ -222,6 +232,9 @@ def test_gates_fail_bad_rows_and_pass_good_ones(gate, bad):
         ("loop_budget", {"arch": 80, "loop_instructions_per_128_rows": 900.0}),
         ("tma", {"expect_tma": False, "opcodes": {**GOOD["opcodes"], "UTMALDG": 0, "LDGSTS": 16}}),
         ("tma", {"arch": 80, "opcodes": {}}),  # no SASS figures on sm_80
+        ("tma", {"cp_async_rows": True, "opcodes": {**GOOD["opcodes"], "LDGSTS": 8}}),  # dK/dV's row vectors
+        ("warp_specialized", {"expect_warp_specialized": False, "warp_specialized": False}),
+        ("warp_specialized", {"arch": 80, "warp_specialized": False}),
     ],
 )
 def test_gates_leave_out_what_they_do_not_cover(gate, exempt):

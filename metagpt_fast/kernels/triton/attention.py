@@ -29,6 +29,7 @@ row vector per key block. Batch and head offsets are int64. fp32 matmuls use ``i
 
 import functools
 import math
+import os
 import warnings
 
 import torch
@@ -177,17 +178,19 @@ def _attn_fwd_inner(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BOUNDARY: tl.constexpr, IS_CAUSAL: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr, HAS_DROPOUT: tl.constexpr, FOLD_SCALE: tl.constexpr,
-    KV_DESCRIPTORS: tl.constexpr,
+    KV_DESCRIPTORS: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):  # fmt: skip
     """Online softmax over key blocks ``[lo, hi)``. ``BOUNDARY`` blocks straddle the causal diagonal or the end of
     the keys and are masked; the others are known to be fully visible and in bounds (no per-element work).
     ``KV_DESCRIPTORS``: ``k_base`` and ``v_base`` are tensor descriptors (see _attn_fwd), else base pointers.
+    ``WARP_SPECIALIZE``: the loop asks triton for warp specialisation (a producer warpgroup issuing the loads and
+    consumer warpgroups computing; see _attn_fwd's schedules).
 
     ``FOLD_SCALE`` (``qk_scale >= 0``): where no mask applies, the row maximum is taken on the raw products and
     scaled once per row (rounding is monotonic, so it equals the maximum of the rounded scaled scores), and the scale
     goes into the exponent's argument as one fused multiply-add per score instead of a multiply and a subtract."""
     offs_n = tl.arange(0, BLOCK_N)
-    for start_n in range(lo, hi, BLOCK_N):
+    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
         if KV_DESCRIPTORS:  # rows past Nk and columns past HEAD_DIM read 0
@@ -226,48 +229,22 @@ def _attn_fwd_inner(
 
 
 @triton.jit
-def _attn_fwd(
-    Q, K, V, Mask, Out, Lse, Seed,
+def _attn_fwd_tile(
+    Q, K, V, Mask, Out, Lse, seed, start_m, h, b,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_ob, stride_oh, stride_om, stride_od,
-    Hq, Nq, Nk, GROUP, lse_split, Nq_bucket, Nk_bucket,
+    Hq, Nq, Nk, GROUP, lse_split,
     qk_scale, dropout_threshold, dropout_scale,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_V: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    IS_CAUSAL: tl.constexpr,
-    MASK_KIND: tl.constexpr,
-    MASK_ROW_BCAST: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
-    FOLD_SCALE: tl.constexpr,
-    KV_DESCRIPTORS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    FOLD_SCALE: tl.constexpr, KV_DESCRIPTORS: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """Grid (cdiv(Nq, BLOCK_M), Hq, B). Q (B, Hq, Nq, D), K (B, Hk, Nk, D), V (B, Hk, Nk, Dv), Mask broadcast to
-    (B, Hq, Nq, Nk) (stride 0 on broadcast dims), Out (B, Hq, Nq, Dv), Lse (1 or 2, B, Hq, Nq) float32 with
-    ``lse_split = B * Hq * Nq``, Seed (1,) int64. ``Nq_bucket``, ``Nk_bucket``: the autotuner's key only
-    (:func:`length_buckets`; the same in the backward kernels).
-
-    Lse holds m + log2(l) per row. With an additive mask it holds m and log2(l) apart (2, ...): a row whose every
-    key carries a huge finite bias (torch.finfo(float32).min) has |m| ~ 1e38, where m + log2(l) rounds to m and the
-    backward would lose the 1/l of its weights. ``FOLD_SCALE``: ``qk_scale >= 0`` (see _attn_fwd_inner).
-
-    ``KV_DESCRIPTORS``: K and V are read through tensor descriptors (on sm_90, TMA copies issued by one thread into
-    shared memory, in place of every thread's cp.async address arithmetic); they need a last stride of 1, the other
-    strides and the base 16-byte aligned (:func:`kv_descriptors`), and scratch memory from triton's allocator for the
-    descriptors (:func:`_ensure_allocator`)."""
-    tl.static_assert(BLOCK_D >= HEAD_DIM)
-    tl.static_assert(BLOCK_DV >= HEAD_DIM_V)
-    start_m = tl.program_id(0)
-    h = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
+    """Query block ``start_m`` of head ``h`` of batch ``b`` (int64): its output rows and their LSE (see _attn_fwd)."""
     hk = h // GROUP
-
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     k_base = K + b * stride_kb + hk * stride_kh
@@ -278,13 +255,16 @@ def _attn_fwd(
     mask_base = Mask + b * stride_mb + h * stride_mh
     row_base = (b * Hq + h) * Nq  # first row of this (b, h) in Lse and in the dropout offsets
     drop_base = row_base * Nk
-    if HAS_DROPOUT:
-        seed = tl.load(Seed)
-    else:
-        seed = 0
 
     q_base = Q + b * stride_qb + h * stride_qh
-    q = _load_block(q_base, start_m * BLOCK_M, Nq, stride_qm, stride_qd, HEAD_DIM, BLOCK_M, BLOCK_D, True)
+    if WARP_SPECIALIZE:
+        # Every load of a warp-specialised kernel goes through a descriptor: triton 3.8 aborts on a pointer load
+        # ("unsupported load type for producer commit").
+        tl.static_assert(KV_DESCRIPTORS)
+        q_desc = tl.make_tensor_descriptor(q_base, [Nq, HEAD_DIM], [stride_qm, 1], [BLOCK_M, BLOCK_D])
+        q = q_desc.load([start_m * BLOCK_M, 0])
+    else:
+        q = _load_block(q_base, start_m * BLOCK_M, Nq, stride_qm, stride_qd, HEAD_DIM, BLOCK_M, BLOCK_D, True)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
@@ -296,24 +276,35 @@ def _attn_fwd(
     else:
         hi = Nk
         full_end = Nk // BLOCK_N * BLOCK_N
-    acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, mask_base, seed, drop_base, rows, start_m * BLOCK_M, 0, full_end,
-        stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Nq, Nk, qk_scale, dropout_threshold,
-        dropout_scale,
-        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N,
-        False, IS_CAUSAL, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT, FOLD_SCALE, KV_DESCRIPTORS,
-    )  # fmt: skip
-    # Guarded, not left to a zero-trip loop: on sm_90 the path that skips an empty loop redefines the accumulator
-    # registers while a wgmma is in flight, and ptxas then serialises every wgmma of the kernel (C7515: one wait per
-    # HGMMA, 24 for 24 at D=128 with 128x64 tiles; 4 with the guard).
-    if full_end < hi:
+    if WARP_SPECIALIZE:
+        # One loop over [0, hi) that masks every step: triton 3.8's Hopper warp specialisation takes a kernel's one
+        # marked loop, and leaves the two-loop form (or a mask under a branch on the step) unspecialised.
         acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, k_base, v_base, mask_base, seed, drop_base, rows, start_m * BLOCK_M, full_end, hi,
+            acc, l_i, m_i, q, k_base, v_base, mask_base, seed, drop_base, rows, start_m * BLOCK_M, 0, hi,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Nq, Nk, qk_scale, dropout_threshold,
             dropout_scale,
             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N,
-            True, IS_CAUSAL, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT, FOLD_SCALE, KV_DESCRIPTORS,
+            True, IS_CAUSAL, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT, FOLD_SCALE, KV_DESCRIPTORS, True,
         )  # fmt: skip
+    else:
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, k_base, v_base, mask_base, seed, drop_base, rows, start_m * BLOCK_M, 0, full_end,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Nq, Nk, qk_scale, dropout_threshold,
+            dropout_scale,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N,
+            False, IS_CAUSAL, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT, FOLD_SCALE, KV_DESCRIPTORS, False,
+        )  # fmt: skip
+        # Guarded, not left to a zero-trip loop: on sm_90 the path that skips an empty loop redefines the
+        # accumulator registers while a wgmma is in flight, and ptxas then serialises every wgmma of the kernel
+        # (C7515: one wait per HGMMA, 24 for 24 at D=128 with 128x64 tiles; 4 with the guard).
+        if full_end < hi:
+            acc, l_i, m_i = _attn_fwd_inner(
+                acc, l_i, m_i, q, k_base, v_base, mask_base, seed, drop_base, rows, start_m * BLOCK_M, full_end, hi,
+                stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Nq, Nk, qk_scale,
+                dropout_threshold, dropout_scale,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N,
+                True, IS_CAUSAL, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT, FOLD_SCALE, KV_DESCRIPTORS, False,
+            )  # fmt: skip
 
     # A row whose every key is masked has l = 0 and acc = 0: output 0, LSE = +inf (so the backward's P is 0).
     empty = l_i == 0.0
@@ -326,6 +317,89 @@ def _attn_fwd(
         tl.store(Lse + row_base + rows, tl.where(empty, float("inf"), m_i + tl.log2(l_safe)), mask=rows < Nq)
     o_ptrs = Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_dv[None, :] * stride_od
     _store_tile(o_ptrs, out.to(Out.dtype.element_ty), rows, Nq, offs_dv, HEAD_DIM_V, BLOCK_DV)
+
+
+@triton.jit
+def _attn_fwd(
+    Q, K, V, Mask, Out, Lse, Seed,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_ob, stride_oh, stride_om, stride_od,
+    B, Hq, Nq, Nk, GROUP, lse_split, Nq_bucket, Nk_bucket,
+    qk_scale, dropout_threshold, dropout_scale,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    MASK_ROW_BCAST: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    FOLD_SCALE: tl.constexpr,
+    KV_DESCRIPTORS: tl.constexpr,
+    PERSISTENT: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Q (B, Hq, Nq, D), K (B, Hk, Nk, D), V (B, Hk, Nk, Dv), Mask broadcast to (B, Hq, Nq, Nk) (stride 0 on
+    broadcast dims), Out (B, Hq, Nq, Dv), Lse (1 or 2, B, Hq, Nq) float32 with ``lse_split = B * Hq * Nq``, Seed (1,)
+    int64. ``Nq_bucket``, ``Nk_bucket``: the autotuner's key only (:func:`length_buckets`; the same in the backward
+    kernels).
+
+    Schedules (:data:`FORWARD_SCHEDULES`): grid (cdiv(Nq, BLOCK_M), Hq, B), one query block a program; or
+    ``PERSISTENT``: a 1-D grid of at most one program per SM, each looping over the (query block, head, batch) tiles
+    ``pid, pid + num_programs, ...``. With ``IS_CAUSAL`` the query blocks run longest-first in both: the last query
+    block sees the most keys, so program 0 takes it (the grid's first dimension is mapped in reverse; the persistent
+    order takes every head's last block before any head's second-to-last), and the short blocks fill the tail.
+    ``WARP_SPECIALIZE``: one key loop that masks every step, marked for warp specialisation (_attn_fwd_tile).
+
+    Lse holds m + log2(l) per row. With an additive mask it holds m and log2(l) apart (2, ...): a row whose every
+    key carries a huge finite bias (torch.finfo(float32).min) has |m| ~ 1e38, where m + log2(l) rounds to m and the
+    backward would lose the 1/l of its weights. ``FOLD_SCALE``: ``qk_scale >= 0`` (see _attn_fwd_inner).
+
+    ``KV_DESCRIPTORS``: K and V are read through tensor descriptors (on sm_90, TMA copies issued by one thread into
+    shared memory, in place of every thread's cp.async address arithmetic); they need a last stride of 1, the other
+    strides and the base 16-byte aligned (:func:`kv_descriptors`), and scratch memory from triton's allocator for the
+    descriptors (:func:`_ensure_allocator`)."""
+    tl.static_assert(BLOCK_D >= HEAD_DIM)
+    tl.static_assert(BLOCK_DV >= HEAD_DIM_V)
+    if HAS_DROPOUT:
+        seed = tl.load(Seed)
+    else:
+        seed = 0
+    if PERSISTENT:
+        blocks = tl.cdiv(Nq, BLOCK_M)
+        heads = B * Hq
+        for tile in tl.range(tl.program_id(0), blocks * heads, tl.num_programs(0)):
+            block = tile // heads
+            if IS_CAUSAL:
+                block = blocks - 1 - block
+            bh = (tile % heads).to(tl.int64)
+            _attn_fwd_tile(
+                Q, K, V, Mask, Out, Lse, seed, block, bh % Hq, bh // Hq,
+                stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+                stride_vb, stride_vh, stride_vn, stride_vd, stride_mb, stride_mh, stride_mm, stride_mn,
+                stride_ob, stride_oh, stride_om, stride_od,
+                Hq, Nq, Nk, GROUP, lse_split, qk_scale, dropout_threshold, dropout_scale,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, IS_CAUSAL, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
+                FOLD_SCALE, KV_DESCRIPTORS, WARP_SPECIALIZE, BLOCK_M, BLOCK_N,
+            )  # fmt: skip
+    else:
+        start_m = tl.program_id(0)
+        if IS_CAUSAL:
+            start_m = tl.num_programs(0) - 1 - start_m
+        _attn_fwd_tile(
+            Q, K, V, Mask, Out, Lse, seed, start_m, tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64),
+            stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+            stride_vb, stride_vh, stride_vn, stride_vd, stride_mb, stride_mh, stride_mm, stride_mn,
+            stride_ob, stride_oh, stride_om, stride_od,
+            Hq, Nq, Nk, GROUP, lse_split, qk_scale, dropout_threshold, dropout_scale,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, IS_CAUSAL, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
+            FOLD_SCALE, KV_DESCRIPTORS, WARP_SPECIALIZE, BLOCK_M, BLOCK_N,
+        )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -362,15 +436,19 @@ def _attn_bwd_dkdv_inner(
     qk_scale, dropout_threshold, dropout_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-    MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr, HAS_DROPOUT: tl.constexpr, DESCRIPTORS: tl.constexpr,
 ):  # fmt: skip
     """Accumulates dK, dV of one key block over the query blocks ``[lo, hi)`` of one query head, in the transposed
-    (keys by queries) layout so both products accumulate without transposing the accumulators."""
+    (keys by queries) layout so both products accumulate without transposing the accumulators. ``DESCRIPTORS``:
+    ``q_base`` and ``do_base`` are tensor descriptors (rows past Nq read 0), else base pointers."""
     offs_m = tl.arange(0, BLOCK_M)
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         rows = start_m + offs_m
-        q = _load_block(q_base, start_m, Nq, stride_qm, stride_qd, HEAD_DIM, BLOCK_M, BLOCK_D, True)
+        if DESCRIPTORS:
+            q = q_base.load([start_m, 0])
+        else:
+            q = _load_block(q_base, start_m, Nq, stride_qm, stride_qd, HEAD_DIM, BLOCK_M, BLOCK_D, True)
         # Rows past Nq read LSE = +inf, so their P is 0 and they contribute nothing.
         m, log_l = _load_lse(lse_ptr, rows, Nq, lse_split, MASK_KIND == 2)
         s_t = tl.dot(k, tl.trans(q), input_precision="ieee") * qk_scale  # (BLOCK_N, BLOCK_M)
@@ -380,7 +458,10 @@ def _attn_bwd_dkdv_inner(
             CAUSAL, False, MASK_KIND, MASK_ROW_BCAST, True,
         )  # fmt: skip
         p_t = _probabilities(s_t, m, log_l, MASK_KIND == 2, True)
-        do = _load_block(do_base, start_m, Nq, stride_dom, stride_dod, HEAD_DIM_V, BLOCK_M, BLOCK_DV, True)
+        if DESCRIPTORS:
+            do = do_base.load([start_m, 0])
+        else:
+            do = _load_block(do_base, start_m, Nq, stride_dom, stride_dod, HEAD_DIM_V, BLOCK_M, BLOCK_DV, True)
         dp_t = tl.dot(v, tl.trans(do), input_precision="ieee")  # (BLOCK_N, BLOCK_M)
         if HAS_DROPOUT:
             keep = dropout_keep(seed, drop_base + rows.to(tl.int64)[None, :] * Nk + cols[:, None], dropout_threshold)
@@ -414,11 +495,15 @@ def _attn_bwd_dkdv(
     MASK_KIND: tl.constexpr,
     MASK_ROW_BCAST: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    DESCRIPTORS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Grid (cdiv(Nk, BLOCK_N), Hk, B). dK (B, Hk, Nk, D), dV (B, Hk, Nk, Dv): each sums over the GROUP query heads
-    that share its key/value head inside this program, so no two programs write the same element."""
+    that share its key/value head inside this program, so no two programs write the same element.
+
+    ``DESCRIPTORS``: the streamed Q and dO are read through tensor descriptors (TMA on sm_90), as K and V in the
+    forward; they need what :func:`_tma_aligned` checks of Q and dO."""
     pid_n = tl.program_id(0)
     hk = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -451,6 +536,9 @@ def _attn_bwd_dkdv(
         h = hk * GROUP + g
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = DOut + b * stride_dob + h * stride_doh
+        if DESCRIPTORS:
+            q_base = tl.make_tensor_descriptor(q_base, [Nq, HEAD_DIM], [stride_qm, 1], [BLOCK_M, BLOCK_D])
+            do_base = tl.make_tensor_descriptor(do_base, [Nq, HEAD_DIM_V], [stride_dom, 1], [BLOCK_M, BLOCK_DV])
         row_base = (b * Hq + h) * Nq
         mask_base = Mask + b * stride_mb + h * stride_mh
         dk, dv = _attn_bwd_dkdv_inner(
@@ -459,7 +547,7 @@ def _attn_bwd_dkdv(
             stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, Nq, Nk,
             qk_scale, dropout_threshold, dropout_scale,
             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N,
-            IS_CAUSAL, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
+            IS_CAUSAL, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT, DESCRIPTORS,
         )  # fmt: skip
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, Lse + row_base, lse_split, Delta + row_base, mask_base, seed,
@@ -467,7 +555,7 @@ def _attn_bwd_dkdv(
             stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, Nq, Nk,
             qk_scale, dropout_threshold, dropout_scale,
             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N,
-            False, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
+            False, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT, DESCRIPTORS,
         )  # fmt: skip
 
     dk_ptrs = DK + b * stride_dkb + hk * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
@@ -483,15 +571,20 @@ def _attn_bwd_dq_inner(
     qk_scale, dropout_threshold, dropout_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BOUNDARY: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr, HAS_DROPOUT: tl.constexpr, DESCRIPTORS: tl.constexpr,
 ):  # fmt: skip
-    """Accumulates dQ of one query block over the key blocks ``[lo, hi)`` (``BOUNDARY`` as in the forward)."""
+    """Accumulates dQ of one query block over the key blocks ``[lo, hi)`` (``BOUNDARY`` as in the forward;
+    ``DESCRIPTORS``: ``k_base`` and ``v_base`` are tensor descriptors)."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
-        k = _load_block(k_base, start_n, Nk, stride_kn, stride_kd, HEAD_DIM, BLOCK_N, BLOCK_D, BOUNDARY)
-        v = _load_block(v_base, start_n, Nk, stride_vn, stride_vd, HEAD_DIM_V, BLOCK_N, BLOCK_DV, BOUNDARY)
+        if DESCRIPTORS:
+            k = k_base.load([start_n, 0])
+            v = v_base.load([start_n, 0])
+        else:
+            k = _load_block(k_base, start_n, Nk, stride_kn, stride_kd, HEAD_DIM, BLOCK_N, BLOCK_D, BOUNDARY)
+            v = _load_block(v_base, start_n, Nk, stride_vn, stride_vd, HEAD_DIM_V, BLOCK_N, BLOCK_DV, BOUNDARY)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # (BLOCK_M, BLOCK_N)
         # Causal and key-bound masks only in BOUNDARY blocks, attn_mask in every block; nothing when none applies.
         s = _mask_scores(
@@ -527,11 +620,15 @@ def _attn_bwd_dq(
     MASK_KIND: tl.constexpr,
     MASK_ROW_BCAST: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    DESCRIPTORS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """Grid (cdiv(Nq, BLOCK_M), Hq, B). dQ (B, Hq, Nq, D)."""
+    """Grid (cdiv(Nq, BLOCK_M), Hq, B). dQ (B, Hq, Nq, D). Causal query blocks run longest-first, as in the
+    forward. ``DESCRIPTORS``: the streamed K and V are read through tensor descriptors (as in the forward)."""
     start_m = tl.program_id(0)
+    if IS_CAUSAL:
+        start_m = tl.num_programs(0) - 1 - start_m
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     hk = h // GROUP
@@ -540,6 +637,9 @@ def _attn_bwd_dq(
 
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
+    if DESCRIPTORS:
+        k_base = tl.make_tensor_descriptor(k_base, [Nk, HEAD_DIM], [stride_kn, 1], [BLOCK_N, BLOCK_D])
+        v_base = tl.make_tensor_descriptor(v_base, [Nk, HEAD_DIM_V], [stride_vn, 1], [BLOCK_N, BLOCK_DV])
     mask_base = Mask + b * stride_mb + h * stride_mh
     row_base = (b * Hq + h) * Nq
     start = start_m * BLOCK_M
@@ -569,7 +669,7 @@ def _attn_bwd_dq(
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Nq, Nk, qk_scale, dropout_threshold,
         dropout_scale,
         HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N,
-        False, IS_CAUSAL, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
+        False, IS_CAUSAL, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT, DESCRIPTORS,
     )  # fmt: skip
     if full_end < hi:  # guarded for ptxas, as in the forward (36 waits for 36 HGMMA at D=128 without it)
         dq = _attn_bwd_dq_inner(
@@ -578,7 +678,7 @@ def _attn_bwd_dq(
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, Nq, Nk, qk_scale, dropout_threshold,
             dropout_scale,
             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N,
-            True, IS_CAUSAL, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT,
+            True, IS_CAUSAL, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT, DESCRIPTORS,
         )  # fmt: skip
     dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
     _store_tile(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), rows, Nq, offs_d, HEAD_DIM, BLOCK_D)
@@ -695,6 +795,26 @@ FWD_128X128_LOOP_BUDGET = 550
 # diagonal bookkeeping are exercised.
 INTERPRETER_TILES = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
 
+# Forward schedules (_attn_fwd): "grid", one program per query block (the default); "persistent", one program per SM
+# looping over the tiles; "warp_specialize", the one-loop form marked for triton's Hopper warp specialisation. Neither
+# alternative has been measured on a GPU (docs/triton-attention.md has their static figures), so the grid stays the
+# default. The environment variable picks one for every call that does not name one.
+FORWARD_SCHEDULES = ("grid", "persistent", "warp_specialize")
+SCHEDULE_ENV_VAR = "METAGPT_FAST_TRITON_ATTENTION_SCHEDULE"
+# Warp specialisation on sm_90: triton 3.8 specialises 4-warp programs only (one producer warpgroup and two consumer
+# warpgroups of 64 rows each: 12 warps in all); 8-warp programs compile unspecialised. 16-bit data, D <= 128, no
+# dropout or dense mask.
+WS_TILES = {(16, 64): [(128, 128, 4, 3)], (16, 128): [(128, 128, 4, 2)]}
+# (bits, head-dim bucket) families whose backward keeps block pointers for its streamed loads on sm_90. dK/dV at
+# D=128: with Q and dO through descriptors its 32x128 tile spills 56 B (255 registers; 32 B with K and V through
+# descriptors too), and the spill-free 16x128 takes 1728 SASS instructions per 128 queries against 1200 for 32x128
+# with block pointers. (Descriptors for the LSE and Delta rows as well took every dK/dV tile to 0 spills but
+# serialised every wgmma: 40 waits for 40 HGMMA.)
+BLOCK_POINTER_FAMILIES = {"dkdv": frozenset({(16, 128)}), "dq": frozenset()}
+# Programs of the persistent forward under the interpreter (CPU tests): fewer than the tiles of a test, so each
+# program loops over several.
+INTERPRETER_PROGRAMS = 3
+
 # The kernels by role; "preprocess" is never autotuned. Tooling that compiles them ahead of time
 # (``metagpt_fast/devtools/aot.py``) reads this and the tile tables.
 KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq, "preprocess": _attn_bwd_preprocess}
@@ -725,10 +845,13 @@ def tile_family(itemsize: int, head_dim: int, head_dim_v: int, heavy: bool = Fal
 
 
 def tiles(
-    kind: str, family: tuple[int, int, bool], capability: tuple[int, int] = (8, 0)
+    kind: str, family: tuple[int, int, bool], capability: tuple[int, int] = (8, 0), schedule: str = "grid"
 ) -> list[tuple[int, int, int, int]]:
-    """The tiles the autotuner tries for ``kind`` and ``family`` on a GPU of compute ``capability``."""
+    """The tiles the autotuner tries for ``kind`` and ``family`` on a GPU of compute ``capability`` (the forward's
+    ``schedule`` as :func:`forward_schedule` resolves it: its own list for "warp_specialize")."""
     bits, width, heavy = family
+    if kind == "fwd" and schedule == "warp_specialize":
+        return WS_TILES[(bits, width)]
     if capability >= (9, 0):
         hopper = (SM90_HEAVY_TILES if heavy else SM90_TILES)[kind]
         if (bits, width) in hopper:
@@ -736,22 +859,161 @@ def tiles(
     return (HEAVY_TILES if heavy else TILES)[kind][(bits, width)]
 
 
+def forward_schedule(requested: str | None, family: tuple[int, int, bool], capability: tuple[int, int] | None) -> str:
+    """The forward schedule to run: ``requested`` (None: the environment variable :data:`SCHEDULE_ENV_VAR`, else
+    "grid"). "warp_specialize" applies to the 16-bit forward without dropout or dense mask at D <= 128 on sm_90
+    (``capability``; None under the interpreter, which runs its loop form everywhere) with Q, K and V
+    :func:`_tma_aligned` (the launcher checks that); elsewhere the grid runs, as the schedule is a tuning choice and
+    the result is the same."""
+    if requested is None:
+        requested = os.environ.get(SCHEDULE_ENV_VAR, "").strip().lower() or "grid"
+    if requested not in FORWARD_SCHEDULES:
+        raise ValueError(f"{SCHEDULE_ENV_VAR} / schedule must be one of {FORWARD_SCHEDULES}, got {requested!r}")
+    if requested == "warp_specialize" and capability is not None:
+        bits, width, heavy = family
+        if heavy or (bits, width) not in WS_TILES or capability[0] != 9:
+            return "grid"
+    return requested
+
+
+# --------------------------------------------------------------------------------------------- autotune pruning
+#
+# Shared memory per block that a kernel may opt into, per compute capability (CUDA's programming guide); the device's
+# own figure (torch's shared_memory_per_block_optin) takes precedence where torch gives it.
+SHARED_MEMORY_PER_BLOCK = {
+    (8, 0): 166912, (8, 6): 101376, (8, 7): 166912, (8, 9): 101376, (9, 0): 232448, (10, 0): 232448,
+    (12, 0): 101376,
+}  # fmt: skip
+# Tiles known to spill, from the AOT compiles (python -m metagpt_fast.devtools.aot; docs/triton-attention.md):
+# (triton (major, minor), capability, kind, family, tile) -> spilled bytes. The tables above hold no tile that spills
+# with triton 3.8; these spill with triton 3.6, the oldest supported version.
+KNOWN_SPILLS = {
+    ((3, 6), (9, 0), "dkdv", (16, 128, False), (32, 128, 8, 2)): 56,  # 16x128 in the same list does not
+    ((3, 6), (9, 0), "fwd", (16, 64, True), (128, 64, 8, 2)): 112,  # the only tile of its list: kept
+}
+TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
+
+
+def shared_memory_limit(capability: tuple[int, int], device: torch.device | None = None) -> int:
+    """Bytes of shared memory one program may use on ``device`` (or a GPU of ``capability``)."""
+    if device is not None:
+        optin = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 0)
+        if optin:
+            return int(optin)
+    known = [cc for cc in SHARED_MEMORY_PER_BLOCK if cc <= capability]
+    return SHARED_MEMORY_PER_BLOCK[max(known)] if known else min(SHARED_MEMORY_PER_BLOCK.values())
+
+
+def shared_memory_estimate(
+    kind: str, tile: tuple[int, int, int, int], block_d: int, block_dv: int, itemsize: int, dense_mask: bool = False
+) -> int:
+    """Shared memory (bytes) a tile of ``kind`` takes: its resident operands (Q in the forward, Q and dO in dQ, K and
+    V in dK/dV) once, its streamed ones (the others) once per pipeline stage, and with a dense mask one mask tile. At
+    one stage nothing is pipelined and the resident operands pass through shared memory on their way to the tensor
+    cores as well. Matches triton 3.8's sm_90 figures within 4 KiB for every tile of the tables but the D=256 dQ with
+    mask and dropout, which it overestimates (its loads are not pipelined): tests/test_attention_tuning.py."""
+    block_m, block_n, _, stages = tile
+    width = block_d + block_dv
+    if kind == "dkdv":
+        resident, streamed = block_n * width, block_m * width
+    else:
+        resident, streamed = block_m * (block_d if kind == "fwd" else width), block_n * width
+    total = resident * (2 if stages <= 1 else 1) + streamed * max(stages, 1)
+    if dense_mask:
+        total += block_m * block_n
+    return total * itemsize
+
+
+def prune_tiles(
+    kind: str,
+    candidates: list[tuple[int, int, int, int]],
+    *,
+    block_d: int,
+    block_dv: int,
+    itemsize: int,
+    shared_limit: int,
+    dense_mask: bool = False,
+    spills: frozenset | set = frozenset(),
+) -> list[tuple[int, int, int, int]]:
+    """The tiles of ``candidates`` worth compiling: those whose :func:`shared_memory_estimate` fits in
+    ``shared_limit`` and that are not in ``spills`` (the tiles known to spill here). Never empty: if every tile that
+    fits spills, those; if none fits, the smallest with its stages cut until it fits (at least 1)."""
+
+    def estimate(tile):
+        return shared_memory_estimate(kind, tile, block_d, block_dv, itemsize, dense_mask)
+
+    fits = [tile for tile in candidates if estimate(tile) <= shared_limit]
+    clean = [tile for tile in fits if tile not in spills]
+    if clean or fits:
+        return clean or fits
+    m, n, w, s = min(candidates, key=estimate)
+    stages = next((k for k in range(s - 1, 0, -1) if estimate((m, n, w, k)) <= shared_limit), 1)
+    return [(m, n, w, stages)]
+
+
+def known_spills(kind: str, family: tuple[int, int, bool], capability: tuple[int, int]) -> frozenset:
+    """The tiles of ``kind`` and ``family`` that :data:`KNOWN_SPILLS` lists for this triton and ``capability``."""
+    return frozenset(
+        tile for (version, cc, k, fam, tile) in KNOWN_SPILLS if (version, cc, k, fam) == (
+            TRITON_VERSION, capability, kind, family)
+    )  # fmt: skip
+
+
+def _config_tile(config) -> tuple[int, int, int, int]:
+    return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
+
+
+def _early_config_prune(kind, family, capability, shared_limit):
+    """triton.autotune's ``early_config_prune`` for ``kind`` and ``family`` on a device: :func:`prune_tiles` on the
+    configurations, with the launch's padded head dims and mask kind."""
+    bits, width, _ = family
+    spills = known_spills(kind, family, capability)
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        dense = args.get("MASK_KIND", MASK_NONE) != MASK_NONE and not args.get("MASK_ROW_BCAST", False)
+        kept = prune_tiles(
+            kind, [_config_tile(c) for c in configs], block_d=args.get("BLOCK_D", width),
+            block_dv=args.get("BLOCK_DV", width), itemsize=bits // 8, shared_limit=shared_limit, dense_mask=dense,
+            spills=spills,
+        )  # fmt: skip
+        by_tile = {_config_tile(c): c for c in configs}
+        return [
+            by_tile.get(tile) or triton.Config({"BLOCK_M": tile[0], "BLOCK_N": tile[1]}, num_warps=tile[2],
+                                               num_stages=tile[3])
+            for tile in kept
+        ]  # fmt: skip
+
+    return prune
+
+
 @functools.cache
-def _autotuned(kind: str, family: tuple[int, int, bool], capability: tuple[int, int]):
+def _autotuned(
+    kind: str,
+    family: tuple[int, int, bool],
+    capability: tuple[int, int],
+    shared_limit: int | None = None,
+    schedule: str = "grid",
+):
+    """The autotuned kernel of ``kind`` for ``family`` on a GPU of ``capability`` whose programs may use
+    ``shared_limit`` bytes of shared memory (None: :func:`shared_memory_limit` of the capability)."""
+    shared_limit = shared_memory_limit(capability) if shared_limit is None else shared_limit
     configs = [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-        for m, n, w, s in tiles(kind, family, capability)
+        for m, n, w, s in tiles(kind, family, capability, schedule)
     ]
-    return triton.autotune(configs=configs, key=_TUNING_KEY)(KERNELS[kind])
+    prune = {"early_config_prune": _early_config_prune(kind, family, capability, shared_limit)}
+    return triton.autotune(configs=configs, key=_TUNING_KEY, prune_configs_by=prune)(KERNELS[kind])
 
 
-def _kernel(kind: str, family: tuple[int, int, bool], launch, device: torch.device):
+def _kernel(kind: str, family: tuple[int, int, bool], launch, device: torch.device, schedule: str = "grid"):
     """The kernel to launch on ``device`` and its fixed meta-parameters (none when the autotuner chooses them)."""
     if INTERPRETED:
         m, n, w, s = INTERPRETER_TILES[kind]
         return launch(KERNELS[kind]), {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
     capability = torch.cuda.get_device_capability(device)
-    return launch(_autotuned(kind, family, capability)), {}
+    limit = shared_memory_limit(capability, device)
+    return launch(_autotuned(kind, family, capability, limit, schedule)), {}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -791,17 +1053,24 @@ def _tma_aligned(t: torch.Tensor) -> bool:
     return start % 16 == 0
 
 
+def stream_descriptors(streamed: tuple[torch.Tensor, ...], heavy: bool) -> bool:
+    """Whether a kernel reads its ``streamed`` operands (K and V in the forward and dQ, Q and dO in dK/dV) through
+    tensor descriptors: as :func:`kv_descriptors` says for the forward's K and V."""
+    if heavy or not all(_tma_aligned(t) for t in streamed):
+        return False
+    if INTERPRETED:
+        return True
+    first = streamed[0]
+    return first.element_size() == 2 and first.is_cuda and torch.cuda.get_device_capability(first.device) >= (9, 0)
+
+
 def kv_descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heavy: bool) -> bool:
     """Whether the forward reads K and V through tensor descriptors (KV_DESCRIPTORS): where they lower to TMA
     (16-bit data on sm_90 and newer) and under the interpreter (so that the CPU tests run the descriptor path; strided
     inputs there run the block-pointer path), when K and V are :func:`_tma_aligned`, and not with dropout or a dense
     mask (``heavy``): their tiles already use every register, and descriptors made them spill (the 128x64 tile at
     D=64: 728 B with triton 3.6 against 56 B with block pointers)."""
-    if heavy or not (_tma_aligned(k) and _tma_aligned(v)):
-        return False
-    if INTERPRETED:
-        return True
-    return q.element_size() == 2 and q.is_cuda and torch.cuda.get_device_capability(q.device) >= (9, 0)
+    return stream_descriptors((k, v), heavy)
 
 
 def _scratch(device: torch.device):
@@ -831,11 +1100,12 @@ def _dropout_arguments(dropout_p, seed, placeholder):
     return seed, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), True
 
 
-def attention_forward(q, k, v, attn_mask, out, lse, seed, dropout_p, is_causal, scale, launch=_identity):
+def attention_forward(q, k, v, attn_mask, out, lse, seed, dropout_p, is_causal, scale, launch=_identity, schedule=None):
     """Fills ``out`` (B, Hq, Nq, Dv) and ``lse`` (:func:`lse_rows`, B, Hq, Nq) float32: the base-2 log-sum-exp
     (+inf on empty rows), split in (max, log2 sum) with an additive mask.
 
-    ``launch`` wraps each kernel before its launch (``torch.library.wrap_triton`` inside a custom op).
+    ``launch`` wraps each kernel before its launch (``torch.library.wrap_triton`` inside a custom op); ``schedule``:
+    one of :data:`FORWARD_SCHEDULES` (:func:`forward_schedule`; None: the environment's, else "grid").
     """
     B, Hq, Nq, D = q.shape
     Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -847,15 +1117,33 @@ def attention_forward(q, k, v, attn_mask, out, lse, seed, dropout_p, is_causal, 
     descriptors = kv_descriptors(q, k, v, heavy)
     if descriptors:
         _ensure_allocator(q.device)
-    kernel, meta = _kernel("fwd", tile_family(q.element_size(), D, Dv, heavy), launch, q.device)
-    kernel[lambda META: (triton.cdiv(Nq, META["BLOCK_M"]), Hq, B)](
+    family = tile_family(q.element_size(), D, Dv, heavy)
+    capability = None if INTERPRETED else torch.cuda.get_device_capability(q.device)
+    schedule = forward_schedule(schedule, family, capability)
+    if schedule == "warp_specialize" and not (descriptors and _tma_aligned(q)):
+        schedule = "grid"  # the warp-specialised form reads Q, K and V through descriptors only
+    kernel, meta = _kernel("fwd", family, launch, q.device, schedule)
+    if schedule == "persistent":
+        programs = (
+            INTERPRETER_PROGRAMS if INTERPRETED else torch.cuda.get_device_properties(q.device).multi_processor_count
+        )
+
+        def grid(META):
+            return (min(programs, triton.cdiv(Nq, META["BLOCK_M"]) * Hq * B),)
+    else:
+
+        def grid(META):
+            return (triton.cdiv(Nq, META["BLOCK_M"]), Hq, B)
+
+    kernel[grid](
         q, k, v, mask, out, lse, seed,
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
-        Hq, Nq, Nk, Hq // Hk, B * Hq * Nq, *length_buckets(Nq, Nk), scale * math.log2(math.e), threshold,
+        B, Hq, Nq, Nk, Hq // Hk, B * Hq * Nq, *length_buckets(Nq, Nk), scale * math.log2(math.e), threshold,
         dropout_scale,
         HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=block_dim(D), BLOCK_DV=block_dim(Dv), IS_CAUSAL=is_causal,
         MASK_KIND=mask_kind, MASK_ROW_BCAST=row_bcast, HAS_DROPOUT=has_dropout, FOLD_SCALE=scale >= 0,
-        KV_DESCRIPTORS=descriptors, **meta,
+        KV_DESCRIPTORS=descriptors, PERSISTENT=schedule == "persistent",
+        WARP_SPECIALIZE=schedule == "warp_specialize", **meta,
     )  # fmt: skip
 
 
@@ -870,7 +1158,12 @@ def attention_backward(
         return
     mask, mask_strides, mask_kind, row_bcast = _mask_arguments(attn_mask, (B, Hq, Nq, Nk), lse)
     seed, threshold, dropout_scale, has_dropout = _dropout_arguments(dropout_p, seed, lse)
-    family = tile_family(q.element_size(), D, Dv, has_dropout or (mask_kind != MASK_NONE and not row_bcast))
+    heavy = has_dropout or (mask_kind != MASK_NONE and not row_bcast)
+    family = tile_family(q.element_size(), D, Dv, heavy)
+    dkdv_descriptors = stream_descriptors((q, grad_out), heavy) and family[:2] not in BLOCK_POINTER_FAMILIES["dkdv"]
+    dq_descriptors = stream_descriptors((k, v), heavy) and family[:2] not in BLOCK_POINTER_FAMILIES["dq"]
+    if dkdv_descriptors or dq_descriptors:
+        _ensure_allocator(q.device)
     flags = dict(
         HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=block_dim(D), BLOCK_DV=block_dim(Dv), IS_CAUSAL=is_causal,
         MASK_KIND=mask_kind, MASK_ROW_BCAST=row_bcast, HAS_DROPOUT=has_dropout,
@@ -891,14 +1184,14 @@ def attention_backward(
         kernel[lambda META: (triton.cdiv(Nk, META["BLOCK_N"]), Hk, B)](
             q, k, v, mask, grad_out, lse, delta, dk, dv, seed,
             *q.stride(), *k.stride(), *v.stride(), *mask_strides, *grad_out.stride(), *dk.stride(), *dv.stride(),
-            *scalars, **flags, **meta,
+            *scalars, **flags, DESCRIPTORS=dkdv_descriptors, **meta,
         )  # fmt: skip
     if Nq > 0:
         kernel, meta = _kernel("dq", family, launch, q.device)
         kernel[lambda META: (triton.cdiv(Nq, META["BLOCK_M"]), Hq, B)](
             q, k, v, mask, grad_out, lse, delta, dq, seed,
             *q.stride(), *k.stride(), *v.stride(), *mask_strides, *grad_out.stride(), *dq.stride(),
-            *scalars, **flags, **meta,
+            *scalars, **flags, DESCRIPTORS=dq_descriptors, **meta,
         )  # fmt: skip
 
 
