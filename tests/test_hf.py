@@ -320,7 +320,8 @@ def test_output_attentions_is_refused():
 
 
 def test_sliding_window_through_the_mask_matches_eager(attention_calls):
-    """Mistral passes ``sliding_window=``; transformers builds the window into the mask, which is what runs."""
+    """Mistral passes ``sliding_window=``; with padding the mask builder hands over the (B, N) padding mask and the
+    window runs on the varlen flash-attention op over the unpadded tokens, not through a dense mask."""
     config = transformers.MistralConfig(
         vocab_size=VOCAB,
         hidden_size=32,
@@ -333,7 +334,7 @@ def test_sliding_window_through_the_mask_matches_eager(attention_calls):
     )
     fast, eager = build(config, "metagpt_fast"), build(config, "eager")
     compare(fast, eager, "left")
-    assert len(attention_calls) == config.num_hidden_layers
+    assert attention_calls == []  # no dense-mask attention
 
 
 def test_sliding_window_without_a_mask_runs_the_window():

@@ -12,6 +12,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 hf = pytest.importorskip("metagpt_fast.integrations.hf")
+hf_alibi = pytest.importorskip("metagpt_fast.integrations.hf_alibi")
 
 VOCAB = 61
 SIZES = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -29,6 +30,7 @@ def calls(monkeypatch):
     """The masks attention_forward receives, and the flash-attention calls it makes."""
     seen = {"masks": [], "flash": 0, "varlen": 0}
     forward, dense, varlen = hf.attention_forward, hf.flash_attn_func, hf.flash_attn_varlen_func
+    unpadded = hf_alibi.flash_attn_varlen_func  # padded batches, unpadded by hf_alibi.varlen_attention
 
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
         seen["masks"].append(attention_mask)
@@ -43,6 +45,7 @@ def calls(monkeypatch):
 
     monkeypatch.setattr(hf, "flash_attn_func", counted("flash", dense))
     monkeypatch.setattr(hf, "flash_attn_varlen_func", counted("varlen", varlen))
+    monkeypatch.setattr(hf_alibi, "flash_attn_varlen_func", counted("varlen", unpadded))
     transformers.AttentionInterface.register(hf.NAME, attention)
     yield seen
     transformers.AttentionInterface.register(hf.NAME, forward)
@@ -62,7 +65,25 @@ def gemma2():
                                      **SIZES)  # fmt: skip
 
 
-CONFIGS = {"mistral": mistral, "qwen2": qwen2, "gemma2": gemma2}
+def gemma3():
+    if not hasattr(transformers, "Gemma3TextConfig"):
+        pytest.skip("this transformers has no Gemma 3")
+    return transformers.Gemma3TextConfig(sliding_window=WINDOW, query_pre_attn_scalar=8,
+                                         layer_types=["sliding_attention", "full_attention"], **SIZES)  # fmt: skip
+
+
+def starcoder2():
+    if not hasattr(transformers, "Starcoder2Config"):
+        pytest.skip("this transformers has no Starcoder2")
+    sizes = {k: v for k, v in SIZES.items() if k != "head_dim"}  # head_dim = hidden_size / heads = 8
+    return transformers.Starcoder2Config(sliding_window=WINDOW, **sizes)
+
+
+CONFIGS = {"mistral": mistral, "qwen2": qwen2, "gemma2": gemma2, "gemma3": gemma3, "starcoder2": starcoder2}
+# Layers that run on the flash-attention op: the sliding ones and every layer of a softcapped model (Gemma 2);
+# Gemma 3's full layers are plain causal attention (transformers' mask, or none). Padded, the same layers get the
+# (B, N) padding mask instead of a dense one and run unpadded on the varlen op.
+FLASH_LAYERS = {"mistral": 2, "qwen2": 2, "gemma2": 2, "gemma3": 1, "starcoder2": 2}
 
 
 def build(config, attn_implementation):
@@ -102,25 +123,32 @@ def test_window_and_softcap_without_a_dense_mask_match_eager(model, calls):
     assert_same(loss_and_grads(fast, input_ids=ids, labels=ids), loss_and_grads(eager, input_ids=ids, labels=ids))
     # Unpadded: the mask builder leaves every window (and causal) mask out; the flash op applies them.
     assert calls["masks"] and all(mask is None for mask in calls["masks"])
-    assert calls["flash"] == fast.config.num_hidden_layers
+    assert calls["flash"] == FLASH_LAYERS[model]
 
 
+@pytest.mark.parametrize("padding", ["left", "right"])
 @pytest.mark.parametrize("model", list(CONFIGS))
-def test_padded_batches_match_eager(model, calls):
-    """Padding: the window stays in transformers' mask; Gemma 2's softcap runs with it written out."""
+def test_padded_batches_match_eager(model, padding, calls):
+    """Padding: the sliding layers (and Gemma 2's softcapped ones) get the (B, N) padding mask instead of a dense
+    mask, and run on the varlen op over the unpadded tokens, as flash_attention_2 does."""
     fast, eager = pair(CONFIGS[model])
     ids = torch.randint(0, VOCAB, (2, 11))
     mask = torch.ones(2, 11, dtype=torch.long)
-    mask[0, :3] = 0
-    labels = ids.clone()
-    labels[0, :4] = -100  # labels shift by one: no padded position predicts the first real token either
+    if padding == "left":
+        mask[0, :3] = 0
+    else:
+        mask[1, -3:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, 1:] = labels[:, 1:].masked_fill(mask[:, :-1] == 0, -100)  # no padded position predicts a token
     batch = dict(input_ids=ids, attention_mask=mask, labels=labels)
     (logits_f, grads_f), (logits_e, grads_e) = loss_and_grads(fast, **batch), loss_and_grads(eager, **batch)
     keep = mask.bool()  # padded positions differ by convention (0 here, a uniform average in eager)
     torch.testing.assert_close(logits_f[keep], logits_e[keep], atol=2e-5, rtol=1e-4)
     for name in grads_e:
         torch.testing.assert_close(grads_f[name], grads_e[name], atol=2e-5, rtol=1e-4, msg=name)
-    assert all(mask is not None for mask in calls["masks"])
+    padding_masks = [m for m in calls["masks"] if m is not None and m.dim() == 2]
+    assert len(padding_masks) == calls["varlen"] == FLASH_LAYERS[model]
+    assert all(m is not None for m in calls["masks"])
 
 
 DOCS = (5, 1, 7, 3)  # a document of one token, and documents longer than the window
@@ -197,3 +225,39 @@ def test_windowed_model_compiles_fullgraph():
     torch.testing.assert_close(fast(input_ids=ids).logits, expected, atol=2e-5, rtol=1e-4)  # (loads the backends)
     got = torch.compile(fast, fullgraph=True, backend="aot_eager")(input_ids=ids).logits
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model", ["gemma2", "mistral"])
+def test_padded_generation_matches_eager(model, calls):
+    """Greedy decoding of a left-padded batch: the prefill unpadded on the varlen op; the steps over the cache get
+    transformers' dense mask, which Gemma 2's softcapped layers turn back into varlen sequences (checked entry by
+    entry) instead of writing the scores out."""
+    fast, eager = pair(CONFIGS[model])
+    fast.eval(), eager.eval()
+    ids = torch.randint(1, VOCAB, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[0, :3] = 0
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                  output_scores=True, return_dict_in_generate=True)  # fmt: skip
+    expected, got = eager.generate(**kwargs), fast.generate(**kwargs)
+    assert torch.equal(got.sequences, expected.sequences)
+    for g, e in zip(got.scores, expected.scores, strict=True):
+        torch.testing.assert_close(g, e, atol=2e-5, rtol=1e-4)
+    steps = 4 if model == "gemma2" else 1  # Mistral's steps: the window through transformers' mask (SDPA)
+    assert calls["varlen"] == steps * FLASH_LAYERS[model]
+
+
+def test_unpad_plan_reads_padding_and_caches_and_refuses_the_rest():
+    i, j = torch.arange(5)[:, None], torch.arange(8)[None, :]
+    causal = j <= i + 3  # 5 queries after 3 cached keys
+    padding = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [1] * 8], dtype=torch.bool)
+    keep = causal[None] & padding[:, None, :]
+    plan = hf_alibi.unpad_plan(keep)
+    assert plan is not None and torch.equal(plan.keys, padding) and plan.queries.all()
+    assert plan.first_key.tolist() == [2, 0]
+    windowed = keep & (j > i + 3 - 2)[None]
+    assert hf_alibi.unpad_plan(windowed, window=2) is not None
+    assert hf_alibi.unpad_plan(windowed) is None  # the window is not declared: the mask says something else
+    hole = keep.clone()
+    hole[1, :, 4] = False
+    assert hf_alibi.unpad_plan(hole) is None

@@ -231,6 +231,44 @@ def _softcapped_masked_attention(query, key, value, attention_mask, dropout, sca
     return (probs.to(value.dtype) @ value).transpose(1, 2).contiguous()
 
 
+def _padded_varlen_forward(query, key, value, padding, dropout, scaling, causal, sliding_window, softcap,
+                           deterministic) -> torch.Tensor:  # fmt: skip
+    """A padded batch as flash_attention_2 runs it: the tokens ``padding`` ``(B, N)`` keeps, unpadded into
+    sequences for :func:`metagpt_fast.flash_attn_varlen_func` (causal, the window and softcap applied by the op, no
+    dense mask); padded positions give 0. Each row's tokens must be one run when there is a window (the window then
+    counts the positions transformers' mask counts)."""
+    b, nq, nk = query.shape[0], query.shape[2], key.shape[2]
+    if padding.shape != (b, nk) or nq != nk:
+        raise _refuse("attention_mask", f"a 2D padding mask of shape ({b}, {nk}) for {nq} queries and {nk} keys")
+    if not causal:
+        raise _refuse("attention_mask", "a 2D padding mask is served for causal attention only")
+    padding = padding.bool()
+    if sliding_window is not None and not hf_alibi.one_run_per_row(padding):
+        raise _refuse("attention_mask", "a sliding window over padding that is not one run of tokens per row")
+    plan = hf_alibi.UnpadPlan(padding, padding, torch.zeros(b, dtype=torch.long, device=padding.device))
+    window = (-1, -1) if sliding_window is None else (int(sliding_window) - 1, int(sliding_window) - 1)
+    return hf_alibi.varlen_attention(
+        query, key, value, plan, dropout_p=dropout, softmax_scale=scaling, window_size=window, softcap=softcap or 0.0,
+        deterministic=bool(deterministic),
+    )  # fmt: skip
+
+
+def _masked_softcap_forward(query, key, value, attention_mask, dropout, scaling, sliding_window, softcap,
+                            deterministic) -> torch.Tensor:  # fmt: skip
+    """Softcapping with a dense mask: the varlen op when the mask is causal-plus-padding (checked entry by entry,
+    :func:`metagpt_fast.integrations.hf_alibi.unpad_plan`; caches included), else the scores written out."""
+    plan = None
+    if attention_mask.dtype == torch.bool and attention_mask.shape[1] == 1:
+        plan = hf_alibi.unpad_plan(attention_mask[:, 0].expand(query.shape[0], -1, -1), sliding_window)
+    if plan is None:
+        return _softcapped_masked_attention(query, key, value, attention_mask, dropout, scaling, softcap)
+    window = (-1, -1) if sliding_window is None else (int(sliding_window) - 1, int(sliding_window) - 1)
+    return hf_alibi.varlen_attention(
+        query, key, value, plan, dropout_p=dropout, softmax_scale=scaling, window_size=window, softcap=softcap,
+        deterministic=bool(deterministic),
+    )  # fmt: skip
+
+
 def _flash_forward(
     query, key, value, attention_mask, dropout, scaling, is_causal, sliding_window, softcap, packed, deterministic=False
 ):
@@ -281,6 +319,14 @@ def attention_forward(
     Keyword arguments it cannot honour raise ``ValueError`` naming them (see ``_INFORMATIONAL`` / ``_UNSUPPORTED``).
     """
     _check_kwargs(kwargs)
+    if attention_mask is not None and attention_mask.dim() == 2:  # a padding mask from the mask builder
+        if position_bias is not None or cu_seq_lens_q is not None or cu_seq_lens_k is not None:
+            raise _refuse("attention_mask", "a 2D padding mask cannot be combined with position_bias or cu_seq_lens")
+        causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+        return _padded_varlen_forward(
+            query, key, value, attention_mask, dropout, scaling, causal, sliding_window, _softcap_value(softcap),
+            kwargs.get("deterministic"),
+        ), None  # fmt: skip
     if attention_mask is not None:
         attention_mask = attention_mask[:, :, :, : key.shape[-2]]
         if attention_mask.dtype != torch.bool:
@@ -303,8 +349,11 @@ def attention_forward(
             query, key, value, attention_mask, dropout, scaling, causal, sliding_window, softcap,
             None if packed is None else packed[:4], kwargs.get("deterministic"),
         )  # fmt: skip
-        if out is None:  # softcapping with a mask that holds padding
-            out = _softcapped_masked_attention(query, key, value, attention_mask, dropout, scaling, softcap)
+        if out is None:  # softcapping with a mask that holds padding: unpadded when it is causal-plus-padding
+            out = _masked_softcap_forward(
+                query, key, value, attention_mask, dropout, scaling, sliding_window, softcap,
+                kwargs.get("deterministic"),
+            )  # fmt: skip
         return out, None
     if sliding_window is not None:
         _check_sliding_window(int(sliding_window), attention_mask, key.shape[-2])
@@ -394,15 +443,51 @@ def _sliding_window_mask_skippable(
         return False
     if attention_mask is not None and (attention_mask.shape[-1] != kv_length or not bool(attention_mask.all())):
         return False
-    w = int(local_size)
-    q = torch.tensor([w, w, w, w, 2 * w + 1, 0, 1])
-    kv = torch.tensor([0, 1, w, w + 1, w + 2, 0, 0])
-    expected = torch.tensor([False, True, True, False, True, True, True])  # i - w < j <= i
+    return _mask_function_is(mask_function, local_size)
+
+
+def _mask_function_is(mask_function, window: int | None) -> bool:
+    """Whether ``mask_function`` gives the causal pattern (within ``window`` when given: ``i - window < j <= i``) on
+    probes at its edges."""
+    if window is None:
+        q, kv = torch.tensor([0, 1, 1, 2, 5, 40]), torch.tensor([0, 0, 1, 3, 5, 0])
+        expected = torch.tensor([True, True, True, False, True, True])
+    else:
+        w = int(window)
+        q = torch.tensor([w, w, w, w, 2 * w + 1, 0, 1])
+        kv = torch.tensor([0, 1, w, w + 1, w + 2, 0, 0])
+        expected = torch.tensor([False, True, True, False, True, True, True])  # i - w < j <= i
     try:
         got = mask_function(torch.zeros_like(q), torch.zeros_like(q), q, kv)
     except Exception:  # a mask function that cannot take index tensors: let transformers build the mask
         return False
     return isinstance(got, torch.Tensor) and got.shape == expected.shape and bool((got == expected).all())
+
+
+def _varlen_padding_mask(
+    batch_size=None, q_length=None, kv_length=None, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
+    local_size=None, allow_is_causal_skip=True, config=None, **_,
+) -> torch.Tensor | None:  # fmt: skip
+    """The 2D padding mask ``(B, N)`` (True: a token), handed to :func:`attention_forward` in place of a dense mask,
+    for a padded batch that the varlen flash-attention op computes exactly: a sliding-window causal mask (the
+    model's ``sliding_window``), or a plain causal mask of a model with ``attn_logit_softcapping`` (Gemma 2/3's
+    full layers), with no cache offset, no packing or extra mask functions, and each row's tokens one run (left or
+    right padding: the window then counts the same positions as transformers' mask). None: build the dense mask."""
+    if attention_mask is None or mask_function is None or not allow_is_causal_skip or torch.compiler.is_compiling():
+        return None
+    if not (isinstance(q_offset, int) and isinstance(kv_offset, int)) or q_offset or kv_offset:
+        return None
+    if q_length != kv_length or attention_mask.dim() != 2 or attention_mask.shape != (batch_size, kv_length):
+        return None
+    if local_size is not None:
+        if getattr(config, "sliding_window", None) != local_size or getattr(config, "attention_chunk_size", None):
+            return None
+    elif getattr(_text_config(config), "attn_logit_softcapping", None) is None:
+        return None
+    padding = attention_mask.bool()
+    if bool(padding.all()) or not hf_alibi.one_run_per_row(padding):
+        return None
+    return padding if _mask_function_is(mask_function, local_size) else None
 
 
 def _eager_mask():
@@ -433,6 +518,9 @@ def _mask_builder(sdpa_mask):
             )
         if not args and _sliding_window_mask_skippable(**kwargs):
             return None  # attention_forward applies the window through the flash-attention op
+        padding = None if args else _varlen_padding_mask(**kwargs)
+        if padding is not None:
+            return padding  # (B, N) booleans: attention_forward unpads the batch and runs the varlen op
         return sdpa_mask(*args, **kwargs)
 
     mask.__wrapped__ = sdpa_mask

@@ -82,6 +82,11 @@ def _one_run(flags: torch.Tensor, index: torch.Tensor) -> tuple[bool, torch.Tens
     return ok, first, last
 
 
+def one_run_per_row(flags: torch.Tensor) -> bool:
+    """Whether each row of ``flags`` ``(B, N)`` holds its True entries in one contiguous run (or none)."""
+    return _one_run(flags, torch.arange(flags.shape[-1], device=flags.device))[0]
+
+
 def unpad_plan(keep: torch.Tensor, window: int | None = None) -> UnpadPlan | None:
     """The varlen form of a boolean mask ``keep`` ``(B, Nq, Nk)`` (True: attend), or None when it is not one.
 
