@@ -1,5 +1,7 @@
-// CUDA kernels of metagpt_fast::attention_fwd / attention_bwd (schemas in csrc/ops.cpp): input checks, strides,
-// and the launch on the current stream. The kernels themselves (attention_*.cu) include no torch header.
+// CUDA kernels of metagpt_fast::attention_fwd / attention_bwd (schemas beside their CPU kernels) and of the CUDA-only
+// attention_window_fwd / attention_window_bwd (schemas below: the same arguments plus flash-attn's local window and
+// softcap): input checks, strides, and the launch on the current stream. The kernels themselves (attention_*.cu)
+// include no torch header.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -84,6 +86,29 @@ void check_cuda(cudaError_t error, const char* op) {
   TORCH_CHECK(error == cudaSuccess, op, " (CUDA): ", cudaGetErrorString(error));
 }
 
+// flash-attn's local window (bottom-right aligned when bottom_right; -1: unbounded side) and score cap (0: off).
+struct Window {
+  int64_t left = -1, right = -1;
+  bool bottom_right = false;
+  double softcap = 0.0;
+};
+
+void check_window(const Window& w) {
+  TORCH_CHECK(w.left >= -1 && w.left < std::numeric_limits<int>::max(),
+              "attention_window (CUDA): window_left must be -1 (unbounded) or a key count >= 0, got ", w.left);
+  TORCH_CHECK(w.right >= -1 && w.right < std::numeric_limits<int>::max(),
+              "attention_window (CUDA): window_right must be -1 (unbounded) or a key count >= 0, got ", w.right);
+  TORCH_CHECK(w.softcap >= 0.0 && w.softcap < std::numeric_limits<float>::infinity(),
+              "attention_window (CUDA): softcap must be 0 (off) or a finite positive cap, got ", w.softcap);
+}
+
+void set_window(AttentionParams& p, const Window& w) {
+  p.window_left = static_cast<int>(w.left);
+  p.window_right = static_cast<int>(w.right);
+  p.bottom_right = w.bottom_right;
+  p.softcap = static_cast<float>(w.softcap);
+}
+
 // Everything but the tensor pointers of the two directions.
 AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const c10::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal,
@@ -130,12 +155,12 @@ AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::
 }
 
 
-std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                      const at::Tensor& v_in,
-                                                      const c10::optional<at::Tensor>& attn_mask, double dropout_p,
-                                                      bool is_causal, double scale,
-                                                      const c10::optional<at::Tensor>& seed) {
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                                           const c10::optional<at::Tensor>& attn_mask, double dropout_p,
+                                           bool is_causal, double scale, const c10::optional<at::Tensor>& seed,
+                                           const Window& window) {
   check_attention_inputs(q_in, k_in, v_in, attn_mask, dropout_p, is_causal, seed);
+  check_window(window);
   const c10::cuda::CUDAGuard guard(q_in.device());
   at::Tensor out = at::empty(q_in.sizes(), q_in.options());
   at::Tensor lse = at::empty({q_in.size(0), q_in.size(1), q_in.size(2)}, q_in.options().dtype(at::kFloat));
@@ -148,6 +173,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, co
   const at::Tensor q = rows_aligned(q_in), k = rows_aligned(k_in), v = rows_aligned(v_in);
   at::Tensor mask_view;
   AttentionParams p = make_params(q, k, v, attn_mask, dropout_p, is_causal, scale, seed, mask_view);
+  set_window(p, window);
   p.out = out.data_ptr();
   p.out_strides = strides_of(out);
   p.lse = lse.data_ptr<float>();
@@ -158,11 +184,15 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, co
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse_in, const c10::optional<at::Tensor>& attn_mask, double dropout_p,
-    bool is_causal, double scale, const c10::optional<at::Tensor>& seed) {
+    bool is_causal, double scale, const c10::optional<at::Tensor>& seed, const Window& window) {
   check_attention_inputs(q_in, k_in, v_in, attn_mask, dropout_p, is_causal, seed);
+  check_window(window);
+  TORCH_CHECK(window.softcap == 0.0 || metagpt_fast::attention::kBackwardSoftcap,
+              "attention_window_bwd (CUDA): softcap is not supported by the backward kernels yet, got softcap=",
+              window.softcap);
   TORCH_CHECK(grad_out_in.sizes() == q_in.sizes() && grad_out_in.scalar_type() == q_in.scalar_type() &&
                   grad_out_in.device() == q_in.device(),
               "attention_bwd (CUDA): grad_out must match q's shape ", q_in.sizes(), ", dtype and device, got ",
@@ -190,6 +220,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   at::Tensor delta = at::empty(lse.sizes(), lse.options());
   at::Tensor mask_view;
   AttentionParams p = make_params(q, k, v, attn_mask, dropout_p, is_causal, scale, seed, mask_view);
+  set_window(p, window);
   p.out = const_cast<void*>(out.data_ptr());
   p.out_strides = strides_of(out);
   p.lse = const_cast<float*>(lse.data_ptr<float>());
@@ -209,9 +240,58 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   return {grad_q, grad_k, grad_v};
 }
 
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                      const c10::optional<at::Tensor>& attn_mask, double dropout_p,
+                                                      bool is_causal, double scale,
+                                                      const c10::optional<at::Tensor>& seed) {
+  return forward(q, k, v, attn_mask, dropout_p, is_causal, scale, seed, Window{});
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const c10::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal, double scale,
+    const c10::optional<at::Tensor>& seed) {
+  return backward(grad_out, q, k, v, out, lse, attn_mask, dropout_p, is_causal, scale, seed, Window{});
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_window_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                             const at::Tensor& v,
+                                                             const c10::optional<at::Tensor>& attn_mask,
+                                                             double dropout_p, int64_t window_left,
+                                                             int64_t window_right, bool bottom_right, double softcap,
+                                                             double scale, const c10::optional<at::Tensor>& seed) {
+  return forward(q, k, v, attn_mask, dropout_p, false, scale, seed,
+                 Window{window_left, window_right, bottom_right, softcap});
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_window_bwd_cuda(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const c10::optional<at::Tensor>& attn_mask, double dropout_p, int64_t window_left,
+    int64_t window_right, bool bottom_right, double softcap, double scale, const c10::optional<at::Tensor>& seed) {
+  return backward(grad_out, q, k, v, out, lse, attn_mask, dropout_p, false, scale, seed,
+                  Window{window_left, window_right, bottom_right, softcap});
+}
+
 }  // namespace
+
+// attention_fwd / attention_bwd with flash-attn's local window and softcap, on (B, H, N, D) tensors: key j is visible
+// to query i when j - (i + off) lies in [-window_left, window_right] (-1: unbounded side), off = Nk - Nq when
+// bottom_right else 0 (causal is window_right = 0), and the attn_mask, if given, is true at (i, j); scores are
+// softcap * tanh(scale * q.k / softcap) when softcap > 0. lse is +inf (and the output 0) for a row with no visible
+// key. CUDA only: declared here, with the kernels that implement it.
+TORCH_LIBRARY_FRAGMENT(metagpt_fast, m) {
+  m.def(
+      "attention_window_fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float dropout_p, int window_left, "
+      "int window_right, bool bottom_right, float softcap, float scale, Tensor? seed) -> (Tensor, Tensor)");
+  m.def(
+      "attention_window_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? attn_mask, "
+      "float dropout_p, int window_left, int window_right, bool bottom_right, float softcap, float scale, "
+      "Tensor? seed) -> (Tensor, Tensor, Tensor)");
+}
 
 TORCH_LIBRARY_IMPL(metagpt_fast, CUDA, m) {
   m.impl("attention_fwd", &attention_fwd_cuda);
   m.impl("attention_bwd", &attention_bwd_cuda);
+  m.impl("attention_window_fwd", &attention_window_fwd_cuda);
+  m.impl("attention_window_bwd", &attention_window_bwd_cuda);
 }
