@@ -32,7 +32,7 @@ class TrainConfig:
     save_every: int = 100  # steps between checkpoints; the last step always saves
     seed: int = 1337  # seeds model init, dropout and batch sampling
     device: str = "cpu"
-    pack: bool = False  # windows keep their documents apart (needs Splits.train_starts; see data.packed_batch)
+    pack: bool = False  # training and evaluation windows keep their documents apart (needs the Splits' starts)
 
 
 @dataclasses.dataclass
@@ -59,15 +59,27 @@ def make_optimizer(model: MetaGPT, cfg: TrainConfig) -> torch.optim.AdamW:
 
 
 @torch.no_grad()
-def evaluate(model: MetaGPT, tokens: torch.Tensor, cfg: TrainConfig, seq_len: int) -> float:
-    """Mean loss over ``eval_batches`` fixed held-out batches (same batches every time)."""
+def evaluate(
+    model: MetaGPT, tokens: torch.Tensor, cfg: TrainConfig, seq_len: int, starts: torch.Tensor | None = None
+) -> float:
+    """Mean loss over ``eval_batches`` fixed held-out batches (same batches every time). With ``starts`` (the
+    documents' first tokens), the batches are packed as in training with ``pack=True``: attention never crosses a
+    document boundary and no document predicts the next one's first token."""
     was_training = model.training
     model.eval()
     generator = torch.Generator().manual_seed(cfg.seed + 1)
     losses = []
     for _ in range(cfg.eval_batches):
-        x, y = batch(tokens, cfg.batch_size, seq_len, generator)
-        losses.append(model(x.to(cfg.device), y.to(cfg.device), return_logits=False)[1].item())
+        if starts is None:
+            x, y = batch(tokens, cfg.batch_size, seq_len, generator)
+            packed = None
+        else:
+            x, y, packed = packed_batch(tokens, starts, cfg.batch_size, seq_len, generator)
+            packed = dataclasses.replace(
+                packed, cu_seqlens=packed.cu_seqlens.to(cfg.device), position_ids=packed.position_ids.to(cfg.device)
+            )
+        loss = model(x.to(cfg.device), y.to(cfg.device), return_logits=False, packed=packed)[1]
+        losses.append(loss.item())
     model.train(was_training)
     return sum(losses) / len(losses)
 
@@ -98,10 +110,11 @@ def train(
         sampler.set_state(state["sampler_rng"])
         start = state["step"]
     model.train()
-    if cfg.pack and splits.train_starts is None:
+    if cfg.pack and (splits.train_starts is None or splits.val_starts is None):
         raise ValueError("pack=True needs the documents' starts: build the splits with Splits.from_documents")
 
     seq_len = model_cfg.max_seq_length
+    val_starts = splits.val_starts if cfg.pack else None  # packed training: packed evaluation, same boundaries rule
     saved, loss_value, tps = None, float("nan"), 0.0
     for step in range(start, cfg.steps):
         began = time.perf_counter()
@@ -127,7 +140,7 @@ def train(
             on_step(step + 1, loss_value, tps)
         done = step + 1
         if on_eval is not None and done % cfg.eval_every == 0 and done != cfg.steps:
-            on_eval(done, evaluate(model, splits.val, cfg, seq_len))
+            on_eval(done, evaluate(model, splits.val, cfg, seq_len, val_starts))
         if out is not None and (done % cfg.save_every == 0 or done == cfg.steps):
             saved = checkpoint.save(
                 {
@@ -141,7 +154,7 @@ def train(
                 },
                 out / "ckpt.pt",
             )
-    val_loss = evaluate(model, splits.val, cfg, seq_len)
+    val_loss = evaluate(model, splits.val, cfg, seq_len, val_starts)
     if on_eval is not None:
         on_eval(cfg.steps, val_loss)
     return TrainResult(cfg.steps, loss_value, val_loss, tps, saved)

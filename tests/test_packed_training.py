@@ -15,6 +15,7 @@ from metagpt_fast.cli import main
 from metagpt_fast.data import Splits, packed_batch, read_documents
 from metagpt_fast.model import MetaGPT
 from metagpt_fast.nn import PackedSequences
+from metagpt_fast.training import TrainConfig, evaluate
 
 DOCS = [b"def f(x):\n    return x\n\n", b"a", b"import os\n\n", b"class A:\n    pass\n\n\n\n", b"xy\n\n"]
 
@@ -96,6 +97,24 @@ def test_packed_rejects_bad_positions():
     model(x, packed=packed)
     with pytest.raises(TypeError, match="packed"):
         model(x, packed=dataclasses.asdict(packed))
+
+
+def test_packed_evaluation_equals_the_per_document_losses():
+    """evaluate(..., starts): the held-out batches packed as in training; each batch's loss is its documents'."""
+    torch.manual_seed(0)
+    model = MetaGPT(256, 32, 2, 4, 0.0, 24, positional="rotary")
+    splits = Splits.from_documents(DOCS * 6, val_fraction=0.4)
+    cfg = TrainConfig(batch_size=2, eval_batches=3, seed=5)
+    got = evaluate(model, splits.val, cfg, 24, splits.val_starts)
+    generator = torch.Generator().manual_seed(cfg.seed + 1)  # evaluate's batches, drawn again
+    losses = []
+    with torch.no_grad():
+        for _ in range(cfg.eval_batches):
+            x, y, packed = packed_batch(splits.val, splits.val_starts, cfg.batch_size, 24, generator)
+            assert packed.cu_seqlens.numel() > 3  # documents inside the windows
+            losses.append(_doc_losses(model, x, y, packed).item())
+    assert got == pytest.approx(sum(losses) / len(losses), rel=1e-5, abs=1e-6)
+    assert abs(evaluate(model, splits.val, cfg, 24) - got) > 1e-4  # unpacked windows cross the boundaries
 
 
 def test_train_pack_cli(tmp_path, capsys):

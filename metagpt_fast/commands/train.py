@@ -73,8 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--pack",
         action="store_true",
-        help="keep the files inside each training window apart: positions restart and attention never crosses a "
-        "file boundary (varlen flash attention)",
+        help="keep the files inside each training and evaluation window apart: positions restart and attention "
+        "never crosses a file boundary (varlen flash attention)",
     )
 
 
