@@ -6,7 +6,7 @@
 // a sequence of launches.
 #pragma once
 
-#include "attention_kernels.cuh"
+#include "backward_kernels.cuh"
 #include "forward_kernel.cuh"
 
 namespace metagpt_fast {
@@ -29,10 +29,10 @@ int forward_with_tile(const AttentionParams& p, Launch&& launch) {
 // Forward tiles (forward_kernel.cuh): 4 warps of 32 query rows (BLOCK_M = 128) and two CTAs per SM
 // (__launch_bounds__(128, 2): up to 255 registers a thread), two K / V stages in shared memory.
 //   D = 64: BLOCK_N = 64, Q fragments in registers (233-237 registers); 48 KB, two CTAs fit on every sm_80+ part.
-//   D = 128: Q re-read from shared memory each tile (its 64 registers do not fit beside the 32 x 128 fp32
-//   accumulator) and BLOCK_N = 32 (64 KB; 249-253 registers): with BLOCK_N = 64 ptxas spills 12-48 B on sm_80 or
-//   sm_90 depending on the features compiled in. On the 100 KB parts (sm_86, sm_89) 16-row warps (BLOCK_M = 64,
-//   48 KB) keep two CTAs per SM.
+//   D = 128: Q re-read from shared memory each tile (with its 64 registers held, ptxas spills 88-248 B) and
+//   BLOCK_N = 32 (64 KB; 252-253 registers): with BLOCK_N = 64 ptxas spills 12-48 B on sm_80 or sm_90 depending on
+//   the features compiled in. On the 100 KB parts (sm_86, sm_89) 16-row warps (BLOCK_M = 64, 48 KB) keep two CTAs
+//   per SM, with Q in registers (210-216 registers).
 template <int D>
 struct ForwardTiles;
 
@@ -45,7 +45,7 @@ struct ForwardTiles<64> {
 template <>
 struct ForwardTiles<128> {
   using Wide = ForwardTile<128, 4, 32, 32, false, 2>;
-  using Narrow = ForwardTile<128, 4, 16, 32, false, 2>;
+  using Narrow = ForwardTile<128, 4, 16, 32, true, 2>;
 };
 
 // Two CTAs of ``Tile`` fit in ``shared_per_sm`` bytes (1 KB of each CTA's share is reserved by the hardware).
@@ -63,31 +63,34 @@ int forward(const AttentionParams& p, Launch&& launch) {
   return forward_with_tile<T, typename Tiles::Narrow>(p, launch);
 }
 
-// Backward tiles, the same on every architecture. The dK/dV kernel holds two D-wide fp32 accumulators (dK and dV)
-// per warp besides its 16 x BLOCK_M S^T and dP^T tiles; with 64-row query steps ptxas needs 255 registers at D = 64
-// and spills on sm_90, so it steps through 32 query rows at a time for both head dims. Their shared memory (at
-// D = 128: 52 KB for dK/dV, 68 KB for dQ) fits on every sm_80+ part; at 230-255 registers per thread the register
-// file (64 K per SM on all of them) is what bounds occupancy, so there is nothing to gain from per-arch variants.
+// Backward tiles (backward_kernels.cuh): 4 warps of 16 rows, two cp.async stages. dK/dV (64 keys per CTA) holds two
+// D-wide fp32 accumulators per warp (dK, dV) beside its 16 x BLOCK_M S^T and dP^T tiles; dQ (64 query rows per CTA)
+// one, beside 16 x BLOCK_N S and dP tiles. The query (dK/dV) and key (dQ) steps are as wide as 255 registers allow
+// without spilling: 64 rows at D = 64 (231-242 registers, 49 KB of shared memory), 32 at D = 128 (222-244
+// registers, 64 KB; 64 spills). At more than 168 registers a thread, registers bound every SM to two CTAs; at
+// D = 128 two Wide CTAs do not fit in the 100 KB of sm_86 / sm_89, where the Narrow tiles (16-row steps, 48 KB,
+// 180-238 registers) keep two.
 template <int D>
 struct BackwardTiles;
 
 template <>
 struct BackwardTiles<64> {
-  using Dkdv = DkdvTile<64, 32, 64, 4>;
-  using Dq = DqTile<64, 64, 64, 4>;
+  using WideDkdv = DkdvTile<64, 64, 64, 4, 2>;
+  using WideDq = DqTile<64, 64, 64, 4, 2>;
+  using NarrowDkdv = WideDkdv;
+  using NarrowDq = WideDq;
 };
 
 template <>
 struct BackwardTiles<128> {
-  using Dkdv = DkdvTile<128, 32, 64, 4>;
-  using Dq = DqTile<128, 64, 64, 4>;
+  using WideDkdv = DkdvTile<128, 32, 64, 4, 2>;
+  using WideDq = DqTile<128, 64, 32, 4, 2>;
+  using NarrowDkdv = DkdvTile<128, 16, 64, 4, 2>;
+  using NarrowDq = DqTile<128, 64, 16, 4, 2>;
 };
 
-// Needs p.out, p.grad_out, p.lse and scratch p.delta; writes grad_q, grad_k, grad_v (every element).
-template <typename T, int D, typename Launch>
-int backward(const AttentionParams& p, Launch&& launch) {
-  using Dkdv = typename BackwardTiles<D>::Dkdv;
-  using Dq = typename BackwardTiles<D>::Dq;
+template <typename T, typename Dkdv, typename Dq, typename Launch>
+int backward_with_tiles(const AttentionParams& p, Launch&& launch) {
   const LaunchShape delta{ceil_div(p.n_q, kDeltaRowsPerBlock), p.heads_q, p.batch, 32 * kDeltaRowsPerBlock, 0};
   int error = launch(&attention_backward_delta_kernel<T>, delta, p);
   if (error != 0) return error;
@@ -96,6 +99,17 @@ int backward(const AttentionParams& p, Launch&& launch) {
   if (error != 0) return error;
   const LaunchShape dq{ceil_div(p.n_q, Dq::BLOCK_M), p.heads_q, p.batch, Dq::THREADS, Dq::SHARED_BYTES};
   return launch(&attention_backward_dq_kernel<T, Dq>, dq, p);
+}
+
+// Needs p.out, p.grad_out, p.lse and scratch p.delta; writes grad_q, grad_k, grad_v (every element).
+template <typename T, int D, typename Launch>
+int backward(const AttentionParams& p, Launch&& launch) {
+  using Tiles = BackwardTiles<D>;
+  if (two_ctas_fit<typename Tiles::WideDkdv>(p.shared_memory_per_sm) &&
+      two_ctas_fit<typename Tiles::WideDq>(p.shared_memory_per_sm)) {
+    return backward_with_tiles<T, typename Tiles::WideDkdv, typename Tiles::WideDq>(p, launch);
+  }
+  return backward_with_tiles<T, typename Tiles::NarrowDkdv, typename Tiles::NarrowDq>(p, launch);
 }
 
 template <typename T, typename Launch>
