@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -301,14 +302,21 @@ def _drop_targets():
 
 
 @pytest.fixture(scope="module")
-def attention_build_dir(tmp_path_factory):
-    """The unmodified attention emulation, checked to match the reference for every seed (so the failures below come
-    from the removed line, and the kernels are race-free under these schedules)."""
+def attention_libraries(tmp_path_factory):
+    """The attention emulation unmodified and with each drop target removed, built concurrently; the unmodified one
+    is checked to match the reference for every seed (so the failures below come from the removed line, and the
+    kernels are race-free under these schedules)."""
     directory = tmp_path_factory.mktemp("attention_emulation")
-    library = _build(directory, ATTENTION / "attention_emulation.cc", "attention_emulation")
-    results = attention_seed_results(ctypes.CDLL(str(library)), ATTENTION_SEEDS)
+    source = ATTENTION / "attention_emulation.cc"
+    variants = {None: ()} | {(p.values[0], p.values[1]): (f"MGF_EMULATION_DROP_{p.values[0]}_LINE={p.values[1]}",)
+                             for p in _drop_targets() if p.values[1]}  # fmt: skip
+    with ThreadPoolExecutor(max_workers=max(1, min(len(variants), os.cpu_count() or 1))) as pool:
+        futures = {key: pool.submit(_build, directory, source, f"attention_{i}", defines)
+                   for i, (key, defines) in enumerate(variants.items())}  # fmt: skip
+        libraries = {key: future.result() for key, future in futures.items()}
+    results = attention_seed_results(ctypes.CDLL(str(libraries[None])), ATTENTION_SEEDS)
     assert all(results.values()), f"the unmodified attention emulation fails for some seed: {results}"
-    return directory
+    return libraries
 
 
 _ATTENTION_ISOLATED = """
@@ -317,18 +325,80 @@ attention_seed_results(lib, {seeds})
 """
 
 
-@pytest.mark.slow  # one build of the attention emulation per removed line (and the unmodified one, once)
+@pytest.mark.slow  # one build of the attention emulation per removed line, and the unmodified one
 @pytest.mark.parametrize("kind,line", _drop_targets())
-def test_real_forward_kernel_without_one_barrier_or_wait_fails(attention_build_dir, kind, line):
+def test_real_forward_kernel_without_one_barrier_or_wait_fails(attention_libraries, kind, line):
     """With one block_sync() or cp.async wait of the forward kernel removed, some seed fails: wrong results, or an
     emulation abort (the race detector, a copy never retired)."""
     path, body = _forward_kernel()
-    library = _build(attention_build_dir, ATTENTION / "attention_emulation.cc", f"dropped_{kind}_{line}",
-                     (f"MGF_EMULATION_DROP_{kind}_LINE={line}",))  # fmt: skip
-    proc = _isolated(library, _ATTENTION_ISOLATED.format(seeds=list(ATTENTION_SEEDS)), timeout=300)
+    proc = _isolated(
+        attention_libraries[kind, line], _ATTENTION_ISOLATED.format(seeds=list(ATTENTION_SEEDS)), timeout=300
+    )
     results = {json.loads(x)[0]: json.loads(x)[1] for x in proc.stdout.splitlines() if x.startswith("[")}
     aborted = proc.returncode != 0 and "emulation: " in proc.stderr
     assert aborted or (proc.returncode == 0 and not all(results.values())), (
         f"{path.name}:{line} ({body[line - 1].strip()}) removed, yet every seed matched the reference: {results} "
         f"{proc.stderr[-2000:]}"
     )
+
+
+# ------------------------------------------------------------------------------------------ the device side (nvcc)
+
+_DEVICE_PRIMITIVES = r"""
+#include "warp_primitives.cuh"
+using namespace metagpt_fast::attention;
+__global__ void primitives(const __half* g, float* out, int n) {
+  __shared__ __align__(16) __half s[32 * 8 * 2];
+  const int l = threadIdx.x;
+  cp_async_16(s + l * 8, g + l * 8, l < n);
+  cp_async_commit();
+  cp_async_16(s + 256 + l * 8, g + 256 + l * 8, true);
+  cp_async_commit();
+  cp_async_wait<1>();
+  cp_async_wait_all();
+  block_sync();
+  uint32_t a1[1], a2[2], a4[4], t2[2], t4[4];
+  ldmatrix_x1(a1, s + (l % 8) * 8);
+  ldmatrix_x2(a2, s + (l % 16) * 8);
+  ldmatrix_x4(a4, s + l * 8);
+  ldmatrix_x2_trans(t2, s + (l % 16) * 8);
+  ldmatrix_x4_trans(t4, s + l * 8);
+  float c[4] = {0, 0, 0, 0};
+  const uint32_t b[2] = {a2[0], t2[1]};
+  mma_16816<__half>(c, a4, b);
+  mma_16816<__half>(c, t4, b);
+  out[l] = fast_exp2(c[0] + c[1] + c[2] + c[3] + a1[0]);
+}
+"""
+
+
+@pytest.mark.slow  # nvcc
+def test_device_primitives_compile_to_the_ptx_instructions(tmp_path):
+    """The device side of every primitive compiles for sm_80 and sm_90 and emits the PTX instruction it names."""
+    nvcc = Path(os.environ.get("CUDA_HOME") or "/usr/local/cuda") / "bin" / "nvcc"
+    if not nvcc.exists():
+        pytest.skip("nvcc not found (set CUDA_HOME)")
+    source = tmp_path / "primitives.cu"
+    source.write_text(_DEVICE_PRIMITIVES)
+    for arch in (80, 90):
+        proc = subprocess.run(
+            [str(nvcc), "-std=c++17", "-O3", f"-arch=sm_{arch}", f"-I{ATTENTION}", f"-I{ROOT / 'csrc' / 'include'}",
+             "-ptx", str(source), "-o", str(tmp_path / f"sm_{arch}.ptx")],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        ptx = (tmp_path / f"sm_{arch}.ptx").read_text()
+        for instruction in (
+            "cp.async.cg.shared.global",
+            "cp.async.commit_group",
+            "cp.async.wait_group 1",
+            "cp.async.wait_all",
+            "ldmatrix.sync.aligned.m8n8.x1.shared.b16",
+            "ldmatrix.sync.aligned.m8n8.x2.shared.b16",
+            "ldmatrix.sync.aligned.m8n8.x4.shared.b16",
+            "ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16",
+            "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16",
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32",
+            "ex2.approx.ftz.f32",
+        ):
+            assert instruction in ptx, (arch, instruction)
