@@ -57,12 +57,13 @@ MAX_HEAD_DIM = split.MAX_HEAD_DIM
 
 @triton.jit
 def _accumulate_dq(
-    acc_base, part, start_m, Nq, stride_am,
+    acc_base, part, start_m, Nq, stride_am, first,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ATOMIC: tl.constexpr,
 ):  # fmt: skip
     """Adds the (BLOCK_M, BLOCK_D) float32 tile ``part`` to rows ``[start_m, start_m + BLOCK_M)`` of an
-    (Nq, HEAD_DIM) accumulator: with ``tl.atomic_add`` (ATOMIC), or as a read-modify-write by the slice's only
-    program through a block pointer (a tile of 64-bit pointers held across the step made the kernel spill)."""
+    (Nq, HEAD_DIM) accumulator: with ``tl.atomic_add`` (ATOMIC), or by the slice's only program through a block
+    pointer (a tile of 64-bit pointers held across the step made the kernel spill): stored as it is when ``first``
+    (the slice's first key block: the scratch is not zeroed), else read, added and written back."""
     if ATOMIC:
         rows = start_m + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
@@ -74,16 +75,20 @@ def _accumulate_dq(
         tl.atomic_add(ptrs, part, mask=inside, sem="relaxed")
     else:
         ptr = tl.make_block_ptr(acc_base, (Nq, HEAD_DIM), (stride_am, 1), (start_m, 0), (BLOCK_M, BLOCK_D), (1, 0))
+        if not first:
+            if BLOCK_D == HEAD_DIM:
+                part += tl.load(ptr, boundary_check=(0,), padding_option="zero")
+            else:
+                part += tl.load(ptr, boundary_check=(0, 1), padding_option="zero")
         if BLOCK_D == HEAD_DIM:
-            tl.store(ptr, tl.load(ptr, boundary_check=(0,), padding_option="zero") + part, boundary_check=(0,))
+            tl.store(ptr, part, boundary_check=(0,))
         else:
-            current = tl.load(ptr, boundary_check=(0, 1), padding_option="zero")
-            tl.store(ptr, current + part, boundary_check=(0, 1))
+            tl.store(ptr, part, boundary_check=(0, 1))
 
 
 @triton.jit
 def _attn_bwd_fused_inner(
-    dk, dv, k, v, q_base, do_base, lse_ptr, lse_split, delta_ptr, mask_base, acc_base, seed, drop_base, cols,
+    dk, dv, k, v, q_base, do_base, lse_ptr, lse_split, delta_ptr, mask_base, acc_base, first, seed, drop_base, cols,
     col_start, lo, hi,
     stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, stride_am, Nq, Nk,
     qk_scale, dropout_threshold, dropout_scale,
@@ -121,7 +126,7 @@ def _attn_bwd_fused_inner(
         ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
         dk = tl.dot(ds_t, q, dk, input_precision="ieee")
         dq = tl.dot(tl.trans(ds_t), k, input_precision="ieee")  # (BLOCK_M, BLOCK_D), unscaled
-        _accumulate_dq(acc_base, dq, start_m, Nq, stride_am, HEAD_DIM, BLOCK_M, BLOCK_D, ATOMIC)
+        _accumulate_dq(acc_base, dq, start_m, Nq, stride_am, first, HEAD_DIM, BLOCK_M, BLOCK_D, ATOMIC)
     return dk, dv
 
 
@@ -153,8 +158,10 @@ def _attn_bwd_fused(
     """Grid (n_splits, Hk, B). Program ``s`` takes key blocks ``s, s + n_splits, ...`` of its (batch, kv head), in
     increasing order, and for each writes dK (B, Hk, Nk, D) and dV (B, Hk, Nk, Dv) of the block (summed over the
     GROUP query heads of the kv head) and adds dS K (unscaled, float32) into ``DQAcc[s]`` (ATOMIC: ``DQAcc[0]``
-    with atomics; then ``n_splits`` is the number of key blocks). DQAcc is (S, B, Hq, Nq, D) float32, zeroed, last
-    stride 1."""
+    with atomics; then ``n_splits`` is the number of key blocks). DQAcc is (S, B, Hq, Nq, D) float32 with a last
+    stride of 1, zeroed for ATOMIC; else not: a split's first key block writes the rows it reaches (all rows, or
+    with IS_CAUSAL those from its first query block on, which hold every row its later blocks reach), and the
+    reduction reads only rows a split has written."""
     split_id = tl.program_id(0)
     hk = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -178,6 +185,7 @@ def _attn_bwd_fused(
         v = _load_block(v_head, start_n, Nk, stride_vn, stride_vd, HEAD_DIM_V, BLOCK_N, BLOCK_DV, True)
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+        first = start_n < n_splits * BLOCK_N  # this split's first key block: it writes its rows of DQAcc[s] first
         # Query blocks [lo, full_start) straddle the diagonal (masked); [full_start, Nq) see the whole key block.
         if IS_CAUSAL:
             lo = start_n // BLOCK_M * BLOCK_M
@@ -195,7 +203,7 @@ def _attn_bwd_fused(
             if IS_CAUSAL:
                 dk, dv = _attn_bwd_fused_inner(
                     dk, dv, k, v, q_base, do_base, Lse + row_base, lse_split, Delta + row_base, mask_base, acc_base,
-                    seed, row_base * Nk, cols, start_n, lo, tl.minimum(full_start, Nq),
+                    first, seed, row_base * Nk, cols, start_n, lo, tl.minimum(full_start, Nq),
                     stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, stride_am, Nq, Nk,
                     qk_scale, dropout_threshold, dropout_scale,
                     HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N,
@@ -203,7 +211,7 @@ def _attn_bwd_fused(
                 )  # fmt: skip
             dk, dv = _attn_bwd_fused_inner(
                 dk, dv, k, v, q_base, do_base, Lse + row_base, lse_split, Delta + row_base, mask_base, acc_base,
-                seed, row_base * Nk, cols, start_n, full_start, Nq,
+                first, seed, row_base * Nk, cols, start_n, full_start, Nq,
                 stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, stride_am, Nq, Nk,
                 qk_scale, dropout_threshold, dropout_scale,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N,
@@ -223,10 +231,16 @@ def _attn_bwd_fused_dq_reduce(
     Nq, n_splits, sm_scale,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    KEY_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     """Grid (cdiv(Nq, BLOCK_M), Hq, B): dQ = sm_scale * (DQAcc[0] + DQAcc[1] + ... + DQAcc[n_splits - 1]), summed
-    in that order (the deterministic mode's fixed reduction; one slice in the atomic mode), cast to dQ's dtype."""
+    in that order (the deterministic mode's fixed reduction; one slice in the atomic mode), cast to dQ's dtype.
+
+    With IS_CAUSAL, row ``i`` reads slice ``s`` only where ``s * KEY_BLOCK <= i`` (KEY_BLOCK: the fused kernel's key
+    tile): split ``s`` holds key blocks ``s, s + n_splits, ...``, none of which row ``i`` sees otherwise, and the
+    rows it has not written hold no data."""
     start_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -238,9 +252,15 @@ def _attn_bwd_fused_dq_reduce(
         inside = (rows[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM)
     ptrs = DQAcc + b * stride_ab + h * stride_ah + rows[:, None] * stride_am + offs_d[None, :]
     total = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for _ in range(n_splits):
-        total += tl.load(ptrs, mask=inside, other=0.0)
-        ptrs += stride_as
+    if IS_CAUSAL:
+        hi = tl.minimum(n_splits, tl.cdiv(start_m * BLOCK_M + BLOCK_M, KEY_BLOCK))
+        for s in range(0, hi):
+            total += tl.load(ptrs, mask=inside & (s * KEY_BLOCK <= rows[:, None]), other=0.0)
+            ptrs += stride_as
+    else:
+        for _ in range(0, n_splits):
+            total += tl.load(ptrs, mask=inside, other=0.0)
+            ptrs += stride_as
     dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
     _store_tile(dq_ptrs, (total * sm_scale).to(DQ.dtype.element_ty), rows, Nq, offs_d, HEAD_DIM, BLOCK_D)
 
@@ -361,6 +381,12 @@ def _mask_kind(attn_mask, shape):
     return kind, mask.stride(2) == 0 or shape[2] == 1
 
 
+def _scratch(shape, device):
+    """The deterministic mode's dQ slices, uninitialised (the tests fill them with NaN to show no unwritten row is
+    read)."""
+    return torch.empty(shape, dtype=torch.float32, device=device)
+
+
 def _identity(kernel):
     return kernel
 
@@ -385,7 +411,9 @@ def attention_backward(
     seed, threshold, dropout_scale, has_dropout = split._dropout_arguments(dropout_p, seed, lse)
     block_m, block_n, num_warps, num_stages = tile
     slices = 1 if atomic else n_splits
-    acc = torch.zeros((slices, B, Hq, Nq, D), dtype=torch.float32, device=q.device)
+    # Only the atomic accumulator is zeroed (see _attn_bwd_fused: every slice row read has been written).
+    shape = (slices, B, Hq, Nq, D)
+    acc = torch.zeros(shape, dtype=torch.float32, device=q.device) if atomic else _scratch(shape, q.device)
 
     block_pre = split.preprocess_block_m(Dv)
     launch(split._attn_bwd_preprocess)[(triton.cdiv(Nq, block_pre), Hq, B)](
@@ -403,5 +431,6 @@ def attention_backward(
     )  # fmt: skip
     launch(_attn_bwd_fused_dq_reduce)[(triton.cdiv(Nq, REDUCE_BLOCK_M), Hq, B)](
         acc, dq, *acc.stride()[:4], *dq.stride(), Nq, slices, scale,
-        HEAD_DIM=D, BLOCK_D=split.block_dim(D), BLOCK_M=REDUCE_BLOCK_M, num_warps=4,
+        HEAD_DIM=D, BLOCK_D=split.block_dim(D), IS_CAUSAL=is_causal and not atomic, KEY_BLOCK=block_n,
+        BLOCK_M=REDUCE_BLOCK_M, num_warps=4,
     )  # fmt: skip
