@@ -171,6 +171,23 @@ def test_fused_backward_is_bitwise_deterministic(monkeypatch):
 
 
 @interpreted_triton
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["fused", "fused_atomic"])
+def test_backward_op_passes_opcheck_with_the_fused_kernel(mode, monkeypatch):
+    """The backward custom op's schema holds with the fused kernel (no input mutated; the fake-tensor checks need
+    data the interpreter cannot trace, as for the split kernels)."""
+    backend, fused = _modules()
+    monkeypatch.setenv(fused.ENV_VAR, mode)
+    q, k, v = torch.randn(1, 2, 19, 16), torch.randn(1, 1, 40, 16), torch.randn(1, 1, 40, 16)
+    mask, seed = torch.rand(1, 1, 1, 40) > 0.2, torch.tensor([3], dtype=torch.int64)
+    out, lse = backend.attention_forward(q, k, v, mask, 0.1, True, 0.25, seed)
+    backward = torch.ops.metagpt_fast.triton_attention_backward.default
+    args = (torch.randn_like(out), q, k, v, out, lse, mask, 0.1, True, 0.25, seed)
+    assert fused.select(q, k, v, mask, 0.1) is not None
+    torch.library.opcheck(backward, args, test_utils=("test_schema",))
+
+
+@interpreted_triton
 def test_backward_mode_selection(monkeypatch):
     _, fused = _modules()
     q, k, v = torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16)
