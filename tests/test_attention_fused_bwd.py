@@ -254,15 +254,23 @@ def _gpu_grads(mode, monkeypatch, q, k, v, grad_out, **kwargs):
 @pytest.mark.gpu
 @helpers.requires_cuda
 @pytest.mark.parametrize("dtype", [F16, BF16], ids=["float16", "bfloat16"])
-@pytest.mark.parametrize("d", [64, 128])
-def test_gpu_fused_backward_matches_reference_and_repeats(dtype, d, monkeypatch):
+@pytest.mark.parametrize("splits", [None, 3], ids=["planned_splits", "3_splits"])
+def test_gpu_fused_backward_matches_reference_and_repeats(dtype, splits, monkeypatch):
+    """On sm_90 (the fused tiles' architecture): parity of both dQ modes, and bitwise repetition of the deterministic
+    one, with the planned splits (one key block each here) and with 3 splits of 3 key blocks."""
     backend, fused = _modules()
-    b, hq, hk, n = 2, 8, 2, 1031
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("the fused backward has tiles for sm_90 only (docs/triton-attention.md)")
+    b, hq, hk, n, d = 2, 8, 2, 1031, 64
     q = torch.randn(b, hq, n, d, device="cuda", dtype=dtype)
     k, v = (torch.randn(b, hk, n, d, device="cuda", dtype=dtype) for _ in range(2))
     grad_out = torch.randn(b, hq, n, d, device="cuda", dtype=dtype)
     kwargs = dict(attn_mask=None, dropout_p=0.0, is_causal=True, scale=d**-0.5, enable_gqa=True, seed=None)
-    assert fused.select(q, k, v, None, 0.0, "fused") is not None
+    tile, n_splits, _ = fused.select(q, k, v, None, 0.0, "fused")
+    assert n_splits == math.ceil(n / tile[1])
+    if splits is not None:
+        plan = fused.plan
+        monkeypatch.setattr(fused, "plan", lambda *a: (plan(*a)[0], splits) if not a[-1] else plan(*a))
     first = _gpu_grads("fused", monkeypatch, q, k, v, grad_out, **kwargs)
     second = _gpu_grads("fused", monkeypatch, q, k, v, grad_out, **kwargs)
     for name, a, c in zip(NAMES, first, second, strict=True):
