@@ -144,6 +144,9 @@ def set_table(new: Table) -> Table:
     """Replaces the loaded table (tests, a freshly calibrated machine); returns the previous one."""
     global _table
     previous, _table = _table, new
+    from metagpt_fast.backends import registry  # the priorities read the table: cached selections are stale
+
+    registry.invalidate()
     return previous
 
 

@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from metagpt_fast.backends.signature import Memo, signature
+
 logger = logging.getLogger("metagpt_fast.backends")
 
 # Backend name -> the package whose import registers its implementations (or records why it cannot run). Imported
@@ -111,6 +113,11 @@ _registry: dict[tuple[str, str], Implementation] = {}
 # op -> its non-reference implementations, in registration order: what ``auto`` ranks on every call (rebuilt lazily
 # after any change to ``_registry``; scanning every op's entries cost about a third of a small op's dispatch).
 _candidates: dict[str, tuple[Implementation, ...]] = {}
+# (op, requested backend, input names, signature of the inputs) -> the implementation select() returned: every
+# reason and priority reads only what the signature holds (device, dtype, shapes, strides, requires_grad, aliasing,
+# scalars, grad mode), so the same signature gets the same answer until the registry changes. Replaced, not cleared,
+# on every change: a select() that started before the change writes into the old dict, which nothing reads.
+_selections: Memo = Memo()
 _unavailable: dict[str, str | None] = {}
 _loaded: set[str] = set()
 _lock = threading.RLock()
@@ -122,7 +129,7 @@ def declare_op(spec: OpSpec, reference: Callable[..., Any]) -> OpSpec:
     """Declares an op and registers its reference implementation (serves every valid input, on every device)."""
     with _lock:
         _ops[spec.name] = spec
-        _candidates.clear()
+        _changed()
         _registry[(spec.name, "reference")] = Implementation(
             spec.name, "reference", reference, Capabilities(devices=ANY_DEVICE, features=frozenset(spec.features)),
             priority=lambda inputs: REFERENCE_PRIORITY,
@@ -155,7 +162,7 @@ def register(
     impl = Implementation(op, backend, fn, capabilities, extra_reasons, rank, slow)
     with _lock:
         _registry[(op, backend)] = impl
-        _candidates.clear()
+        _changed()
     return impl
 
 
@@ -167,7 +174,7 @@ def registered(impl: Implementation) -> Iterator[Implementation]:
     with _lock:
         previous, unavailable = _registry.get(key), _unavailable.pop(impl.backend, None)
         _registry[key] = impl
-        _candidates.clear()
+        _changed()
     try:
         yield impl
     finally:
@@ -176,15 +183,30 @@ def registered(impl: Implementation) -> Iterator[Implementation]:
                 _registry.pop(key, None)
             else:
                 _registry[key] = previous
-            _candidates.clear()
             if unavailable is not None:
                 _unavailable[impl.backend] = unavailable
+            _changed()
 
 
 def mark_unavailable(backend: str, reason: str) -> None:
     """Records why ``backend`` cannot run at all on this machine (shown by ``metagpt-fast info``)."""
     with _lock:
         _unavailable.setdefault(backend, reason)
+        _changed()
+
+
+def invalidate() -> None:
+    """Forgets every cached selection: for changes the registry cannot see (a new measured speed table)."""
+    with _lock:
+        _changed()
+
+
+def _changed() -> None:
+    """After any change to what selection reads (ops, implementations, unavailable backends): the per-op index is
+    rebuilt and the selection cache starts empty."""
+    global _selections
+    _candidates.clear()
+    _selections = Memo()
 
 
 # ---------------------------------------------------------------------------------------------------------- reasons
@@ -303,8 +325,39 @@ def requested_backend(backend: str | None = None) -> str:
 
 
 def select(op: str, backend: str | None = None, **inputs: Any) -> Implementation:
-    """Returns the implementation of ``op`` that serves ``inputs`` under the current backend request."""
+    """Returns the implementation of ``op`` that serves ``inputs`` under the current backend request.
+
+    The answer for a signature of the inputs (:func:`metagpt_fast.backends.signature.signature`) is cached until the
+    registry changes; inputs without one (tensor subclasses, traces) are ranked on every call. A refusal (an explicit
+    backend that cannot serve the inputs) is never cached: it raises on every call."""
     name = requested_backend(backend)
+    key = signature(*inputs.values())
+    if key is None:
+        return _select(op, name, inputs)
+    selections = _selections
+    key = (op, name, tuple(inputs), key)
+    impl = selections.get(key)
+    if impl is None:
+        impl = selections.put(key, _select(op, name, inputs))
+    return impl
+
+
+def select_signed(op: str, backend: str | None, key: tuple | None, inputs: dict[str, Any]) -> Implementation:
+    """:func:`select` for a public op that has computed the signature of its call already (to memoise its own
+    checks): ``key`` must determine the signature of ``inputs`` (``inputs`` a function of the arguments ``key`` was
+    computed from, the op's name among them), or be ``None`` (no caching)."""
+    name = requested_backend(backend)
+    if key is None:
+        return _select(op, name, inputs)
+    selections = _selections
+    key = (op, name, key)
+    impl = selections.get(key)
+    if impl is None:
+        impl = selections.put(key, _select(op, name, inputs))
+    return impl
+
+
+def _select(op: str, name: str, inputs: dict[str, Any]) -> Implementation:
     if name != "auto":
         _load(name)
         reason = _unavailable.get(name)

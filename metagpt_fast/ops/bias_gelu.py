@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 
 from metagpt_fast import backends
+from metagpt_fast.backends.registry import select_signed
+from metagpt_fast.backends.signature import Memo, signature
 from metagpt_fast.ops import validation as check
 from metagpt_fast.ops.ranges import op_range
 from metagpt_fast.ops.reference.bias_gelu import bias_gelu as reference_bias_gelu
@@ -12,6 +14,8 @@ from metagpt_fast.ops.reference.bias_gelu import bias_gelu as reference_bias_gel
 OP = backends.declare_op(backends.OpSpec("bias_gelu", primary="x"), reference_bias_gelu)
 
 APPROXIMATIONS = ("none", "tanh")
+# Signatures of calls that passed the checks (they read no tensor values, so the same signature passes again).
+_CHECKED = Memo()
 
 
 def bias_gelu(
@@ -31,6 +35,20 @@ def bias_gelu(
     Returns:
         ``gelu(x + bias)`` of ``x``'s shape and dtype, computed in float32 (float64 for float64 inputs).
     """
+    key = signature(x, bias, approximate)
+    if key is None or key not in _CHECKED:
+        _check(x, bias, approximate)
+        if key is not None:
+            _CHECKED.put(key, True)
+    inputs = dict(x=x, bias=bias, approximate=approximate)
+    impl = select_signed("bias_gelu", backend, key, inputs)
+    if x.numel() == 0:
+        impl = backends.select("bias_gelu", "reference", **inputs)
+    with op_range("bias_gelu", impl.backend):
+        return impl.fn(**inputs)
+
+
+def _check(x, bias, approximate) -> None:
     check.tensor("x", x, floating=True)
     check.plain_tensor("x", x)
     if x.dim() == 0:
@@ -45,9 +63,3 @@ def bias_gelu(
         raise check.ArgumentTypeError(f"approximate must be a str, got {type(approximate).__name__}")
     if approximate not in APPROXIMATIONS:
         raise check.ArgumentError(f"approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
-    inputs = dict(x=x, bias=bias, approximate=approximate)
-    impl = backends.select("bias_gelu", backend, **inputs)
-    if x.numel() == 0:
-        impl = backends.select("bias_gelu", "reference", **inputs)
-    with op_range("bias_gelu", impl.backend):
-        return impl.fn(**inputs)

@@ -20,6 +20,8 @@ import math
 import torch
 
 from metagpt_fast import backends
+from metagpt_fast.backends.registry import select_signed
+from metagpt_fast.backends.signature import Memo, signature
 from metagpt_fast.ops import validation as check
 from metagpt_fast.ops.ranges import op_range
 from metagpt_fast.ops.reference import kvcache as reference
@@ -42,6 +44,8 @@ OP = backends.declare_op(
     ),
     _reference,
 )
+# signature of a call -> what _check_signature returned for it (its checks read no tensor values).
+_CHECKED = Memo()
 
 
 def flash_attn_with_kvcache(
@@ -108,13 +112,30 @@ def flash_attn_with_kvcache(
         ``out`` ``(B, Nq, Hq, D)`` of ``q``'s dtype; with ``return_softmax_lse``, also ``lse`` ``(B, Hq, Nq)``
         float32 (float64 for float64 inputs), ``-inf`` on rows with no visible key (flash-attn gives ``+inf``).
     """
-    args = _validate(
+    args = (
         q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, block_table,
         softmax_scale, causal, window_size, softcap, rotary_interleaved, alibi_slopes, num_splits, return_softmax_lse,
     )  # fmt: skip
-    seqlens, window_left, window_right = args
+    key = signature(*args)
+    checked = _CHECKED.get(key) if key is not None else None
+    if checked is None:
+        checked = _check_signature(*args)
+        if key is not None:
+            _CHECKED.put(key, checked)
+    capacity, rows, per_row, new, window_left, window_right, rotary_local = checked
     b, nq, hq, d = q.shape
-    new = 0 if k is None else k.shape[1]
+    if cache_seqlens is None:
+        seqlens = torch.full((b,), capacity, dtype=torch.int32, device=q.device)
+    elif isinstance(cache_seqlens, torch.Tensor):
+        seqlens = cache_seqlens
+    else:
+        seqlens = torch.full((b,), cache_seqlens, dtype=torch.int32, device=q.device)
+    # Value checks (one read of each index tensor; skipped while tracing for torch.compile, where they cannot run).
+    bounds = None
+    real = type(q) is torch.Tensor and q.device.type != "meta" and not torch.compiler.is_compiling()
+    if real or not check._is_fake(q):  # a plain tensor skips is_fake's walk of tensor subclasses
+        bounds = _check_values(seqlens, new, nq, capacity, rows, per_row, cache_batch_idx, block_table, rotary_cos,
+                               rotary_local)  # fmt: skip
 
     if rotary_cos is not None:
         offsets = seqlens[:, None].long()
@@ -128,7 +149,13 @@ def flash_attn_with_kvcache(
             q = reference.rotate_at(q, rotary_cos, rotary_sin, q_pos.expand(b, nq), rotary_interleaved)
             k = reference.rotate_at(k, rotary_cos, rotary_sin, k_pos, rotary_interleaved)
     if k is not None:
-        reference.write_cache(k_cache, v_cache, k, v, seqlens, cache_batch_idx, block_table)
+        if bounds is not None and bounds[0] == bounds[1] and cache_batch_idx is None and block_table is None:
+            # Every row appends at the same position (decode of equal-length rows): one strided copy per cache,
+            # the index arithmetic of the general write skipped.
+            k_cache[:b, bounds[0] : bounds[0] + new].copy_(k)
+            v_cache[:b, bounds[0] : bounds[0] + new].copy_(v)
+        else:
+            reference.write_cache(k_cache, v_cache, k, v, seqlens, cache_batch_idx, block_table)
         seqlens = seqlens + new
     if alibi_slopes is not None:
         alibi_slopes = alibi_slopes.expand(b, hq).contiguous()
@@ -147,7 +174,7 @@ def flash_attn_with_kvcache(
         alibi_slopes=alibi_slopes,
         num_splits=num_splits,
     )
-    impl = backends.select("decode_attention", backend, **inputs)
+    impl = select_signed("decode_attention", backend, key, inputs)
     if q.numel() == 0:  # nothing to compute: no kernel launch
         impl = backends.select("decode_attention", "reference", **inputs)
     with op_range("decode_attention", impl.backend):
@@ -162,11 +189,13 @@ def _int32(name: str, t, dims: int) -> torch.Tensor:
     return t
 
 
-def _validate(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, block_table,
-              softmax_scale, causal, window_size, softcap, rotary_interleaved, alibi_slopes, num_splits,
-              return_softmax_lse):  # fmt: skip
-    """Every check of :func:`flash_attn_with_kvcache`, before anything is written; returns ``(cache_seqlens as a
-    (B,) int32 tensor, window_left, window_right with causal folded in)``."""
+def _check_signature(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, block_table,
+                     softmax_scale, causal, window_size, softcap, rotary_interleaved, alibi_slopes, num_splits,
+                     return_softmax_lse):  # fmt: skip
+    """Every check of :func:`flash_attn_with_kvcache` that reads no tensor values (types, shapes, dtypes, devices,
+    strides, requires_grad, the grad mode, the scalar arguments: what a signature holds), before anything is written.
+    Returns ``(capacity, cache rows, tokens per row or page, seqlen_new, window_left, window_right with causal folded
+    in, whether rotary positions are local)``."""
     check.tensor("q", q, dims=(4,), floating=True)
     check.tensor("k_cache", k_cache, dims=(4,), floating=True)
     check.tensor("v_cache", v_cache, dims=(4,), floating=True)
@@ -248,18 +277,16 @@ def _validate(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, 
     if cache_seqlens is None:
         if k is not None:
             raise check.ArgumentError("cache_seqlens is required with k and v: it says where the new tokens go")
-        seqlens = torch.full((b,), capacity, dtype=torch.int32, device=q.device)
     elif isinstance(cache_seqlens, torch.Tensor):
-        seqlens = _int32("cache_seqlens", cache_seqlens, 1)
-        if seqlens.shape[0] != b:
-            raise check.ArgumentError(f"cache_seqlens must have shape ({b},), got {tuple(seqlens.shape)}")
+        _int32("cache_seqlens", cache_seqlens, 1)
+        if cache_seqlens.shape[0] != b:
+            raise check.ArgumentError(f"cache_seqlens must have shape ({b},), got {tuple(cache_seqlens.shape)}")
     else:
         value = check.integer("cache_seqlens", cache_seqlens, minimum=0)
         if value + new > capacity:
             raise check.ArgumentError(
                 f"cache_seqlens ({value}) + seqlen_new ({new}) exceeds the cache's capacity of {capacity} tokens"
             )
-        seqlens = torch.full((b,), value, dtype=torch.int32, device=q.device)
 
     rotary_dim = 0
     if (rotary_cos is None) != (rotary_sin is None):
@@ -305,18 +332,16 @@ def _validate(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, 
     if causal:  # causal is the right side of the window at 0
         window_right = 0 if window_right < 0 else min(window_right, 0)
 
-    # Value checks (one read of each index tensor; skipped while tracing for torch.compile, where they cannot run).
-    real = type(q) is torch.Tensor and q.device.type != "meta" and not torch.compiler.is_compiling()
-    if real or not check._is_fake(q):  # a plain tensor skips is_fake's walk of tensor subclasses
-        _check_values(seqlens, new, nq, capacity, rows, per_row, cache_batch_idx, block_table, rotary_cos,
-                      rotary_dim and (causal or window_size[0] >= 0 or window_size[1] >= 0))  # fmt: skip
-    return seqlens, window_left, window_right
+    rotary_local = bool(rotary_dim) and (causal or window_size[0] >= 0 or window_size[1] >= 0)
+    return capacity, rows, per_row, new, window_left, window_right, rotary_local
 
 
 def _check_values(seqlens, new, nq, capacity, rows, page_size, cache_batch_idx, block_table, rotary_cos, local):
+    """The checks that read the index tensors; returns ``(min, max)`` of ``seqlens`` (None when it is empty)."""
+    bounds = None
     if seqlens.numel():
         lo, hi = torch.aminmax(seqlens)
-        lo, hi = int(lo), int(hi)
+        lo, hi = bounds = int(lo), int(hi)
         if lo < 0:
             raise check.ArgumentError(f"cache_seqlens must be >= 0, found {lo}")
         if hi + new > capacity:
@@ -346,3 +371,4 @@ def _check_values(seqlens, new, nq, capacity, rows, page_size, cache_batch_idx, 
                     f"block_table entries of pages in use must lie in [0, {rows}) (k_cache's pages), found "
                     f"{lo if lo < 0 else hi}"
                 )
+    return bounds

@@ -7,12 +7,18 @@ from collections.abc import Sequence
 import torch
 
 from metagpt_fast import backends
+from metagpt_fast.backends.registry import select_signed
+from metagpt_fast.backends.signature import Memo, signature
 from metagpt_fast.ops import validation as check
 from metagpt_fast.ops.ranges import op_range
 from metagpt_fast.ops.reference import norms as reference_norms
 
 LAYER_NORM = backends.declare_op(backends.OpSpec("layer_norm", primary="input"), reference_norms.layer_norm)
 RMS_NORM = backends.declare_op(backends.OpSpec("rms_norm", primary="input"), reference_norms.rms_norm)
+
+# Every check of these ops reads only the signature of the call (no tensor values): a signature that passed once
+# passes again. signature -> the normalized shape and eps it checked (what the op hands to its implementation).
+_CHECKED = {"layer_norm": Memo(), "rms_norm": Memo()}
 
 
 def _normalized_shape(normalized_shape, input: torch.Tensor) -> tuple[int, ...]:
@@ -57,8 +63,15 @@ def _validate(input, normalized_shape, weight, bias, residual) -> tuple[int, ...
     return shape
 
 
-def _run(op: str, backend: str | None, inputs: dict):
-    impl = backends.select(op, backend, **inputs)
+def _eps(eps) -> float:
+    eps = check.finite_float("eps", eps)
+    if eps < 0:
+        raise check.ArgumentError(f"eps must be >= 0, got {eps}")
+    return eps
+
+
+def _run(op: str, backend: str | None, key: tuple | None, inputs: dict):
+    impl = select_signed(op, backend, key, inputs)
     if inputs["input"].numel() == 0:  # nothing to normalise: no kernel launch
         impl = backends.select(op, "reference", **inputs)
     with op_range(op, impl.backend):
@@ -93,12 +106,16 @@ def layer_norm(
     Statistics are computed in float32 (float64 for float64 inputs). Autocast does not apply (the op computes in
     ``input``'s dtype); :class:`metagpt_fast.nn.LayerNorm` follows torch's autocast rule (float32).
     """
-    shape = _validate(input, normalized_shape, weight, bias, residual)
-    eps = check.finite_float("eps", eps)
-    if eps < 0:
-        raise check.ArgumentError(f"eps must be >= 0, got {eps}")
+    key = signature(input, normalized_shape, weight, bias, eps, residual)
+    checked = _CHECKED["layer_norm"].get(key) if key is not None else None
+    if checked is None:
+        shape = _validate(input, normalized_shape, weight, bias, residual)
+        checked = (shape, _eps(eps))
+        if key is not None:
+            _CHECKED["layer_norm"].put(key, checked)
+    shape, eps = checked
     inputs = dict(input=input, normalized_shape=shape, weight=weight, bias=bias, eps=eps, residual=residual)
-    return _run("layer_norm", backend, inputs)
+    return _run("layer_norm", backend, key, inputs)
 
 
 def rms_norm(
@@ -119,11 +136,13 @@ def rms_norm(
     Returns:
         ``normed``, or ``(normed, input + residual)`` with ``residual``.
     """
-    shape = _validate(input, normalized_shape, weight, None, residual)
-    if eps is None:
-        eps = torch.finfo(input.dtype).eps
-    eps = check.finite_float("eps", eps)
-    if eps < 0:
-        raise check.ArgumentError(f"eps must be >= 0, got {eps}")
+    key = signature(input, normalized_shape, weight, eps, residual)
+    checked = _CHECKED["rms_norm"].get(key) if key is not None else None
+    if checked is None:
+        shape = _validate(input, normalized_shape, weight, None, residual)
+        checked = (shape, _eps(torch.finfo(input.dtype).eps if eps is None else eps))
+        if key is not None:
+            _CHECKED["rms_norm"].put(key, checked)
+    shape, eps = checked
     inputs = dict(input=input, normalized_shape=shape, weight=weight, eps=eps, residual=residual)
-    return _run("rms_norm", backend, inputs)
+    return _run("rms_norm", backend, key, inputs)
