@@ -14,11 +14,14 @@ Prompts:
 - a ``(B, T)`` tensor plus ``lengths`` ``(B,)``: right-padded prompts, row ``b``'s prompt is ``idx[b, :lengths[b]]``
   (what follows is ignored); the result is ``(B, max(lengths) + n)``, row ``b`` holding its prompt, its new tokens,
   then ``pad_token`` up to the width;
+- a ``(B, T)`` tensor plus ``attention_mask`` ``(B, T)``: left-padded prompts (Hugging Face's convention, 1 on real
+  tokens, 0 on the padding before them); the result is ``(B, T + n)``, ``idx`` followed by each row's new tokens;
 - a list of prompts (each a list of ints or a 1-D tensor): the result is a list of 1-D tensors, each prompt followed
   by its new tokens, ending at its stop token if one came.
 
-Prompts are right-padded (not left-padded with an attention mask): under a causal mask, a right-padded row's tokens
-never see the padding, so every row's positions start at 0 and its logits are those of the row alone.
+Inside, prompts are right-padded: under a causal mask, a right-padded row's tokens never see the padding, so every
+row's positions start at 0 and its logits are those of the row alone. Left-padded prompts are moved to that layout
+first, so their positions, too, start at each row's first real token.
 
 Stop tokens: a row that samples one of ``stop_tokens`` keeps it, then gets ``pad_token`` for every later step;
 generation ends early once every row has stopped.
@@ -286,6 +289,7 @@ class _Request:
         use_cache,
         compile,
         sliding,
+        attention_mask=None,
     ):
         cfg = model.config
         self.as_list = not isinstance(idx, torch.Tensor)
@@ -300,6 +304,18 @@ class _Request:
         if idx.shape[1] == 0:
             raise check.ArgumentError("idx: the prompts must hold at least one token")
         b, t = idx.shape
+        self.left_padded = None  # the caller's left-padded idx, when attention_mask says which tokens are real
+        if attention_mask is not None:
+            if self.as_list:
+                raise check.ArgumentError(
+                    "attention_mask: pass it only with a (B, T) tensor idx, not a list of prompts"
+                )
+            if lengths is not None:
+                raise check.ArgumentError(
+                    "attention_mask: pass attention_mask (left-padded prompts) or lengths (right-padded), not both"
+                )
+            self.left_padded = idx
+            idx, lengths = _left_to_right(idx, attention_mask)
         if lengths is None:
             lengths = torch.full((b,), t, dtype=torch.int32, device=idx.device)
         else:
@@ -362,6 +378,38 @@ class _Request:
                 f"max_seq_length={cfg.max_seq_length}; ask for at most {cfg.max_seq_length - longest} new tokens, "
                 "or pass sliding=True to continue on the last max_seq_length tokens"
             )
+
+
+def _left_to_right(idx: torch.Tensor, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checks ``attention_mask`` (Hugging Face's convention: ``(B, T)``, 1 on real tokens, 0 on the padding before
+    them) and returns the same prompts right-padded, with their lengths: row ``b``'s real tokens move to the start,
+    so its positions count from its first real token, as the prompt's alone would."""
+    check.tensor("attention_mask", attention_mask, dims=(2,))
+    if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
+        raise check.ArgumentTypeError(f"attention_mask must be a bool or integer tensor, got {attention_mask.dtype}")
+    if attention_mask.shape != idx.shape:
+        raise check.ArgumentError(
+            f"attention_mask must have idx's shape {tuple(idx.shape)}, got {tuple(attention_mask.shape)}"
+        )
+    if attention_mask.device != idx.device:
+        raise check.ArgumentError(f"attention_mask is on {attention_mask.device}, idx on {idx.device}")
+    mask = attention_mask.long()
+    if bool(((mask != 0) & (mask != 1)).any()):
+        raise check.ArgumentError("attention_mask must hold 0 (padding) and 1 (real tokens) only")
+    after = (mask[:, 1:] < mask[:, :-1]).any(dim=1)
+    if bool(after.any()):
+        row = int(after.nonzero()[0, 0])
+        raise check.ArgumentError(
+            f"attention_mask must describe left padding (zeros, then ones), but row {row} has a 0 after a 1: pass "
+            "right-padded prompts with lengths instead"
+        )
+    lengths = mask.sum(dim=1)
+    if bool((lengths == 0).any()):
+        row = int((lengths == 0).nonzero()[0, 0])
+        raise check.ArgumentError(f"attention_mask: row {row} has no real token (all zeros)")
+    t = idx.shape[1]
+    cols = (torch.arange(t, device=idx.device) + (t - lengths)[:, None]).clamp(max=t - 1)
+    return idx.gather(1, cols), lengths.to(torch.int32)
 
 
 def _pad_prompts(prompts, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -463,6 +511,7 @@ def stream_generate(
     use_cache: bool = True,
     compile: bool = False,
     sliding: bool = True,
+    attention_mask: torch.Tensor | None = None,
 ) -> Iterator[torch.Tensor]:
     """Like :func:`generate`, but yields each step's new tokens ``(B,)`` (int64) as soon as they are sampled; rows
     that stopped yield ``pad_token``. The arguments are checked before the first token is computed."""
@@ -480,6 +529,7 @@ def stream_generate(
         use_cache,
         compile,
         sliding,
+        attention_mask,
     )
     return _eval_steps(model, req)
 
@@ -509,6 +559,7 @@ def generate(
     use_cache: bool = True,
     compile: bool = False,
     sliding: bool = True,
+    attention_mask: torch.Tensor | None = None,
 ):
     """Continues each prompt of ``idx`` by up to ``max_new_tokens`` tokens (see the module docstring for the forms of
     ``idx`` and of the result).
@@ -522,6 +573,9 @@ def generate(
         top_p: nucleus sampling, in ``(0, 1]``: sample among the most likely tokens whose probability reaches it.
         stop_tokens: token id(s) that end a row (kept in the output; the row is padded afterwards).
         lengths: ``(B,)`` prompt lengths of a right-padded ``idx`` (default: every row has ``T`` tokens).
+        attention_mask: ``(B, T)`` bool or integer, for a left-padded ``idx`` (Hugging Face's convention): 1 on real
+            tokens, 0 on the padding before them. Each row's positions start at its first real token; the result is
+            ``idx`` followed by the new tokens. Not with ``lengths``.
         pad_token: token id written after a row's stop token, and after short rows of the result.
         generator: ``torch.Generator`` for the draws (reproducible sampling).
         use_cache: prefill + one decode step per token through the KV cache (``False``: a full forward per token).
@@ -543,10 +597,13 @@ def generate(
         use_cache,
         compile,
         sliding,
+        attention_mask,
     )
     steps = list(_eval_steps(model, req))
     b, t = req.idx.shape
     new = torch.stack(steps, dim=1) if steps else req.idx.new_zeros(b, 0, dtype=torch.long)
+    if req.left_padded is not None:  # every row ends at column T: its new tokens follow
+        return torch.cat((req.left_padded, new.to(req.left_padded.dtype)), dim=1)
     if req.as_list:
         out = []
         for row, length, tokens in zip(req.idx, req.lengths.tolist(), new, strict=True):

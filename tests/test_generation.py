@@ -104,6 +104,56 @@ def test_right_padded_tensor_with_lengths_is_the_list_form(positional):
 
 
 @pytest.mark.parametrize("positional", ["sinusoidal", "rotary"])
+def test_left_padded_prompts_with_an_attention_mask_are_each_prompt_alone(positional):
+    """Hugging Face's layout: padding on the left, attention_mask 1 on real tokens. Each row's positions start at its
+    first real token, so its greedy tokens are those of the prompt generated alone (batch of one, no padding)."""
+    model = model_for(positional)
+    prompts = ragged_prompts((5, 9, 1, 9))
+    idx = torch.full((4, 9), 17)
+    mask = torch.zeros(4, 9, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        idx[i, 9 - len(p) :] = p
+        mask[i, 9 - len(p) :] = 1
+    n = 12
+    out = model.generate(idx, n, temperature=0, attention_mask=mask)
+    assert out.shape == (4, 9 + n) and out.dtype == idx.dtype
+    assert torch.equal(out[:, :9], idx)  # the prompts as given, padding included
+    no_cache = model.generate(idx, n, temperature=0, attention_mask=mask.bool(), use_cache=False)
+    assert torch.equal(no_cache, out)
+    streamed = torch.stack(list(model.stream_generate(idx, n, temperature=0, attention_mask=mask)), dim=1)
+    assert torch.equal(streamed, out[:, 9:])
+    assert len(set(out[:, 9:].flatten().tolist())) > 3  # the tokens vary: a wrong position would show
+    for i, p in enumerate(prompts):
+        assert torch.equal(out[i, 9:], model.generate(p[None], n, temperature=0)[0, len(p) :])
+
+
+@pytest.mark.parametrize(
+    "mask,error,match",
+    [
+        (torch.ones(2, 3, dtype=torch.long), ValueError, "attention_mask must have idx's shape"),
+        (torch.ones(2, 4), TypeError, "attention_mask must be a bool or integer tensor"),
+        (torch.tensor([[0, 1, 1, 1], [0, 0, 2, 1]]), ValueError, "attention_mask must hold 0"),
+        (torch.tensor([[0, 1, 1, 1], [1, 1, 1, 0]]), ValueError, "attention_mask must describe left padding.*row 1"),
+        (torch.tensor([[0, 1, 1, 1], [0, 0, 0, 0]]), ValueError, "attention_mask: row 1 has no real token"),
+        (torch.ones(4, dtype=torch.long), ValueError, "attention_mask must have 2 dimensions"),
+        ([[1, 1, 1, 1], [1, 1, 1, 1]], TypeError, "attention_mask must be a torch.Tensor"),
+    ],
+)
+def test_bad_attention_masks_raise_naming_it(mask, error, match):
+    model = model_for()
+    idx = torch.randint(0, VOCAB, (2, 4))
+    with pytest.raises(error, match=match):
+        model.generate(idx, 3, attention_mask=mask)
+    with pytest.raises(error, match=match):  # the stream checks before its first step
+        model.stream_generate(idx, 3, attention_mask=mask)
+    ones = torch.ones(2, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="attention_mask: .* not both"):
+        model.generate(idx, 3, attention_mask=ones, lengths=torch.tensor([4, 4]))
+    with pytest.raises(ValueError, match="attention_mask: pass it only with a"):
+        model.generate([[1, 2]], 3, attention_mask=ones[:1, :2])
+
+
+@pytest.mark.parametrize("positional", ["sinusoidal", "rotary"])
 def test_sliding_past_max_seq_length_is_the_cropping_loop(positional):
     model = model_for(positional, max_seq_length=16)
     prompts = ragged_prompts((5, 11))
