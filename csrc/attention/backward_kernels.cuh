@@ -66,9 +66,10 @@ MGF_KERNEL void MGF_LAUNCH_BOUNDS(32 * kDeltaRowsPerBlock, 1) attention_backward
 // dS and dropout(P) of one (query i, key j) from the raw score q.k, the raw dP = dO_i . V_j and the row's
 // lse * log2(e) and delta.
 struct BackwardPointwise {
-  float scale_log2;   // scale * log2(e)
-  float softcap;      // 0: off
-  float cap_inverse;  // scale / softcap
+  float scale_log2;  // scale * log2(e)
+  bool capped;
+  float cap_exp2;  // 2 * log2(e) * scale / softcap: tanh(x) = 1 - 2 / (2^(cap_exp2 * s) + 1), x = scale * s / softcap
+  float cap_log2;  // softcap * log2(e)
   bool dropout;
   uint32_t threshold;
   float dropout_scale;
@@ -79,10 +80,10 @@ struct BackwardPointwise {
   MGF_DEV float operator()(bool visible, int i, int j, float score, float dp, float lse2, float delta,
                            float& p_out) const {
     float prob, d_cap = 1.0f;
-    if (softcap > 0.0f) {
-      const float capped = tanhf(score * cap_inverse);
-      d_cap = 1.0f - capped * capped;
-      prob = fast_exp2(fmaf(capped, softcap * kLog2e, -lse2));
+    if (capped) {  // the forward's tanh (one ex2 and a division), so p matches the lse it saved
+      const float tanh_x = 1.0f - 2.0f / (fast_exp2(score * cap_exp2) + 1.0f);
+      d_cap = 1.0f - tanh_x * tanh_x;
+      prob = fast_exp2(fmaf(tanh_x, cap_log2, -lse2));
     } else {
       prob = fast_exp2(fmaf(score, scale_log2, -lse2));
     }
@@ -101,8 +102,9 @@ struct BackwardPointwise {
 MGF_DEV BackwardPointwise make_pointwise(const AttentionParams& p, int b, int h) {
   const bool capped = p.softcap > 0.0f;
   return BackwardPointwise{p.scale * kLog2e,
-                           capped ? p.softcap : 0.0f,
-                           capped ? p.scale / p.softcap : 0.0f,
+                           capped,
+                           capped ? 2.0f * kLog2e * p.scale / p.softcap : 0.0f,
+                           p.softcap * kLog2e,
                            p.dropout,
                            p.dropout_threshold,
                            p.dropout_scale,
