@@ -15,9 +15,11 @@ Every keyword argument is honoured or refused, never dropped (docs/hf.md has the
 is added to the scores (differentiably); ``sliding_window``, ``softcap`` and packed batches (``cu_seq_lens_*`` /
 ``max_length_*``, or sequences restarting in the ``position_ids`` of one row, as flash_attention_2 reads them) run
 through :func:`metagpt_fast.flash_attn_func` / ``flash_attn_varlen_func`` (no dense mask for a window: the mask
-builder skips it for unpadded batches); ``output_attentions=True``, attention sinks, sparse ``indices`` and unknown
-names raise ``ValueError``. Models whose attention does not dispatch through ``AttentionInterface`` (BLOOM, MPT)
-fail on their first forward.
+builder skips it for unpadded batches, and hands over the ``(B, N)`` padding mask for padded ones, which are
+unpadded into varlen sequences as flash_attention_2 does); ``output_attentions=True``, attention sinks, sparse
+``indices`` and unknown names raise ``ValueError``. Models whose attention does not dispatch through
+``AttentionInterface`` (BLOOM, MPT) fail on their first forward, unless patched with :func:`patch_alibi`
+(:mod:`metagpt_fast.integrations.hf_alibi`), which runs their ALiBi attention on the varlen op.
 
 Rotary (Liger-style module patch for modeling files with ``apply_rotary_pos_emb(q, k, cos, sin)``)::
 
