@@ -14,8 +14,6 @@ cudaError_t attention_forward_fp16(const AttentionParams& p, cudaStream_t stream
 cudaError_t attention_forward_bf16(const AttentionParams& p, cudaStream_t stream);
 
 // Fills p.grad_q, p.grad_k, p.grad_v (and the p.delta scratch) from p.grad_out, p.out and p.lse.
-// kBackwardSoftcap: whether the launched backward kernels honour p.softcap (windows they honour through Visibility).
-constexpr bool kBackwardSoftcap = false;
 cudaError_t attention_backward_fp16(const AttentionParams& p, cudaStream_t stream);
 cudaError_t attention_backward_bf16(const AttentionParams& p, cudaStream_t stream);
 

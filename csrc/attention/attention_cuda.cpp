@@ -190,9 +190,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     bool is_causal, double scale, const c10::optional<at::Tensor>& seed, const Window& window) {
   check_attention_inputs(q_in, k_in, v_in, attn_mask, dropout_p, is_causal, seed);
   check_window(window);
-  TORCH_CHECK(window.softcap == 0.0 || metagpt_fast::attention::kBackwardSoftcap,
-              "attention_window_bwd (CUDA): softcap is not supported by the backward kernels yet, got softcap=",
-              window.softcap);
   TORCH_CHECK(grad_out_in.sizes() == q_in.sizes() && grad_out_in.scalar_type() == q_in.scalar_type() &&
                   grad_out_in.device() == q_in.device(),
               "attention_bwd (CUDA): grad_out must match q's shape ", q_in.sizes(), ", dtype and device, got ",
