@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from test_attention import SM86, SM90, _compile_emulation, _int64s, _ptr, _strides
+from test_attention import SEED, SM86, SM90, _compile_emulation, _int64s, _ptr, _strides, emulated_forward_backward
 
 from metagpt_fast.testing import assert_all_parity, oracle_dtype
 
@@ -137,3 +137,45 @@ def test_emulated_backward_skips_tiles_outside_the_window(emulation, d):
         fast, [g[:, :, :rows] for g, (_, rows) in zip(lowp, parts, strict=True)],
         [g[:, :, :rows] for g, (_, rows) in zip(oracle, parts, strict=True)], [f"d{d} {n}" for n in ("dq", "dk", "dv")],
     )  # fmt: skip
+
+
+@pytest.mark.slow  # the emulation (see above)
+@pytest.mark.parametrize("case", ["d64-fp16-window-bottom-right-nq<nk-gqa", "d128-fp16-softcap-left-window-causal"])
+def test_emulated_forward_then_backward(emulation, case):
+    """The backward fed by the CUDA forward's own out and lse (windows and softcap on both sides)."""
+    b, hq, hk, nq, nk, d, dtype, left, right, bottom_right, causal, softcap = CASES[case]
+    torch.manual_seed(2)
+    q = torch.randn(b, hq, nq, d).to(dtype)
+    k, v = torch.randn(b, hk, nk, d).to(dtype), torch.randn(b, hk, nk, d).to(dtype)
+    grad_out = torch.randn(b, hq, nq, d).to(dtype)
+    scale = 1.0 / math.sqrt(d)
+    allowed = _visible(nq, nk, left, right, bottom_right, causal)
+    low_out, _, lowp = _reference(q, k, v, allowed, softcap, scale, grad_out, dtype)
+    out, _, oracle = _reference(q, k, v, allowed, softcap, scale, grad_out, oracle_dtype(dtype))
+    *fast, _ = emulated_forward_backward(
+        emulation, q, k, v, None, 0.0, causal, scale, SEED, grad_out, SM90, window=(left, right, int(bottom_right)),
+        softcap=softcap,
+    )  # fmt: skip
+    assert_all_parity(fast, [low_out, *lowp], [out, *oracle], [f"{case} {n}" for n in ("out", "dq", "dk", "dv")])
+
+
+@pytest.mark.slow  # the emulation (see above)
+def test_emulated_backward_is_the_same_under_every_warp_schedule(emulation):
+    """No atomics and no order-dependent sums: the gradients are bitwise equal whatever order the emulation runs the
+    warps in between barriers (seeded), with GQA, a window and a softcap."""
+    b, hq, hk, nq, nk, d, dtype, left, right, bottom_right, causal, _ = CASES["d64-fp16-window-bottom-right-nq<nk-gqa"]
+    torch.manual_seed(3)
+    q = torch.randn(b, hq, nq, d).to(dtype)
+    k, v = torch.randn(b, hk, nk, d).to(dtype), torch.randn(b, hk, nk, d).to(dtype)
+    grad_out = torch.randn(b, hq, nq, d).to(dtype)
+    scale, window = 1.0 / math.sqrt(d), (left, right, int(bottom_right))
+    allowed = _visible(nq, nk, left, right, bottom_right, causal)
+    out, lse, _ = _reference(q, k, v, allowed, 2.0, scale, grad_out, torch.float32)
+    runs = []
+    for seed in (1, 2, 3):
+        emulation.mgf_emulation_set_seed(ctypes.c_uint64(seed))
+        runs.append(
+            emulated_backward(emulation, q, k, v, out.to(dtype), lse, grad_out, scale, window, causal, 2.0, SM90)
+        )
+    for run in runs[1:]:
+        assert all(torch.equal(x, y) for x, y in zip(runs[0], run, strict=True))
