@@ -27,22 +27,16 @@ needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (set CUDA_H
 # slow: nvcc compiles every kernel for two architectures (about a minute on 2 cores).
 compiled = [pytest.mark.slow, needs_nvcc]
 
-# Kernels whose rewrite (issue 17: ldmatrix fragment loads, cp.async multi-stage copies, swizzled shared tiles) is not
-# committed yet: the mma.sync kernels of attention_kernels.cuh load every fragment register with its own LDS.32
-# (3-3.8 LDS per HMMA) and copy tiles with LDG + STS. Their gates are expected to fail (strict: a pass is reported, so
-# the mark is removed as soon as the new kernel lands).
-PENDING = {
-    "forward": "the forward kernel still loads fragments with LDS.32 and tiles with LDG+STS (issue 17 rewrite pending)",
-    "dkdv": "the dK/dV kernel still loads fragments with LDS.32 and tiles with LDG+STS (issue 17 rewrite pending)",
-    "dq": "the dQ kernel still loads fragments with LDS.32 and tiles with LDG+STS (issue 17 rewrite pending)",
-}
+# Kernel roles whose rewrite (issue 17: ldmatrix fragment loads, cp.async multi-stage copies, swizzled shared tiles) is
+# not committed yet, with the reason: their async_loads and lds_per_hmma gates are expected to fail (strictly: a pass
+# is reported, so the entry is removed as soon as the new kernel lands). The mma.sync kernels they replaced loaded
+# every fragment register with its own LDS.32 (3-3.8 LDS per HMMA) and copied tiles with LDG + STS; the forward
+# (88f1cca) and the backward (80b8ccc) now pass both gates, so nothing is pending.
+PENDING: dict[str, str] = {}
 # Kernels compiled but launched on none of the parts the templates tell apart, with the reason (a documented
-# allowance, as for spills): forward<T, 64>'s narrow tile is the fallback for parts where two wide CTAs do not fit,
-# and at D = 64 two wide CTAs (2 x 36 KB) fit on every sm_80+ part.
-ALLOWED_UNLAUNCHED = {
-    "attention_forward_kernel<__half,ForwardTile<64,64,64,4>>",
-    "attention_forward_kernel<__nv_bfloat16,ForwardTile<64,64,64,4>>",
-}
+# allowance, as for spills). None: the old forward<T, 64> instantiated a narrow tile that no part launched (two wide
+# D = 64 CTAs fit everywhere); the launch templates now alias the two where they are the same.
+ALLOWED_UNLAUNCHED: set[str] = set()
 
 
 @pytest.fixture(scope="module")
