@@ -286,8 +286,7 @@ def _probe(model_type: str, patched) -> bool:
     import transformers
 
     config = _MODELS[model_type][2](transformers)
-    torch.manual_seed(0)
-    with torch.random.fork_rng():
+    with torch.random.fork_rng():  # the probe's own random model: the caller's generator is left as it was
         torch.manual_seed(0)
         model = transformers.AutoModel.from_config(config, attn_implementation="eager").double().eval()
     attention_cls = type(next(m for m in model.modules() if type(m).__name__ == _MODELS[model_type][0]))
