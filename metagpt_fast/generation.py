@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metagpt_fast.ops import add_positional_encoding, scaled_dot_product_attention
+from metagpt_fast.ops import add_positional_encoding, bias_gelu, scaled_dot_product_attention
 from metagpt_fast.ops import validation as check
 from metagpt_fast.ops.kvcache import flash_attn_with_kvcache
 
@@ -227,6 +227,114 @@ def decode_step(model: MetaGPT, tokens: torch.Tensor, cache: KVCache) -> torch.T
         x = block(x, kv_cache=layer)
     cache.seqlens.add_(1)
     return model.lm_head(model.ln_f(x[:, 0]))
+
+
+class _DecodePlan:
+    """What an eager decode step reads of ``model``, gathered once per generate call: each block's modules and
+    parameters, so a step calls the ops directly instead of going through about forty module calls and a hundred
+    attribute look-ups per token (half of a small model's step on CPU).
+
+    :meth:`build` gives ``None`` (the modules run, :func:`decode_step`) unless every module on the path is exactly the
+    package's class (no subclass, no instance ``forward``), no module hook is registered (per module or global), and
+    the model is in eval mode (dropout is the identity). Parameters are read by reference: in-place updates are seen;
+    a module or parameter replaced during a :func:`stream_generate` is seen from the next call.
+    tests/test_generation.py checks its logits bit for bit against :func:`decode_step`'s."""
+
+    def __init__(self, model: MetaGPT):
+        self.blocks = [_block_plan(block) for block in model.blocks]
+        self.ln_f, self.lm_head = model.ln_f, model.lm_head.weight
+        self.sinusoidal = model.embedding.sinusoidal
+
+    @staticmethod
+    def build(model: MetaGPT) -> _DecodePlan | None:
+        from metagpt_fast.nn import MLP, CausalSelfAttention, LayerNorm, RotaryEmbedding, TransformerBlock
+
+        allowed = (TransformerBlock, CausalSelfAttention, MLP, LayerNorm, nn.LayerNorm, nn.Linear, nn.Dropout, nn.GELU,
+                   RotaryEmbedding)  # fmt: skip
+        from torch.nn.modules import module as torch_module
+
+        global_hooks = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                        "_global_backward_pre_hooks", "_global_forward_hooks_always_called")  # fmt: skip
+        if any(getattr(torch_module, name, None) for name in global_hooks):
+            return None
+        path = [model.ln_f, model.lm_head] + [m for block in model.blocks for m in block.modules()]
+        for m in path:
+            hooked = m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+            if type(m) not in allowed or hooked or "forward" in m.__dict__ or m.training:
+                return None
+        if type(model.ln_f) not in (LayerNorm, nn.LayerNorm) or type(model.lm_head) is not nn.Linear:
+            return None
+        if model.lm_head.bias is not None:
+            return None
+        return _DecodePlan(model)
+
+    def step(self, model: MetaGPT, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """:func:`decode_step` without the module calls."""
+        if self.sinusoidal and cache.positions is None:
+            raise check.ArgumentError("cache has no position table for this sinusoidal model: build it with for_model")
+        x = _embed(model, tokens, cache.seqlens, cache.positions if self.sinusoidal else None)
+        for block, layer in zip(self.blocks, cache.layers, strict=True):
+            x = _block_step(block, x, layer)
+        cache.seqlens.add_(1)
+        return F.linear(_norm(self.ln_f, x[:, 0]), self.lm_head)
+
+
+def _block_plan(block) -> tuple:
+    attn, mlp = block.attn, block.mlp
+    return (
+        block.fused,
+        block.ln_1,
+        block.ln_2,
+        attn.num_heads,
+        attn.c_attn.weight,
+        attn.c_attn.bias,
+        attn.c_proj.weight,
+        attn.c_proj.bias,
+        attn.rotary,
+        attn.backend,
+        mlp.fused,
+        mlp.c_fc.weight,
+        mlp.c_fc.bias,
+        mlp.gelu.approximate,
+        mlp.c_proj.weight,
+        mlp.c_proj.bias,
+        mlp.backend,
+    )
+
+
+def _norm(ln, x, residual=None):
+    """``ln(x)`` / ``ln(x, residual)`` as the module's forward computes it."""
+    from metagpt_fast.nn import LayerNorm
+    from metagpt_fast.ops.norms import layer_norm
+
+    if type(ln) is LayerNorm:
+        if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+            x = x.float()
+            residual = residual.float() if residual is not None else None
+        return layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps, residual=residual, backend=ln.backend)
+    return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+
+
+def _block_step(plan: tuple, x: torch.Tensor, layer: LayerCache) -> torch.Tensor:
+    """``TransformerBlock.forward(x, kv_cache=layer)`` in eval mode, for one token, without its module calls."""
+    (fused, ln_1, ln_2, heads, w_attn, b_attn, w_proj, b_proj, rotary, attn_backend, mlp_fused, w_fc, b_fc,
+     approximate, w_out, b_out, mlp_backend) = plan  # fmt: skip
+    b, t, c = x.shape
+    q, k, v = F.linear(_norm(ln_1, x), w_attn, b_attn).view(b, t, 3, heads, c // heads).permute(2, 0, 3, 1, 4).unbind(0)
+    y = layer.attend(q, k, v, rotary, attn_backend)
+    a = F.linear(y.transpose(1, 2).reshape(b, t, c), w_proj, b_proj)
+    if fused:
+        h, x = _norm(ln_2, a.to(x.dtype), x)
+    else:
+        x = x + a
+        h = _norm(ln_2, x)
+    if mlp_fused:
+        h = F.linear(h, w_fc)
+        bias = b_fc.to(h.dtype) if b_fc is not None else None
+        h = bias_gelu(h, bias, approximate, backend=mlp_backend)
+    else:
+        h = F.gelu(F.linear(h, w_fc, b_fc), approximate=approximate)
+    return x + F.linear(h, w_out, b_out)
 
 
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -470,7 +578,11 @@ def _steps(model: MetaGPT, req: _Request) -> Iterator[torch.Tensor]:
     if req.use_cache:
         cached_steps = min(n, limit - int(lengths.max()) + 1)
         cache = KVCache.for_model(model, b, limit)
-        step = _compiled_decode_step(model, idx.device) if req.compile else decode_step
+        if req.compile:
+            step = _compiled_decode_step(model, idx.device)
+        else:
+            plan = _DecodePlan.build(model)
+            step = decode_step if plan is None else plan.step
     seq = rows = None
     if cached_steps < n:  # the full-forward steps read the whole sequence, right-padded: row b is seq[b, :cur[b]]
         seq = torch.full((b, t + n), req.pad_token, dtype=torch.long, device=idx.device)

@@ -11,7 +11,7 @@ import torch
 
 from metagpt_fast import MetaGPT, checkpoint
 from metagpt_fast.cli import main
-from metagpt_fast.generation import KVCache, decode_step, prefill, sample, stream_generate
+from metagpt_fast.generation import KVCache, _DecodePlan, decode_step, prefill, sample, stream_generate
 
 VOCAB = 61
 
@@ -151,6 +151,48 @@ def test_bad_attention_masks_raise_naming_it(mask, error, match):
         model.generate(idx, 3, attention_mask=ones, lengths=torch.tensor([4, 4]))
     with pytest.raises(ValueError, match="attention_mask: pass it only with a"):
         model.generate([[1, 2]], 3, attention_mask=ones[:1, :2])
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("positional", ["sinusoidal", "rotary"])
+def test_eager_decode_plan_is_the_module_step(positional, fused):
+    """The eager decode step calls the ops directly (no module calls): its logits and cache are decode_step's, bit for
+    bit, for fused and unfused blocks."""
+    torch.manual_seed(0)
+    model = MetaGPT(VOCAB, 32, 2, 4, 0.0, 40, positional=positional, fused=fused).eval()
+    plan = _DecodePlan.build(model)
+    assert plan is not None
+    prompt = ragged_prompts((6, 3))
+    idx, lengths = torch.zeros(2, 6, dtype=torch.long), torch.tensor([6, 3], dtype=torch.int32)
+    for i, p in enumerate(prompt):
+        idx[i, : len(p)] = p
+    caches = [KVCache.for_model(model, 2), KVCache.for_model(model, 2)]
+    with torch.no_grad():
+        tokens = [prefill(model, idx, lengths, c).argmax(-1)[:, None] for c in caches][0]
+        for _ in range(4):
+            want = decode_step(model, tokens, caches[0])
+            got = plan.step(model, tokens, caches[1])
+            assert torch.equal(got, want)
+            tokens = want.argmax(-1)[:, None]
+    for a, b in zip(caches[0].buffers(), caches[1].buffers(), strict=True):
+        assert a is None and b is None or torch.equal(a, b)
+
+
+def test_eager_decode_plan_steps_aside_for_hooks_and_training():
+    """A hook on any module of the path, or a module in training mode, keeps the module calls (the hook runs)."""
+    model = model_for()
+    assert _DecodePlan.build(model) is not None
+    calls = []
+    handle = model.blocks[1].mlp.c_proj.register_forward_hook(lambda *args: calls.append(1))
+    assert _DecodePlan.build(model) is None
+    model.generate(ragged_prompts((4,))[0][None], 3, temperature=0)
+    assert len(calls) == 1 + 2  # the prefill, then two decode steps
+    handle.remove()
+    model.blocks[0].ln_1.train()
+    assert _DecodePlan.build(model) is None
+    model.eval()
+    model.blocks[0].attn.forward = model.blocks[0].attn.forward  # an instance forward: could be anything
+    assert _DecodePlan.build(model) is None
 
 
 @pytest.mark.parametrize("positional", ["sinusoidal", "rotary"])
