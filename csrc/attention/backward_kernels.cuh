@@ -265,11 +265,11 @@ MGF_KERNEL void MGF_LAUNCH_BOUNDS(Tile::THREADS, 2) attention_backward_dkdv_kern
     float st[BLOCK_M / 8][4], dpt[BLOCK_M / 8][4];
     paired_products<T, BLOCK_M / 8, D>(st, dpt, sk, sv, warp * 16, sq, sdo, lane);
 
-    // Pointwise: st <- dropout(P)^T, dpt <- dS^T. Tiles wholly inside the window, the bounds and no mask skip the
-    // per-element visibility test.
+    // Pointwise: st <- dropout(P)^T, dpt <- dS^T. A warp whose 16 keys x BLOCK_M queries lie wholly inside the
+    // window and the bounds, without a mask, skips the per-element visibility test.
     const Visibility visible = make_visibility(p, b, h);
     const BackwardPointwise pointwise = make_pointwise(p, b, h);
-    const bool whole = visible.whole_tile(m0, m0 + BLOCK_M, n0, n0 + BLOCK_N);
+    const bool whole = visible.whole_tile(m0, m0 + BLOCK_M, n0 + warp * 16, n0 + warp * 16 + 16);
 #pragma unroll
     for (int nt = 0; nt < BLOCK_M / 8; ++nt) {
       const int i_local = nt * 8 + 2 * t;
@@ -373,8 +373,8 @@ MGF_KERNEL void MGF_LAUNCH_BOUNDS(Tile::THREADS, 2) attention_backward_dq_kernel
     float s[BLOCK_N / 8][4], dp[BLOCK_N / 8][4];
     paired_products<T, BLOCK_N / 8, D>(s, dp, sq, sdo, warp * 16, sk, sv, lane);
 
-    // Pointwise: s <- dS.
-    const bool whole = visible.whole_tile(m0, m0 + BLOCK_M, n0, n0 + BLOCK_N);
+    // Pointwise: s <- dS (a warp whose 16 rows x BLOCK_N keys need no visibility test skips it).
+    const bool whole = visible.whole_tile(m0 + warp * 16, m0 + warp * 16 + 16, n0, n0 + BLOCK_N);
 #pragma unroll
     for (int nt = 0; nt < BLOCK_N / 8; ++nt) {
 #pragma unroll
