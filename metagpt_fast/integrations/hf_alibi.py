@@ -19,9 +19,10 @@ that the mask is exactly causal-plus-padding and that the bias the model built i
 with the slopes of the model's own function; anything else (a mask with holes, another bias) is computed with the
 bias and mask written out, as eager does, through :func:`metagpt_fast.scaled_dot_product_attention`.
 
-Precision: the flash kernels add the bias in float32 from the slopes; eager adds the bias tensor the model built in
-its own dtype, so in bfloat16/float16 eager's bias is rounded (by up to half a unit in the last place of
-``slope * position``) and the two differ by that rounding. In float32 they agree to float32 rounding.
+Precision: the flash kernels add the bias in float32 from the slopes, as MPT's eager attention does (its bias is
+float32); BLOOM's eager attention adds the bias tensor in the model's dtype, so in a bfloat16/float16 BLOOM eager's
+bias is rounded (by up to half a unit in the last place of ``slope * position``) and the two differ by that
+rounding. In float32 they agree to float32 rounding.
 """
 
 from __future__ import annotations
