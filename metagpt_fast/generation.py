@@ -46,7 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metagpt_fast.ops import add_positional_encoding, bias_gelu, scaled_dot_product_attention
+from metagpt_fast.nn import MLP, CausalSelfAttention, LayerNorm, RotaryEmbedding, TransformerBlock
+from metagpt_fast.ops import add_positional_encoding, bias_gelu, layer_norm, scaled_dot_product_attention
 from metagpt_fast.ops import validation as check
 from metagpt_fast.ops.kvcache import flash_attn_with_kvcache
 
@@ -242,13 +243,11 @@ class _DecodePlan:
 
     def __init__(self, model: MetaGPT):
         self.blocks = [_block_plan(block) for block in model.blocks]
-        self.ln_f, self.lm_head = model.ln_f, model.lm_head.weight
+        self.ln_f, self.lm_head = _norm_plan(model.ln_f), model.lm_head.weight
         self.sinusoidal = model.embedding.sinusoidal
 
     @staticmethod
     def build(model: MetaGPT) -> _DecodePlan | None:
-        from metagpt_fast.nn import MLP, CausalSelfAttention, LayerNorm, RotaryEmbedding, TransformerBlock
-
         allowed = (TransformerBlock, CausalSelfAttention, MLP, LayerNorm, nn.LayerNorm, nn.Linear, nn.Dropout, nn.GELU,
                    RotaryEmbedding)  # fmt: skip
         from torch.nn.modules import module as torch_module
@@ -283,8 +282,8 @@ def _block_plan(block) -> tuple:
     attn, mlp = block.attn, block.mlp
     return (
         block.fused,
-        block.ln_1,
-        block.ln_2,
+        _norm_plan(block.ln_1),
+        _norm_plan(block.ln_2),
         attn.num_heads,
         attn.c_attn.weight,
         attn.c_attn.bias,
@@ -302,17 +301,19 @@ def _block_plan(block) -> tuple:
     )
 
 
-def _norm(ln, x, residual=None):
-    """``ln(x)`` / ``ln(x, residual)`` as the module's forward computes it."""
-    from metagpt_fast.nn import LayerNorm
-    from metagpt_fast.ops.norms import layer_norm
+def _norm_plan(ln) -> tuple:
+    return type(ln) is LayerNorm, ln.normalized_shape, ln.weight, ln.bias, ln.eps, getattr(ln, "backend", None)
 
-    if type(ln) is LayerNorm:
+
+def _norm(plan: tuple, x, residual=None):
+    """``ln(x)`` / ``ln(x, residual)`` as the module's forward computes it (``plan``: :func:`_norm_plan`)."""
+    ours, shape, weight, bias, eps, backend = plan
+    if ours:
         if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
             x = x.float()
             residual = residual.float() if residual is not None else None
-        return layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps, residual=residual, backend=ln.backend)
-    return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+        return layer_norm(x, shape, weight, bias, eps, residual=residual, backend=backend)
+    return F.layer_norm(x, shape, weight, bias, eps)
 
 
 def _block_step(plan: tuple, x: torch.Tensor, layer: LayerCache) -> torch.Tensor:

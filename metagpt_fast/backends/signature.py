@@ -19,8 +19,8 @@ import torch
 # Tensors summarised by their metadata; any other subclass may change what its metadata means.
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 # Scalars summarised by their type and value (the type keeps 1, 1.0 and True apart).
-_SCALARS = (bool, int, float, str, torch.dtype, torch.device)
-_SEQUENCES = (tuple, list, torch.Size)
+_SCALARS = frozenset((bool, int, float, str, torch.dtype, torch.device))
+_SEQUENCES = frozenset((tuple, list, torch.Size))
 _Tensor, _Parameter = _PLAIN_TENSORS
 _is_compiling, _is_grad_enabled = torch.compiler.is_compiling, torch.is_grad_enabled
 
@@ -52,9 +52,10 @@ def signature(*values) -> tuple | None:
         elif kind in _SCALARS:
             append((kind, value))
         elif kind in _SEQUENCES:
-            if any(type(v) not in _SCALARS for v in value):
+            types = tuple(map(type, value))
+            if not _SCALARS.issuperset(types):
                 return None
-            append((kind, *((type(v), v) for v in value)))
+            append((kind, tuple(value), types))
         else:
             return None
     return tuple(key)
