@@ -910,8 +910,10 @@ def shared_memory_estimate(
     """Shared memory (bytes) a tile of ``kind`` takes: its resident operands (Q in the forward, Q and dO in dQ, K and
     V in dK/dV) once, its streamed ones (the others) once per pipeline stage, and with a dense mask one mask tile. At
     one stage nothing is pipelined and the resident operands pass through shared memory on their way to the tensor
-    cores as well. Matches triton 3.8's sm_90 figures within 4 KiB for every tile of the tables but the D=256 dQ with
-    mask and dropout, which it overestimates (its loads are not pipelined): tests/test_attention_tuning.py."""
+    cores as well. Matches triton 3.8's sm_90 figures with block pointers within 4 KiB for every tile of the tables
+    but the D=256 dQ with mask and dropout, which it overestimates (its loads are not pipelined), as it does tiles
+    whose streamed loads go through descriptors at one stage (D=256 dK/dV: 50 KiB against 96):
+    tests/test_attention_tuning.py."""
     block_m, block_n, _, stages = tile
     width = block_d + block_dv
     if kind == "dkdv":
