@@ -1,7 +1,9 @@
-"""The ``cuda`` backend of the flash_attention op (backends/compiled/flash.py, csrc/attention/).
+"""The ``cuda`` backend of the flash_attention op (backends/compiled/flash_cuda.py, csrc/attention/).
 
 On the CPU: what it declares it serves and refuses (the decision table below, through the same capabilities and
-reasons the registry applies on a GPU), and its priority against Triton per architecture. On a GPU (marker ``gpu``,
+reasons the registry applies on a GPU), its priority against Triton per architecture, and its wiring (the packed
+layout read as (B, H, N, D), the window and causal arguments, lse's layout, the autograd formula) against the
+reference with a CPU stand-in for the CUDA kernels. On a GPU (marker ``gpu``,
 skipped here): parity with the reference on outputs, lse and every gradient for dense calls in float16 / bfloat16 at
 head dims 64 and 128 with causal masks and windows aligned to the bottom right, softcap and GQA; a bitwise repeatable
 backward; ``auto`` falling back and ``backend="cuda"`` raising on inputs it refuses. The full feature sweep on GPU
@@ -26,9 +28,9 @@ def _flash_module():
     impl = backends.lookup("flash_attention", "cuda")
     if impl is None:
         pytest.skip("the compiled extension is not loaded")
-    from metagpt_fast.backends.compiled import flash
+    from metagpt_fast.backends.compiled import flash_cuda
 
-    return impl, flash
+    return impl, flash_cuda
 
 
 def _cu(lengths, device="cpu"):
@@ -70,6 +72,8 @@ DECISIONS = {
     "head-dim-32": (dict(d=32), "head dims in (64, 128)"),
     "value-dim-differs": (dict(d=64, dv=128), "head dims in (64, 128), all equal"),
     "batch-over-grid": (dict(lq=(1,) * 65536, lk=(1,) * 65536, heads=(1, 1)), "CUDA grid limit"),
+    "softcap-with-grad": (dict(softcap=30.0, grad=True), None),
+    "window-with-grad": (dict(window_left=8, window_right=0, causal=True, grad=True), None),
 }
 
 
@@ -87,8 +91,12 @@ def _served_here(impl, flash, kernels=True):
 @pytest.mark.parametrize("case", DECISIONS)
 def test_decision_table(case):
     impl, flash = _flash_module()
-    overrides, expected = DECISIONS[case]
-    reasons = _served_here(impl, flash).not_supported_reasons(**_inputs(**overrides))
+    overrides, expected = dict(DECISIONS[case][0]), DECISIONS[case][1]
+    grad = overrides.pop("grad", False)
+    inputs = _inputs(**overrides)
+    if grad:
+        inputs["q"].requires_grad_()
+    reasons = _served_here(impl, flash).not_supported_reasons(**inputs)
     if expected is None:
         assert reasons == []
     else:
@@ -109,14 +117,6 @@ def test_without_the_kernels_every_input_is_refused_with_the_reason():
     assert reasons == [flash.NO_CUDA_KERNELS]
 
 
-def test_cpu_tensors_keep_the_cpu_kernel():
-    """The reasons are shared by the cpu and cuda registrations: CPU tensors get none of the CUDA ones."""
-    impl, flash = _flash_module()
-    cpu = backends.lookup("flash_attention", "cpu")
-    assert cpu.extra_reasons is flash.extra_reasons
-    assert flash.extra_reasons(**_inputs(lq=(16, 9), dtype=torch.float32)) == []
-
-
 def test_ranks_above_triton_on_sm80_and_below_on_sm90(monkeypatch):
     impl, _ = _flash_module()
     triton = 20  # backends/triton/flash.py
@@ -125,6 +125,121 @@ def test_ranks_above_triton_on_sm80_and_below_on_sm90(monkeypatch):
     assert impl.priority(inputs) > triton
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert impl.priority(inputs) < triton
+
+
+# ------------------------------------------------------------------- the wiring, with a CPU stand-in for the kernels
+
+
+class StandIn:
+    """``attention_window_fwd`` / ``attention_window_bwd`` on (B, H, N, D) tensors, written out densely (any device
+    and dtype): what the binding's kernels compute, so the custom ops around them can run on the CPU."""
+
+    calls: list
+
+    def __init__(self):
+        self.calls = []
+
+    @staticmethod
+    def _probabilities(q, k, left, right, bottom_right, softcap, scale):
+        """P (B, Hq, Nq, Nk), lse (B, Hq, Nq) and d(score)/d(raw score), with k repeated over the GQA group."""
+        nq, nk = q.shape[2], k.shape[2]
+        raw = (q @ k.transpose(-1, -2)) * scale
+        s, slope = raw, torch.ones_like(raw)
+        if softcap > 0:
+            t = torch.tanh(raw / softcap)
+            s, slope = softcap * t, 1 - t * t
+        if bottom_right:
+            allowed = reference_flash.allowed_mask(nq, nk, left, right, q.device)
+        else:  # top-left: the key aligned with query i is i
+            allowed = reference_flash.allowed_mask(nq, nq, left, right, q.device)[:, :nk]
+            allowed = torch.nn.functional.pad(allowed, (0, max(0, nk - nq)))
+        s = s.masked_fill(~allowed, torch.finfo(s.dtype).min)
+        p = torch.softmax(s, -1) * allowed
+        lse = torch.logsumexp(s, -1).masked_fill(~allowed.any(-1), float("inf"))
+        return p, lse.float(), slope
+
+    def forward(self, q, k, v, mask, dropout_p, left, right, bottom_right, softcap, scale, seed):
+        self.calls.append(("forward", q.shape, k.shape, left, right, bottom_right, softcap, scale))
+        assert mask is None and dropout_p == 0.0 and seed is None
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        p, lse, _ = self._probabilities(q, k, left, right, bottom_right, softcap, scale)
+        return p @ v, lse
+
+    def backward(self, grad_out, q, k, v, out, lse, mask, dropout_p, left, right, bottom_right, softcap, scale, seed):
+        """The flash backward written out: dV = P^T dO, dS = P (dO V^T - rowsum(dO O)) (times 1 - tanh^2 under a
+        softcap), dQ = scale dS K, dK = scale dS^T Q, dK and dV summed over each GQA group."""
+        self.calls.append(("backward", q.shape, k.shape, left, right, bottom_right, softcap, scale))
+        assert lse.shape == q.shape[:3] and out.shape == q.shape and grad_out.shape == q.shape
+        b, hk, nk, d = k.shape
+        group = q.shape[1] // hk
+        kr, vr = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        p, _, slope = self._probabilities(q, kr, left, right, bottom_right, softcap, scale)
+        ds = p * (grad_out @ vr.transpose(-1, -2) - (grad_out * out).sum(-1, keepdim=True)) * slope
+        dq = scale * ds @ kr
+        dk = (scale * ds.transpose(-1, -2) @ q).view(b, hk, group, nk, d).sum(2)
+        dv = (p.transpose(-1, -2) @ grad_out).view(b, hk, group, nk, d).sum(2)
+        return dq, dk, dv
+
+
+WIRING_CASES = {
+    "plain": dict(lq=(5, 5), lk=(5, 5), heads=(2, 2)),
+    "causal-nq<nk-gqa": dict(lq=(4, 4, 4), lk=(9, 9, 9), heads=(4, 2), causal=True),
+    "causal-nq>nk": dict(lq=(9, 9), lk=(4, 4), heads=(2, 1), causal=True),  # rows with no key: out 0, lse +inf
+    "window-both-softcap": dict(lq=(7, 7), lk=(11, 11), heads=(3, 3), window=(3, 2), softcap=2.0),
+    "window-left-one-sequence": dict(lq=(12,), lk=(12,), heads=(2, 2), window=(4, 0)),
+}
+
+
+@pytest.mark.parametrize("case", WIRING_CASES)
+def test_wiring_matches_reference_with_a_cpu_stand_in(case, monkeypatch):
+    """Outputs, lse and every gradient of the cuda custom ops around a dense stand-in of the kernels equal the
+    reference's in float64: the (B, H, N, D) views, bottom-right alignment, causal as window_right 0, softcap and
+    lse's (Hq, Tq) layout are wired right."""
+    impl, flash = _flash_module()
+    stand_in = StandIn()
+    monkeypatch.setattr(flash, "kernels", stand_in)
+    c = WIRING_CASES[case]
+    left, right = c.get("window", (-1, -1))
+    causal = c.get("causal", False)
+    inputs = _inputs(c["lq"], c["lk"], c["heads"], d=8, dtype=torch.float64, causal=causal or right == 0,
+                     window_left=left, window_right=0 if causal else right, softcap=c.get("softcap", 0.0))  # fmt: skip
+    grad_out = torch.randn(inputs["q"].shape, dtype=torch.float64)
+
+    def run(fn):
+        leaves = [inputs[n].clone().requires_grad_() for n in ("q", "k", "v")]
+        out, lse = fn(**{**inputs, "q": leaves[0], "k": leaves[1], "v": leaves[2]}, seed=None)
+        return [out.detach(), lse, *torch.autograd.grad(out, leaves, grad_out)]
+
+    got = run(impl.fn)
+    expected = run(backends.lookup("flash_attention", "reference").fn)
+    for name, g, e in zip(("out", "lse", "dq", "dk", "dv"), got, expected, strict=True):
+        assert g.shape == e.shape and g.is_contiguous(), name
+        inf = torch.isinf(e)
+        assert torch.equal(torch.isinf(g), inf), name
+        torch.testing.assert_close(g[~inf].double(), e[~inf].double(), atol=1e-6 if name == "lse" else 1e-10,
+                                   rtol=1e-6 if name == "lse" else 1e-10, msg=name)  # fmt: skip
+    # One forward and one backward call, on (B, H, N, D) views, bottom-right aligned, causal as window_right 0.
+    batch, hq, hk = len(c["lq"]), *c["heads"]
+    want = (torch.Size([batch, hq, c["lq"][0], 8]), torch.Size([batch, hk, c["lk"][0], 8]), left,
+            0 if causal else right, True, c.get("softcap", 0.0), 8**-0.5)  # fmt: skip
+    assert stand_in.calls == [("forward", *want), ("backward", *want)]
+
+
+def test_custom_ops_pass_opcheck(monkeypatch):
+    impl, flash = _flash_module()
+    monkeypatch.setattr(flash, "kernels", StandIn())
+    inputs = _inputs((6, 6), (8, 8), (2, 1), d=8, dtype=torch.float32, causal=True, window_left=3, window_right=0)
+    args = [inputs[n] for n in ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k",
+                                "softmax_scale", "causal", "window_left", "window_right", "softcap", "alibi_slopes",
+                                "dropout_p")] + [None]  # fmt: skip
+    args[0] = args[0].clone().requires_grad_()
+    torch.library.opcheck(torch.ops.metagpt_fast.cuda_flash_attention_forward, args)
+    out, lse = torch.ops.metagpt_fast.cuda_flash_attention_forward(*args)
+    grad_out = torch.randn_like(out)
+    bwd = [grad_out, *[a.detach() if isinstance(a, torch.Tensor) else a for a in args[:3]], out.detach(), lse,
+           *args[3:]]  # fmt: skip
+    torch.library.opcheck(torch.ops.metagpt_fast.cuda_flash_attention_backward, bwd)
 
 
 # ---------------------------------------------------------------------------------------------------- on a GPU

@@ -6,19 +6,12 @@ masks aligned to the bottom right, softcap, ALiBi and GQA / MQA. Key blocks enti
 are never visited, forward and backward, so a window of ``w`` costs O(N w). Its backward accumulates dK / dV per
 (sequence, kv head) task in the task's own buffers: the result does not depend on the thread count or scheduling
 (``deterministic``). No dropout: the reference serves it.
-
-On CUDA the mma.sync attention kernels (csrc/attention/, ``flash_attention_cuda.cpp``) serve dense-mapped calls
-(every sequence of the batch the same length, what ``flash_attn_func`` and its packed forms produce) in float16 /
-bfloat16 at head dims 64 and 128 (q, k and v alike): causal masks and windows aligned to the bottom right, softcap,
-GQA / MQA, and a backward without atomics (``deterministic``). True variable lengths, ALiBi and dropout are refused
-with their reasons, so ``auto`` takes Triton and ``backend="cuda"`` raises saying why.
 """
 
 from __future__ import annotations
 
 import torch
 
-from metagpt_fast._spec import MAX_GRID_YZ
 from metagpt_fast.backends import autograd, compiled
 
 
@@ -60,56 +53,4 @@ def flash_attention(
 # than torch's SDPA with that mask; a packed batch of 6 documents (4096 tokens, causal) costs 0.37x (1 thread: 0.91x)
 # the sum of its per-document calls and runs 2.7x (3.4x) faster than the same documents padded to the longest.
 CPU = dict(features=frozenset({"window", "softcap", "alibi", "gqa", "deterministic"}))
-
-# Decided once at import (outside any torch.compile trace): the dispatcher lookup is not traceable.
-_CUDA_KERNELS = compiled.has_cuda_kernel("flash_attention_fwd")
-NO_CUDA_KERNELS = (
-    "the compiled extension has no CUDA kernel for flash_attention (built without CUDA, or without "
-    "csrc/attention/flash_attention_cuda.cpp)"
-)
-
-
-def cuda_reasons(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, *, kernels: bool = True) -> list[str]:
-    """What the CUDA kernels cannot serve beyond the capabilities (``kernels``: whether the extension has them).
-
-    They take one (B, H, N, D) problem: every sequence of the batch has ``max_seqlen_q`` queries and
-    ``max_seqlen_k`` keys. For a validated call that is exactly ``total == B * max_seqlen`` on both sides (no
-    sequence exceeds ``max_seqlen``, so the lengths sum to ``B * max_seqlen`` only when all are equal to it), decided
-    from shapes alone, without reading ``cu_seqlens`` back from the GPU."""
-    reasons = [] if kernels else [NO_CUDA_KERNELS]
-    batch, hq = cu_seqlens_q.shape[0] - 1, q.shape[1]
-    if q.shape[0] != batch * max_seqlen_q or k.shape[0] != batch * max_seqlen_k:
-        reasons.append(
-            f"variable-length sequences (the CUDA kernels take {batch} sequences of equal length: {q.shape[0]} "
-            f"queries for max_seqlen_q {max_seqlen_q}, {k.shape[0]} keys for max_seqlen_k {max_seqlen_k})"
-        )
-    if batch > MAX_GRID_YZ or hq > MAX_GRID_YZ:
-        reasons.append(f"batch and heads up to {MAX_GRID_YZ} (CUDA grid limit), got batch {batch}, heads {hq}")
-    if max(max_seqlen_q, max_seqlen_k) >= 2**31 - 1:
-        reasons.append(f"sequence lengths below 2**31 (32-bit positions), got {max(max_seqlen_q, max_seqlen_k)}")
-    return reasons
-
-
-def extra_reasons(
-    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right,
-    softcap, alibi_slopes, dropout_p,
-) -> list[str]:  # fmt: skip
-    if q.device.type != "cuda":  # the CPU kernel serves every valid input
-        return []
-    return cuda_reasons(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, kernels=_CUDA_KERNELS)
-
-
-def cuda_priority(inputs) -> int:
-    """30 (above Triton's 20) on sm_80-class GPUs, 15 (below it) on sm_90 and newer, where Triton's flash kernels
-    run wgmma with TMA loads and these mma.sync. Static, as for the attention op (backends/compiled/attention.py):
-    no GPU measurement of either order exists yet."""
-    return 15 if torch.cuda.get_device_capability(inputs["q"].device) >= (9, 0) else 30
-
-
-CUDA = dict(
-    min_compute_capability=(8, 0),
-    head_dims=(64, 128),
-    dtypes=(torch.float16, torch.bfloat16),
-    features=frozenset({"window", "softcap", "gqa", "deterministic"}),
-)
-compiled.register("flash_attention", flash_attention, extra_reasons, cpu=(10, CPU), cuda=(cuda_priority, CUDA))
+compiled.register("flash_attention", flash_attention, cpu=(10, CPU))
