@@ -769,11 +769,13 @@ def test_cuda_emulated_kernels_match_reference(emulation, case, shared_per_sm):
 
 # Windows (flash-attn's local attention, bottom-right aligned) and softcap of the forward kernel against the flash
 # reference (metagpt_fast.ops.reference.flash): (b, h, hk, nq, nk, d, dtype, (left, right, bottom_right), softcap).
-# Nq > Nk with a bottom-right window leaves the first rows without a key (out 0, lse +inf).
+# Nq > Nk with a bottom-right window leaves the first rows without a key (out 0, lse +inf), and Nq >> Nk whole CTAs
+# without a key tile to visit.
 WINDOW_CASES = {
     "d64-fp16-window(16,0)-nq<nk": (1, 2, 2, 70, 90, 64, F16, (16, 0, 1), 0.0),
     "d128-bf16-window(8,8)-nq>nk-gqa": (1, 4, 2, 90, 70, 128, BF16, (8, 8, 1), 0.0),
     "d64-bf16-causal-bottom-right": (2, 2, 2, 33, 150, 64, BF16, (-1, 0, 1), 0.0),
+    "d64-fp16-causal-bottom-right-nq>>nk": (1, 1, 1, 300, 40, 64, F16, (-1, 0, 1), 0.0),  # CTAs with no key tile
     "d128-fp16-softcap": (1, 2, 2, 50, 50, 128, F16, (-1, -1, 1), 1.5),
     "d64-fp16-window(5,0)-softcap": (1, 2, 1, 45, 45, 64, F16, (5, 0, 1), 2.0),
 }

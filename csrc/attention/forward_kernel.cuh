@@ -257,21 +257,37 @@ MGF_KERNEL void MGF_LAUNCH_BOUNDS(Tile::THREADS, Tile::MIN_BLOCKS) attention_for
       }
     }
   }
-  cp_async_wait_all();  // nothing is in flight when the CTA exits (the last group is empty)
-
-  T* out = static_cast<T*>(p.out) + b * p.out_strides.batch + h * p.out_strides.head;
+  // Epilogue: lse, then the normalised rows of this warp go through its own rows of the Q tile (read by no other
+  // warp), so that each lane stores whole 16-byte chunks of a row instead of 4-byte pairs.
+  cp_async_wait_all();  // no copy is in flight (with no key tile, Q's copies are still pending here)
+  block_sync();         // ... in any thread: the Q tile is free to be overwritten
   const float lse_scale = c * kLn2;  // raw score units -> natural-log units
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
-    float inv_sum[2];
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const float l = quad_sum(row_sum[mt][half]);
-      inv_sum[half] = l > 0.0f ? 1.0f / l : 0.0f;
+      const float inv_sum = l > 0.0f ? 1.0f / l : 0.0f;
       const int i = row_lo + 16 * mt + 8 * half;
       if (t == 0 && i < p.n_q) p.lse[row_base + i] = l > 0.0f ? row_max[mt][half] * lse_scale + logf(l) : INFINITY;
+      const int r = warp * ROWS + 16 * mt + 8 * half + (lane >> 2);
+#pragma unroll
+      for (int dn = 0; dn < D / 8; ++dn) {
+        *reinterpret_cast<uint32_t*>(sq + swizzled_index<D>(r, dn * 8 + 2 * t)) =
+            pack2_float<T>(acc[mt][dn][2 * half] * inv_sum, acc[mt][dn][2 * half + 1] * inv_sum);
+      }
     }
-    store_rows<D>(out, p.out_strides.row, acc[mt], row_lo + 16 * mt, p.n_q, inv_sum, lane);
+  }
+  block_sync();  // the warp's lanes see each other's rows
+  T* out = static_cast<T*>(p.out) + b * p.out_strides.batch + h * p.out_strides.head;
+  constexpr int CHUNKS = D / 8;
+#pragma unroll
+  for (int c16 = lane; c16 < ROWS * CHUNKS; c16 += 32) {
+    const int r = c16 / CHUNKS, chunk = c16 % CHUNKS, i = warp_row0 + r;
+    if (i < p.n_q) {
+      *reinterpret_cast<uint4*>(out + i * p.out_strides.row + chunk * 8) =
+          *reinterpret_cast<const uint4*>(sq + swizzled_offset<D>(warp * ROWS + r, chunk));
+    }
   }
 }
 
