@@ -210,7 +210,7 @@ def test_backward_mode_selection(monkeypatch):
 
 def test_fused_tiles_and_splits_on_a_gpu(monkeypatch):
     """What :func:`plan` picks on a GPU (capability and multiprocessors mocked): a tile only for the spill-free
-    families (sm_90, 16-bit, D <= 64), splits bounded by the scratch budget, the split kernels when too few programs
+    families (sm_90, 16-bit, D <= 128), splits bounded by the scratch budget, the split kernels when too few programs
     would be left."""
     _, fused = _modules()
     monkeypatch.setattr(fused, "INTERPRETED", False)
@@ -230,7 +230,12 @@ def test_fused_tiles_and_splits_on_a_gpu(monkeypatch):
     plain, heavy = fused.FUSED_TILES[90][(16, 64, False)], fused.FUSED_TILES[90][(16, 64, True)]
     assert fused.plan(*tensors(2, 4, 4, 1000, 64), None, 0.0, False) == (plain, math.ceil(1000 / plain[1]))
     assert fused.plan(*tensors(2, 4, 4, 1000, 48), None, 0.1, False)[0] == heavy  # dropout: the heavy family
-    assert fused.plan(*tensors(2, 4, 4, 1000, 128), None, 0.0, False) is None  # D=128 spills: split kernels
+    # D=128: one key block per program only (the loop over several spills): where the budget has a slice for each
+    plain_128 = fused.FUSED_TILES[90][(16, 128, False)]
+    assert fused.plan(*tensors(2, 4, 4, 1000, 128), None, 0.0, False) == (plain_128, math.ceil(1000 / plain_128[1]))
+    assert fused.plan(*tensors(1, 32, 8, 8192, 128), None, 0.0, False) is None  # 8 of 64 slices fit
+    assert fused.plan(*tensors(1, 32, 8, 8192, 128), None, 0.0, True) == (plain_128, 64)
+    assert fused.plan(*tensors(2, 4, 4, 1000, 256), None, 0.0, False) is None  # D=256: split kernels
     assert fused.plan(*tensors(2, 4, 4, 1000, 64, F32), None, 0.0, False) is None  # float32: split kernels
     # 64 key blocks, dQ in float32 is 64 MiB: 16 splits fill the 1 GiB budget, 128 programs
     assert fused.plan(*tensors(1, 32, 8, 8192, 64), None, 0.0, False) == (plain, 16)
@@ -255,13 +260,14 @@ def _gpu_grads(mode, monkeypatch, q, k, v, grad_out, **kwargs):
 @helpers.requires_cuda
 @pytest.mark.parametrize("dtype", [F16, BF16], ids=["float16", "bfloat16"])
 @pytest.mark.parametrize("splits", [None, 3], ids=["planned_splits", "3_splits"])
-def test_gpu_fused_backward_matches_reference_and_repeats(dtype, splits, monkeypatch):
+@pytest.mark.parametrize("d", [64, 128])
+def test_gpu_fused_backward_matches_reference_and_repeats(dtype, splits, d, monkeypatch):
     """On sm_90 (the fused tiles' architecture): parity of both dQ modes, and bitwise repetition of the deterministic
     one, with the planned splits (one key block each here) and with 3 splits of 3 key blocks."""
     backend, fused = _modules()
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("the fused backward has tiles for sm_90 only (docs/triton-attention.md)")
-    b, hq, hk, n, d = 2, 8, 2, 1031, 64
+    b, hq, hk, n = 2, 8, 2, 1031
     q = torch.randn(b, hq, n, d, device="cuda", dtype=dtype)
     k, v = (torch.randn(b, hk, n, d, device="cuda", dtype=dtype) for _ in range(2))
     grad_out = torch.randn(b, hq, n, d, device="cuda", dtype=dtype)

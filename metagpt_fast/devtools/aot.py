@@ -288,9 +288,10 @@ def attention_cases() -> list[AotCase]:
     return cases
 
 
-def fused_backward_case(bits, width, tile, *, heavy, atomic, archs=ARCHS) -> AotCase:
+def fused_backward_case(bits, width, tile, *, heavy, atomic, single=True, archs=ARCHS) -> AotCase:
     """The fused attention backward (kernels/triton/attention_fused_bwd.py) at one tile: causal without mask, or
-    (``heavy``) a dense additive mask with dropout; dQ through the deterministic scratch or (``atomic``) atomics."""
+    (``heavy``) a dense additive mask with dropout; dQ through the deterministic scratch or (``atomic``) atomics;
+    one key block per program (``single``) or a loop over several."""
     block_m, block_n, num_warps, num_stages = tile
     data = "*" + DTYPES[bits]
     types = {
@@ -300,7 +301,7 @@ def fused_backward_case(bits, width, tile, *, heavy, atomic, archs=ARCHS) -> Aot
     constexprs = {
         "HEAD_DIM": width, "HEAD_DIM_V": width, "BLOCK_D": width, "BLOCK_DV": width, "IS_CAUSAL": not heavy,
         "MASK_KIND": attn.MASK_ADDITIVE if heavy else attn.MASK_NONE, "MASK_ROW_BCAST": False, "HAS_DROPOUT": heavy,
-        "ATOMIC": atomic, "BLOCK_M": block_m, "BLOCK_N": block_n,
+        "ATOMIC": atomic, "SINGLE_BLOCK": single, "BLOCK_M": block_m, "BLOCK_N": block_n,
     }  # fmt: skip
     layout = {"unit_strides": ("stride_mn",), "unaligned": ("Seed", "stride_mb", "stride_mh", "stride_mm")}
     return case(
@@ -313,17 +314,20 @@ def fused_backward_case(bits, width, tile, *, heavy, atomic, archs=ARCHS) -> Aot
 
 def fused_backward_cases() -> list[AotCase]:
     """Every tile of the fused backward's tables (one per family and architecture) with its family's variant and
-    widest head dim, deterministic; the atomic form of the families without mask and dropout; the dQ reduction per
-    head dim bucket."""
+    widest head dim: deterministic with one key block per program and, unless the family runs only so, with a loop
+    over key blocks; atomic (one key block per program) for the families without mask and dropout; the dQ
+    reduction per head dim bucket."""
     by_tile: dict[tuple, tuple[int, ...]] = {}
     for arch, table in fused_bwd.FUSED_TILES.items():
-        for (bits, width, heavy), tile in table.items():
-            for atomic in (False, True) if not heavy else (False,):
-                key = (bits, width, heavy, atomic, tile)
+        for family, tile in table.items():
+            bits, width, heavy = family
+            forms = [(False, True)] + ([] if family in fused_bwd.SINGLE_BLOCK_ONLY else [(False, False)])
+            for atomic, single in forms + ([(True, True)] if not heavy else []):
+                key = (bits, width, heavy, atomic, single, tile)
                 by_tile[key] = (*by_tile.get(key, ()), arch)
     cases = [
-        fused_backward_case(bits, width, tile, heavy=heavy, atomic=atomic, archs=archs)
-        for (bits, width, heavy, atomic, tile), archs in by_tile.items()
+        fused_backward_case(bits, width, tile, heavy=heavy, atomic=atomic, single=single, archs=archs)
+        for (bits, width, heavy, atomic, single, tile), archs in by_tile.items()
     ]
     for width in (64, 128, 256):
         for bits in (16, 32):

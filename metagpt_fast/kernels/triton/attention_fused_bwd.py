@@ -131,6 +131,63 @@ def _attn_bwd_fused_inner(
 
 
 @triton.jit
+def _attn_bwd_fused_key_block(
+    Q, DOut, Lse, Delta, Mask, DK, DV, k_head, v_head, acc_split, seed, b, hk, start_n, first,
+    stride_qb, stride_qh, stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn, stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_ah, stride_am, Hq, Nq, Nk, GROUP, lse_split, sm_scale, qk_scale, dropout_threshold, dropout_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW_BCAST: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """dK and dV of the key block at ``start_n`` (written) and its dQ contributions (added to ``acc_split``; ``first``:
+    the split's first key block, which stores its rows instead)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    cols = start_n + tl.arange(0, BLOCK_N)
+    k = _load_block(k_head, start_n, Nk, stride_kn, stride_kd, HEAD_DIM, BLOCK_N, BLOCK_D, True)
+    v = _load_block(v_head, start_n, Nk, stride_vn, stride_vd, HEAD_DIM_V, BLOCK_N, BLOCK_DV, True)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    # Query blocks [lo, full_start) straddle the diagonal (masked); [full_start, Nq) see the whole key block.
+    if IS_CAUSAL:
+        lo = start_n // BLOCK_M * BLOCK_M
+        full_start = tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M
+    else:
+        lo = 0
+        full_start = 0
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DOut + b * stride_dob + h * stride_doh
+        row_base = (b * Hq + h) * Nq
+        mask_base = Mask + b * stride_mb + h * stride_mh
+        acc_base = acc_split + h * stride_ah
+        if IS_CAUSAL:
+            dk, dv = _attn_bwd_fused_inner(
+                dk, dv, k, v, q_base, do_base, Lse + row_base, lse_split, Delta + row_base, mask_base, acc_base,
+                first, seed, row_base * Nk, cols, start_n, lo, tl.minimum(full_start, Nq),
+                stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, stride_am, Nq, Nk,
+                qk_scale, dropout_threshold, dropout_scale,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N,
+                True, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT, ATOMIC,
+            )  # fmt: skip
+        dk, dv = _attn_bwd_fused_inner(
+            dk, dv, k, v, q_base, do_base, Lse + row_base, lse_split, Delta + row_base, mask_base, acc_base,
+            first, seed, row_base * Nk, cols, start_n, full_start, Nq,
+            stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, stride_am, Nq, Nk,
+            qk_scale, dropout_threshold, dropout_scale,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N,
+            False, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT, ATOMIC,
+        )  # fmt: skip
+    dk_ptrs = DK + b * stride_dkb + hk * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
+    dv_ptrs = DV + b * stride_dvb + hk * stride_dvh + cols[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd
+    _store_tile(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), cols, Nk, offs_d, HEAD_DIM, BLOCK_D)
+    _store_tile(dv_ptrs, dv.to(DV.dtype.element_ty), cols, Nk, offs_dv, HEAD_DIM_V, BLOCK_DV)
+
+
+@triton.jit
 def _attn_bwd_fused(
     Q, K, V, Mask, DOut, Lse, Delta, DK, DV, DQAcc, Seed,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -152,6 +209,7 @@ def _attn_bwd_fused(
     MASK_ROW_BCAST: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     ATOMIC: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -165,8 +223,6 @@ def _attn_bwd_fused(
     split_id = tl.program_id(0)
     hk = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     if HAS_DROPOUT:
         seed = tl.load(Seed)
     else:
@@ -178,49 +234,30 @@ def _attn_bwd_fused(
     else:
         acc_split = DQAcc + split_id.to(tl.int64) * stride_as + b * stride_ab
 
-    for start_n in range(split_id * BLOCK_N, Nk, n_splits * BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        cols = start_n + tl.arange(0, BLOCK_N)
-        k = _load_block(k_head, start_n, Nk, stride_kn, stride_kd, HEAD_DIM, BLOCK_N, BLOCK_D, True)
-        v = _load_block(v_head, start_n, Nk, stride_vn, stride_vd, HEAD_DIM_V, BLOCK_N, BLOCK_DV, True)
-        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-        first = start_n < n_splits * BLOCK_N  # this split's first key block: it writes its rows of DQAcc[s] first
-        # Query blocks [lo, full_start) straddle the diagonal (masked); [full_start, Nq) see the whole key block.
-        if IS_CAUSAL:
-            lo = start_n // BLOCK_M * BLOCK_M
-            full_start = tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M
-        else:
-            lo = 0
-            full_start = 0
-        for g in range(GROUP):
-            h = hk * GROUP + g
-            q_base = Q + b * stride_qb + h * stride_qh
-            do_base = DOut + b * stride_dob + h * stride_doh
-            row_base = (b * Hq + h) * Nq
-            mask_base = Mask + b * stride_mb + h * stride_mh
-            acc_base = acc_split + h * stride_ah
-            if IS_CAUSAL:
-                dk, dv = _attn_bwd_fused_inner(
-                    dk, dv, k, v, q_base, do_base, Lse + row_base, lse_split, Delta + row_base, mask_base, acc_base,
-                    first, seed, row_base * Nk, cols, start_n, lo, tl.minimum(full_start, Nq),
-                    stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, stride_am, Nq, Nk,
-                    qk_scale, dropout_threshold, dropout_scale,
-                    HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N,
-                    True, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT, ATOMIC,
-                )  # fmt: skip
-            dk, dv = _attn_bwd_fused_inner(
-                dk, dv, k, v, q_base, do_base, Lse + row_base, lse_split, Delta + row_base, mask_base, acc_base,
-                first, seed, row_base * Nk, cols, start_n, full_start, Nq,
-                stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, stride_am, Nq, Nk,
-                qk_scale, dropout_threshold, dropout_scale,
-                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N,
-                False, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT, ATOMIC,
+    if SINGLE_BLOCK:  # one key block per program (n_splits is the number of key blocks): no loop to carry state
+        start_n = tl.multiple_of(split_id * BLOCK_N, BLOCK_N)
+        _attn_bwd_fused_key_block(
+            Q, DOut, Lse, Delta, Mask, DK, DV, k_head, v_head, acc_split, seed, b, hk, start_n, True,
+            stride_qb, stride_qh, stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd,
+            stride_mb, stride_mh, stride_mm, stride_mn, stride_dob, stride_doh, stride_dom, stride_dod,
+            stride_dkb, stride_dkh, stride_dkn, stride_dkd, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+            stride_ah, stride_am, Hq, Nq, Nk, GROUP, lse_split, sm_scale, qk_scale, dropout_threshold, dropout_scale,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, IS_CAUSAL, MASK_KIND, MASK_ROW_BCAST, HAS_DROPOUT, ATOMIC,
+            BLOCK_M, BLOCK_N,
+        )  # fmt: skip
+    else:
+        for start_n in range(split_id * BLOCK_N, Nk, n_splits * BLOCK_N):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            first = start_n < n_splits * BLOCK_N  # the split's first key block: it writes its rows of DQAcc[s] first
+            _attn_bwd_fused_key_block(
+                Q, DOut, Lse, Delta, Mask, DK, DV, k_head, v_head, acc_split, seed, b, hk, start_n, first,
+                stride_qb, stride_qh, stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd,
+                stride_mb, stride_mh, stride_mm, stride_mn, stride_dob, stride_doh, stride_dom, stride_dod,
+                stride_dkb, stride_dkh, stride_dkn, stride_dkd, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+                stride_ah, stride_am, Hq, Nq, Nk, GROUP, lse_split, sm_scale, qk_scale, dropout_threshold,
+                dropout_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, IS_CAUSAL, MASK_KIND, MASK_ROW_BCAST,
+                HAS_DROPOUT, ATOMIC, BLOCK_M, BLOCK_N,
             )  # fmt: skip
-        dk_ptrs = DK + b * stride_dkb + hk * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
-        dv_ptrs = DV + b * stride_dvb + hk * stride_dvh + cols[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd
-        _store_tile(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), cols, Nk, offs_d, HEAD_DIM, BLOCK_D)
-        _store_tile(dv_ptrs, dv.to(DV.dtype.element_ty), cols, Nk, offs_dv, HEAD_DIM_V, BLOCK_DV)
 
 
 @triton.jit
@@ -277,12 +314,19 @@ def _attn_bwd_fused_dq_reduce(
 FUSED_TILES: dict[int, dict[tuple[int, int, bool], tuple[int, int, int, int]]] = {
     80: {},
     90: {
-        # 240 registers, 0 B (causal; 64x128 on 8 warps spilled 192 B, 32x128 with 2 stages 136 B, 4-warp tiles
+        # 234 registers, 0 B (causal, several key blocks per program; 64x128 on 8 warps spilled 192 B, 4-warp tiles
         # 192-360 B)
         (16, 64, False): (32, 128, 8, 1),
-        (16, 64, True): (16, 128, 8, 1),  # mask + dropout: 246 registers, 0 B
+        (16, 64, True): (16, 128, 8, 1),  # mask + dropout: 248 registers, 0 B
+        # One key block per program only (SINGLE_BLOCK_ONLY): 249 registers, 0 B (the loop over key blocks: 24 B)
+        (16, 128, False): (16, 128, 8, 1),
+        (16, 128, True): (16, 128, 8, 2),  # 255 registers, 0 B (1 stage: 72 B)
     },
 }
+# Families whose tile spills with the loop over several key blocks per program but not with one key block per
+# program: there the deterministic form runs only when the scratch budget allows a slice per key block, and the
+# atomic form always (one key block per program).
+SINGLE_BLOCK_ONLY = frozenset({(16, 128, False), (16, 128, True)})
 # Under TRITON_INTERPRET=1 (CPU tests): BLOCK_M != BLOCK_N so both orders of the causal bookkeeping run, and at most
 # INTERPRETER_SPLITS splits so a program takes several key blocks in turn.
 INTERPRETER_TILE = (16, 32, 4, 1)
@@ -351,11 +395,13 @@ def tile_for(itemsize: int, head_dim: int, head_dim_v: int, heavy: bool, device:
 def plan(q, k, v, attn_mask, dropout_p, atomic: bool):
     """``(tile, n_splits)`` of the fused backward for these inputs, or None for the split kernels: no tile for the
     family (:func:`tile_for`), or a deterministic reduction whose scratch budget would leave over half the GPU's
-    multiprocessors idle. ``n_splits`` is the number of key blocks in the atomic mode."""
+    multiprocessors idle, or would need several key blocks per program where the tile only fits one
+    (:data:`SINGLE_BLOCK_ONLY`). ``n_splits`` is the number of key blocks in the atomic mode."""
     B, Hq, Nq, D = q.shape
     Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     mask_kind, row_bcast = _mask_kind(attn_mask, (B, Hq, Nq, Nk))
     heavy = dropout_p > 0 or (mask_kind != split.MASK_NONE and not row_bcast)
+    family = split.tile_family(q.element_size(), D, Dv, heavy)
     tile = tile_for(q.element_size(), D, Dv, heavy, q.device)
     if tile is None:
         return None
@@ -368,7 +414,7 @@ def plan(q, k, v, attn_mask, dropout_p, atomic: bool):
     slice_bytes = B * Hq * Nq * D * 4
     budget = max(1, SCRATCH_BUDGET_BYTES // max(1, slice_bytes))
     n_splits = min(n_blocks, triton.cdiv(2 * sms, max(1, B * Hk)), budget)
-    if n_splits < n_blocks and 2 * n_splits * B * Hk < sms:
+    if n_splits < n_blocks and (family in SINGLE_BLOCK_ONLY or 2 * n_splits * B * Hk < sms):
         return None
     return tile, n_splits
 
@@ -427,7 +473,8 @@ def attention_backward(
         Hq, Nq, Nk, Hq // Hk, B * Hq * Nq, n_splits, scale, scale * math.log2(math.e), threshold, dropout_scale,
         HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=split.block_dim(D), BLOCK_DV=split.block_dim(Dv), IS_CAUSAL=is_causal,
         MASK_KIND=mask_kind, MASK_ROW_BCAST=row_bcast, HAS_DROPOUT=has_dropout, ATOMIC=atomic,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages,
+        SINGLE_BLOCK=n_splits == triton.cdiv(Nk, block_n), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        num_stages=num_stages,
     )  # fmt: skip
     launch(_attn_bwd_fused_dq_reduce)[(triton.cdiv(Nq, REDUCE_BLOCK_M), Hq, B)](
         acc, dq, *acc.stride()[:4], *dq.stride(), Nq, slices, scale,
