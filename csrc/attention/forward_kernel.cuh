@@ -7,14 +7,18 @@
 // stream through shared memory in BLOCK_N-key tiles, double-buffered: the cp.async copies of tile t + 1 are issued
 // right after the barrier that opens tile t, so they run under all of tile t's matmuls and softmax, and each tile
 // costs one wait and one barrier. Tiles are swizzled (tile_io.cuh) and every mma operand comes from ldmatrix (x4;
-// .trans for V). Q fragments stay in registers for the whole loop when QREGS (D = 64), else they are re-read from
-// shared memory each tile (D = 128: 64 more registers per thread would not fit next to the 32 x 128 accumulator).
+// .trans for V). Q fragments stay in registers for the whole loop when QREGS (D = 64, and 16-row warps at D = 128),
+// else they are re-read from shared memory each tile (32-row warps at D = 128: 64 more registers per thread would
+// not fit next to the 32 x 128 accumulator; ptxas spills 88-248 B). The output leaves through the warp's own rows of
+// the Q tile, as 16-byte row chunks.
 //
 // Softmax: the online row maximum m is kept in raw score units; with c = scale * log2(e) (log2(e) under a softcap,
 // whose capped scores are already scaled), a weight is one FFMA and one ex2: p = exp2(s * c - m * c). The row sum
 // l adds the weights before dropout; lse = m * c / log2(e) + log(l) per row (natural log), +inf and output 0 for a
 // row with no visible key. Only key tiles that the window can show to this CTA are visited (Visibility's bounds),
-// and the per-element visibility test runs only on a warp's tiles that the window, the bounds or a mask cut.
+// and the per-element visibility test runs only on a warp's tiles that the window, the bounds or a mask cut. That
+// test and the dropout draws run in rolled loops that build a bit mask (element_bits), one element at a time, so
+// that 64 mask loads or Philox draws are never live at once beside the accumulators.
 //
 // Dropout draws the shared Philox stream (metagpt_fast/philox.h) at offset ((b * Hq + h) * Nq + i) * Nk + j, so the
 // mask is the reference's dropout_keep_mask and the backward pass regenerates it.
