@@ -7,12 +7,13 @@ the dQ kernel: 7 products per (query tile, key tile). Here one program per key b
 
 and dQ, a sum over key blocks, is accumulated across programs in float32 in one of two ways:
 
-- **Deterministic (the default).** The key blocks of a (batch, kv head) are dealt to ``n_splits`` programs (program
-  ``s`` takes blocks ``s, s + n_splits, ...`` in increasing order), each of which owns a float32 slice
-  ``DQAcc[s]`` (B, Hq, Nq, D) that only it reads and writes, in a fixed order. A second kernel
+- **Deterministic (the fused kernel's default).** The key blocks of a (batch, kv head) are dealt to ``n_splits``
+  programs (program ``s`` takes blocks ``s, s + n_splits, ...`` in increasing order), each of which owns a float32
+  slice ``DQAcc[s]`` (B, Hq, Nq, D) that only it reads and writes, in a fixed order. A second kernel
   (:func:`_attn_bwd_fused_dq_reduce`) sums the slices in order 0, 1, ..., scales and casts: every addition happens
   in the same order on every run, so dQ is bitwise repeatable. ``n_splits`` bounds the scratch (``n_splits`` x
-  dQ in float32) while giving the GPU enough programs (:func:`plan`).
+  dQ in float32) while giving the GPU enough programs (:func:`plan`); with one key block per split the kernel is
+  compiled without its loop over key blocks (``SINGLE_BLOCK``: fewer registers).
 - **Atomic (opt-in, non-deterministic).** Every key block is its own program and adds its dS K into one float32
   accumulator with ``tl.atomic_add``; the order of the additions follows the hardware's scheduling, so dQ may differ
   in its last bits from run to run (dK and dV stay deterministic: each is written by one program). No scratch
@@ -314,11 +315,11 @@ def _attn_bwd_fused_dq_reduce(
 FUSED_TILES: dict[int, dict[tuple[int, int, bool], tuple[int, int, int, int]]] = {
     80: {},
     90: {
-        # 234 registers, 0 B (causal, several key blocks per program; 64x128 on 8 warps spilled 192 B, 4-warp tiles
-        # 192-360 B)
+        # 212 registers, 0 B (causal, one key block per program; 234 with the loop over several; 64x128 on 8 warps
+        # spilled 192 B, 4-warp tiles 192-360 B)
         (16, 64, False): (32, 128, 8, 1),
-        (16, 64, True): (16, 128, 8, 1),  # mask + dropout: 248 registers, 0 B
-        # One key block per program only (SINGLE_BLOCK_ONLY): 249 registers, 0 B (the loop over key blocks: 24 B)
+        (16, 64, True): (16, 128, 8, 1),  # mask + dropout: 236 / 248 registers (one key block / loop), 0 B
+        # One key block per program only (SINGLE_BLOCK_ONLY): 247 registers, 0 B (the loop over key blocks: 24 B)
         (16, 128, False): (16, 128, 8, 1),
         (16, 128, True): (16, 128, 8, 2),  # 255 registers, 0 B (1 stage: 72 B)
     },
@@ -380,7 +381,7 @@ def _capability(device: torch.device) -> int:
 
 def tile_for(itemsize: int, head_dim: int, head_dim_v: int, heavy: bool, device: torch.device):
     """The fused tile for these inputs, or None where the fused kernel has none (it would spill: the split kernels
-    run). Architectures newer than sm_90 take sm_90's table, sm_8x sm_80's."""
+    run). Architectures newer than sm_90 take sm_90's table (unchecked there), sm_8x sm_80's."""
     if INTERPRETED:
         return INTERPRETER_TILE
     if max(head_dim, head_dim_v) > MAX_HEAD_DIM:
@@ -399,7 +400,7 @@ def plan(q, k, v, attn_mask, dropout_p, atomic: bool):
     (:data:`SINGLE_BLOCK_ONLY`). ``n_splits`` is the number of key blocks in the atomic mode."""
     B, Hq, Nq, D = q.shape
     Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    mask_kind, row_bcast = _mask_kind(attn_mask, (B, Hq, Nq, Nk))
+    _, _, mask_kind, row_bcast = split._mask_arguments(attn_mask, (B, Hq, Nq, Nk), None)
     heavy = dropout_p > 0 or (mask_kind != split.MASK_NONE and not row_bcast)
     family = split.tile_family(q.element_size(), D, Dv, heavy)
     tile = tile_for(q.element_size(), D, Dv, heavy, q.device)
@@ -417,14 +418,6 @@ def plan(q, k, v, attn_mask, dropout_p, atomic: bool):
     if n_splits < n_blocks and (family in SINGLE_BLOCK_ONLY or 2 * n_splits * B * Hk < sms):
         return None
     return tile, n_splits
-
-
-def _mask_kind(attn_mask, shape):
-    if attn_mask is None:
-        return split.MASK_NONE, False
-    mask = attn_mask.expand(shape)
-    kind = split.MASK_BOOL if mask.dtype == torch.bool else split.MASK_ADDITIVE
-    return kind, mask.stride(2) == 0 or shape[2] == 1
 
 
 def _scratch(shape, device):
@@ -448,7 +441,7 @@ def attention_backward(
     Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     if B * Hq == 0:
         return
-    if Nk == 0 or Nq == 0:  # no key: the gradients are 0 (dK, dV have no rows when Nk == 0, dQ none when Nq == 0)
+    if Nk == 0 or Nq == 0:  # no key or no query: every gradient is 0 (or has no rows)
         dq.zero_()
         dk.zero_()
         dv.zero_()
