@@ -23,7 +23,9 @@ from metagpt_fast.devtools import sass
 
 ROOT = Path(__file__).resolve().parents[1]
 NVCC = cuda.find_nvcc()
-needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (set CUDA_HOME)")
+needs_nvcc = pytest.mark.skipif(
+    NVCC is None or cuda.find_cuobjdump(NVCC) is None, reason="nvcc or cuobjdump not found (set CUDA_HOME)"
+)
 # slow: nvcc compiles every kernel for two architectures (about a minute on 2 cores).
 compiled = [pytest.mark.slow, needs_nvcc]
 

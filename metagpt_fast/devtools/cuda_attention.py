@@ -59,6 +59,18 @@ def find_nvcc() -> str | None:
     return str(candidate) if candidate.exists() else shutil.which("nvcc")
 
 
+def find_cuobjdump(nvcc: str | None = None) -> str | None:
+    """``cuobjdump`` of the toolkit that builds the kernels (``CUDA_HOME``, ``/usr/local/cuda``, ``nvcc``'s folder),
+    else the one :func:`sass.find_cuobjdump` finds (triton's wheel, ``PATH``)."""
+    homes = [os.environ.get("CUDA_HOME"), "/usr/local/cuda"]
+    if nvcc is not None:
+        homes.append(str(Path(nvcc).resolve().parent.parent))
+    for home in filter(None, homes):
+        if (Path(home) / "bin" / "cuobjdump").is_file():
+            return str(Path(home) / "bin" / "cuobjdump")
+    return sass.find_cuobjdump()
+
+
 def role_of(symbol: str) -> str | None:
     """``forward``, ``dkdv``, ``dq`` or ``delta`` from a kernel's (mangled or demangled) name; None if none fits."""
     name = symbol.lower()
@@ -275,7 +287,9 @@ def stats_rows(root: Path, jobs: int = 2, nvcc: str | None = None) -> tuple[list
     nvcc = nvcc or find_nvcc()
     if nvcc is None:
         raise FileNotFoundError("nvcc not found (set CUDA_HOME)")
-    tool = sass.find_cuobjdump(Path(nvcc).resolve().parent.parent)
+    tool = find_cuobjdump(nvcc)
+    if tool is None:
+        raise FileNotFoundError("cuobjdump not found (CUDA toolkit bin/, triton's wheel or PATH)")
     attention, include = root / "csrc" / "attention", root / "csrc" / "include"
     sources = sorted(attention.glob("*.cu"))
     if not sources:
