@@ -17,7 +17,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -77,9 +76,9 @@ lib = ctypes.CDLL(sys.argv[1])
 """
 
 
-def _isolated(library: Path, body: str, timeout: int = 120) -> subprocess.CompletedProcess:
+def _isolated(library: Path, body: str, timeout: int = 120, env: dict | None = None) -> subprocess.CompletedProcess:
     code = _ISOLATED.format(body=textwrap.dedent(body))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT)]))
+    env = dict(os.environ, **(env or {}), PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT)]))
     return subprocess.run([sys.executable, "-c", code, str(library)], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=ROOT)  # fmt: skip
 
@@ -220,54 +219,69 @@ lib.mgf_selftest_pipeline(a, b, c, 96)
 """
 
 
-@pytest.mark.slow  # one build of the self-test kernels per removed line
+@pytest.mark.slow  # a build of the self-test kernels with a line removed at compile time
 @pytest.mark.parametrize(
-    "kind,marker,caught",
+    "kind,marker,caught,hook",
     [
-        ("WAIT", "PIPELINE_WAIT", "while thread"),  # ldmatrix of bytes whose copy is still pending
-        ("SYNC", "PIPELINE_SYNC_AFTER_WAIT", "shared-memory race"),  # another warp's copy, same epoch
-        ("SYNC", "PIPELINE_SYNC_BEFORE_REFILL", "shared-memory race"),  # a refill of a buffer still being read
+        ("WAIT", "PIPELINE_WAIT", "while thread", "define"),  # ldmatrix of bytes whose copy is still pending
+        ("SYNC", "PIPELINE_SYNC_AFTER_WAIT", "shared-memory race", "environment"),  # another warp's copy, same epoch
+        ("SYNC", "PIPELINE_SYNC_BEFORE_REFILL", "shared-memory race", "environment"),  # refill of a buffer being read
     ],
     ids=["no-wait", "no-barrier-after-wait", "no-barrier-before-refill"],
 )
-def test_selftest_pipeline_without_one_wait_or_barrier_fails(tmp_path, kind, marker, caught):
-    """The cp.async + ldmatrix pipeline with one wait or block_sync() removed aborts with the race detector's message
-    (whatever the seed: the detector does not depend on the schedule); the unmodified build passes every seed (the
-    quick test above)."""
+def test_selftest_pipeline_without_one_wait_or_barrier_fails(tmp_path, selftest_path, kind, marker, caught, hook):
+    """The cp.async + ldmatrix pipeline with one wait or block_sync() removed (by the compile-time hook, or the same
+    hook set in the environment) aborts with the race detector's message, whatever the seed: the detector does not
+    depend on the schedule. The unmodified build passes every seed (the quick test above)."""
     line = _source_line(ATTENTION / "emulation_selftest.cc", marker)
-    library = _build(
-        tmp_path, ATTENTION / "emulation_selftest.cc", "dropped", (f"MGF_EMULATION_DROP_{kind}_LINE={line}",)
-    )
+    drop = f"MGF_EMULATION_DROP_{kind}_LINE"
+    if hook == "define":
+        library, env = _build(tmp_path, ATTENTION / "emulation_selftest.cc", "dropped", (f"{drop}={line}",)), {}
+    else:
+        library, env = selftest_path, {drop: str(line), "MGF_EMULATION_DROP_FILE": "emulation_selftest.cc"}
     for seed in SEEDS[:3]:
-        proc = _isolated(library, _PIPELINE_SEED.format(seed=seed))
+        proc = _isolated(library, _PIPELINE_SEED.format(seed=seed), env=env)
         assert proc.returncode != 0 and caught in proc.stderr, (seed, proc.stdout, proc.stderr[-2000:])
+    # The same hook naming another file removes nothing.
+    if hook == "environment":
+        proc = _isolated(library, _PIPELINE_SEED.format(seed=1), env=dict(env, MGF_EMULATION_DROP_FILE="other.cc"))
+        assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 # The real attention kernels, forward and backward, for several schedule seeds, compared with the reference through
 # test_attention's helpers (the ctypes signature of the emulation library lives there).
-ATTENTION_SEEDS = SEEDS[:4]
+ATTENTION_SEEDS = SEEDS[:3]
 
 
 def attention_seed_results(lib, seeds) -> dict[int, bool]:
-    """Whether forward and backward match the reference (test_attention's parity check), per schedule seed; a case
-    with several key tiles per query block and several query blocks."""
+    """Per schedule seed, whether the kernels match the reference (test_attention's parity checks) on two cases:
+    forward and backward with several key tiles per query block and several query blocks; and a forward whose first
+    query blocks visit no key tile (bottom-right causal with Nq >> Nk: out 0, lse +inf; their Q copies are still
+    pending at the epilogue)."""
     import math
 
     import test_attention as ta
 
     lib.mgf_emulation_set_seed.argtypes = [ctypes.c_uint64]
-    b, hq, hk, nq, nk, d, dtype = 1, 2, 2, 150, 150, 64, torch.float16
     torch.manual_seed(0)
-    q, k, v = ta._make_inputs(b, hq, hk, nq, nk, d, dtype, "cpu", transposed=False)
-    grad_out = torch.randn(b, hq, nq, d).to(dtype)
-    scale = 1.0 / math.sqrt(d)
+    q, k, v = ta._make_inputs(1, 1, 1, 150, 150, 64, torch.float16, "cpu", transposed=False)
+    grad_out = torch.randn(1, 1, 150, 64).to(torch.float16)
+    scale = 1.0 / math.sqrt(64)
     reference = ta._references(q, k, v, None, 0.0, False, scale, grad_out, None)
+    window = (-1, 0, 1)
+    wq, wk, wv = ta._make_inputs(1, 1, 1, 300, 40, 64, torch.float16, "cpu")
+    window_ref = ta._flash_reference(wq, wk, wv, scale, window, 0.0)
+    window_oracle = ta._flash_reference(wq.double(), wk.double(), wv.double(), scale, window, 0.0)
+    empty = torch.isinf(window_oracle[1])
     results = {}
     for seed in seeds:
         lib.mgf_emulation_set_seed(seed)
         *fast, _ = ta.emulated_forward_backward(lib, q, k, v, None, 0.0, False, scale, ta.SEED, grad_out, ta.SM90)
+        out, lse = ta.emulated_forward(lib, wq, wk, wv, None, 0.0, False, scale, ta.SEED, ta.SM90, window=window)
         try:
             ta._check_parity(fast, reference, f"seed {seed}")
+            ta.assert_parity(out, window_ref[0], window_oracle[0], name=f"seed {seed} window out")
+            assert not out[empty].any() and torch.equal(torch.isinf(lse), empty), f"seed {seed}: rows with no key"
             results[seed] = True
         except AssertionError:
             results[seed] = False
@@ -275,71 +289,105 @@ def attention_seed_results(lib, seeds) -> dict[int, bool]:
     return results
 
 
-def _forward_kernel() -> tuple[Path, list[str]]:
-    """The file that defines the forward kernel the launch templates use, and its lines (blank outside the kernel)."""
+# The kernels whose every barrier and wait must be necessary (the launch templates' kernels with a pipeline).
+KERNELS = ("attention_forward_kernel", "attention_backward_dkdv_kernel", "attention_backward_dq_kernel")
+
+
+def _kernel_body(name: str) -> tuple[Path, list[str]]:
+    """The header (included by attention_launch.cuh) that defines kernel ``name``, and its lines, blank outside the
+    kernel."""
     launch = (ATTENTION / "attention_launch.cuh").read_text()
-    candidates = [ATTENTION / "forward_kernel.cuh"] if '"forward_kernel.cuh"' in launch else []
-    candidates.append(ATTENTION / "attention_kernels.cuh")
-    for path in candidates:
-        lines = path.read_text().splitlines()
-        starts = [i for i, line in enumerate(lines) if re.search(r"MGF_KERNEL .*attention_forward_kernel\(", line)]
+    for header in re.findall(r'#include "(\w+\.cuh)"', launch):
+        lines = (ATTENTION / header).read_text().splitlines()
+        starts = [i for i, line in enumerate(lines) if re.search(rf"MGF_KERNEL .*\b{name}\(", line)]
         if starts:
             end = next(i for i in range(starts[0], len(lines)) if lines[i] == "}")
-            return path, [line if starts[0] <= i <= end else "" for i, line in enumerate(lines)]
-    raise AssertionError("no forward kernel found in csrc/attention")
+            return ATTENTION / header, [line if starts[0] <= i <= end else "" for i, line in enumerate(lines)]
+    raise AssertionError(f"no {name} in the headers attention_launch.cuh includes")
 
 
 def _drop_targets():
-    """(kind, line) of every block_sync() and every cp_async_wait<N>() of the forward kernel, as pytest params."""
-    path, body = _forward_kernel()
+    """(kernel, kind, line) of every block_sync() and every cp_async_wait<N>() of KERNELS, as pytest params."""
     params = []
-    for kind, call in (("SYNC", "block_sync()"), ("WAIT", "cp_async_wait<")):
-        lines = [i for i, line in enumerate(body, 1) if call in line.split("//")[0]]
-        params += [pytest.param(kind, line, id=f"{kind}-{path.name}:{line}") for line in lines]
-        if not lines:
-            params.append(pytest.param(kind, 0, id=f"{kind}-none", marks=pytest.mark.skip(f"{path.name}: no {call}")))
+    for kernel in KERNELS:
+        path, body = _kernel_body(kernel)
+        for kind, call in (("SYNC", "block_sync()"), ("WAIT", "cp_async_wait<")):
+            lines = [i for i, line in enumerate(body, 1) if call in line.split("//")[0]]
+            params += [pytest.param(kernel, kind, line, id=f"{kind}-{path.name}:{line}") for line in lines]
     return params
 
 
 @pytest.fixture(scope="module")
-def attention_libraries(tmp_path_factory):
-    """The attention emulation unmodified and with each drop target removed, built concurrently; the unmodified one
-    is checked to match the reference for every seed (so the failures below come from the removed line, and the
-    kernels are race-free under these schedules)."""
-    directory = tmp_path_factory.mktemp("attention_emulation")
-    source = ATTENTION / "attention_emulation.cc"
-    variants = {None: ()} | {(p.values[0], p.values[1]): (f"MGF_EMULATION_DROP_{p.values[0]}_LINE={p.values[1]}",)
-                             for p in _drop_targets() if p.values[1]}  # fmt: skip
-    with ThreadPoolExecutor(max_workers=max(1, min(len(variants), os.cpu_count() or 1))) as pool:
-        futures = {key: pool.submit(_build, directory, source, f"attention_{i}", defines)
-                   for i, (key, defines) in enumerate(variants.items())}  # fmt: skip
-        libraries = {key: future.result() for key, future in futures.items()}
-    results = attention_seed_results(ctypes.CDLL(str(libraries[None])), ATTENTION_SEEDS)
+def attention_library(tmp_path_factory):
+    """The attention emulation, checked to match the reference for every seed (so the failures below come from the
+    removed line, and the kernels are race-free under these schedules). Lines are removed at run time (the
+    environment's hooks), so this one build serves every removed line."""
+    library = _build(tmp_path_factory.mktemp("attention_emulation"), ATTENTION / "attention_emulation.cc", "attention")
+    results = attention_seed_results(ctypes.CDLL(str(library)), ATTENTION_SEEDS)
     assert all(results.values()), f"the unmodified attention emulation fails for some seed: {results}"
-    return libraries
+    return library
 
 
-_ATTENTION_ISOLATED = """
+# One interpreter imports torch and the test helpers once (most of the cost), then runs each library in a forked
+# child, so an emulation abort ends only that child. One torch thread: forking is safe with no thread pool.
+_ATTENTION_FORKED = """
+import ctypes, json, os, sys
+import torch
+torch.set_num_threads(1)
 from test_cuda_emulator import attention_seed_results
-attention_seed_results(lib, {seeds})
+library, hooks, seeds, directory = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
+for i, hook in enumerate(hooks):
+    out, err = (os.open(os.path.join(directory, f"{i}.{s}"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC) for s in "oe")
+    pid = os.fork()
+    if pid == 0:
+        os.dup2(out, 1)
+        os.dup2(err, 2)
+        os.environ.update(hook)  # read by the library at its first barrier or wait
+        code = 1
+        try:
+            attention_seed_results(ctypes.CDLL(library), seeds)
+            code = 0
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    os.waitpid(pid, 0)
 """
 
 
-@pytest.mark.slow  # one build of the attention emulation per removed line, and the unmodified one
-@pytest.mark.parametrize("kind,line", _drop_targets())
-def test_real_forward_kernel_without_one_barrier_or_wait_fails(attention_libraries, kind, line):
-    """With one block_sync() or cp.async wait of the forward kernel removed, some seed fails: wrong results, or an
-    emulation abort (the race detector, a copy never retired)."""
-    path, body = _forward_kernel()
-    proc = _isolated(
-        attention_libraries[kind, line], _ATTENTION_ISOLATED.format(seeds=list(ATTENTION_SEEDS)), timeout=300
-    )
-    results = {json.loads(x)[0]: json.loads(x)[1] for x in proc.stdout.splitlines() if x.startswith("[")}
-    aborted = proc.returncode != 0 and "emulation: " in proc.stderr
-    assert aborted or (proc.returncode == 0 and not all(results.values())), (
+@pytest.fixture(scope="module")
+def dropped_outcomes(attention_library, tmp_path_factory):
+    """(stdout, stderr) of the forward + backward runs with each drop target removed, by (kind, line, file)."""
+    directory = tmp_path_factory.mktemp("dropped_runs")
+    keys, hooks = [], []
+    for target in _drop_targets():
+        kernel, kind, line = target.values
+        path, _ = _kernel_body(kernel)
+        keys.append((kind, line, path.name))
+        hooks.append({f"MGF_EMULATION_DROP_{kind}_LINE": str(line), "MGF_EMULATION_DROP_FILE": path.name})
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT)]))
+    argv = [sys.executable, "-c", _ATTENTION_FORKED, str(attention_library), json.dumps(hooks),
+            json.dumps(list(ATTENTION_SEEDS)), str(directory)]  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {key: ((directory / f"{i}.o").read_text(), (directory / f"{i}.e").read_text()) for i, key in enumerate(keys)}
+
+
+@pytest.mark.slow  # builds the attention emulation, runs it with each line removed in turn
+@pytest.mark.parametrize("kernel,kind,line", _drop_targets())
+def test_real_kernel_without_one_barrier_or_wait_fails(dropped_outcomes, kernel, kind, line):
+    """With one block_sync() or cp.async wait of a forward or backward kernel removed, some seed fails: wrong results,
+    or an emulation abort (the race detector, a copy never retired)."""
+    path, body = _kernel_body(kernel)
+    stdout, stderr = dropped_outcomes[kind, line, path.name]
+    results = {json.loads(x)[0]: json.loads(x)[1] for x in stdout.splitlines() if x.startswith("[")}
+    aborted = "emulation: " in stderr
+    completed = len(results) == len(ATTENTION_SEEDS)
+    assert aborted or (completed and not all(results.values())), (
         f"{path.name}:{line} ({body[line - 1].strip()}) removed, yet every seed matched the reference: {results} "
-        f"{proc.stderr[-2000:]}"
+        f"{stderr[-2000:]}"
     )
+    print(f"{path.name}:{line} removed:", stderr.strip().splitlines()[0] if aborted else f"results {results}")
 
 
 # ------------------------------------------------------------------------------------------ the device side (nvcc)

@@ -41,8 +41,10 @@
 // * fast_exp2 is exp2f with denormal results flushed to zero (ex2.approx.ftz; the approximation error is not emulated).
 //
 // Test hooks (C++20, std::source_location): compiled with -DMGF_EMULATION_DROP_SYNC_LINE=n, the block_sync() call
-// written on source line n (of any file) does nothing; -DMGF_EMULATION_DROP_WAIT_LINE=n does the same for a
-// cp_async_wait<N>() / cp_async_wait_all() call. tests/test_cuda_emulator.py uses them to show that removing one
+// written on source line n (of any file, or only of the file whose path ends with -DMGF_EMULATION_DROP_FILE=
+// '"name"') does nothing; -DMGF_EMULATION_DROP_WAIT_LINE=n does the same for a cp_async_wait<N>() /
+// cp_async_wait_all() call. The environment variables of the same names do the same at run time (read at the first
+// barrier or wait, so one build serves every removed line). tests/test_cuda_emulator.py uses them to show that removing one
 // barrier or wait from a kernel makes its results wrong.
 //
 // Not emulated: timing, the hardware's mma rounding and accumulation order, memory ordering of plain global accesses
@@ -517,22 +519,57 @@ struct SourceLocation {
 #define MGF_EMULATION_HERE = ::metagpt_fast::attention::emulation::SourceLocation()
 #endif
 
-inline bool dropped_sync(const SourceLocation& where) {
-#if defined(MGF_EMULATION_DROP_SYNC_LINE)
-  return where.line() == static_cast<uint32_t>(MGF_EMULATION_DROP_SYNC_LINE);
+// The test hooks set at run time: $MGF_EMULATION_DROP_SYNC_LINE, $MGF_EMULATION_DROP_WAIT_LINE and
+// $MGF_EMULATION_DROP_FILE, read once (so one build serves every removed line; set them before the first launch).
+struct DropHooks {
+  uint32_t sync_line = 0, wait_line = 0;  // 0: none
+  const char* file = "";                  // a path suffix; "" matches any file
+};
+
+inline const DropHooks& drop_hooks() {
+  static const DropHooks hooks = [] {
+    DropHooks h;
+    if (const char* v = getenv("MGF_EMULATION_DROP_SYNC_LINE")) h.sync_line = static_cast<uint32_t>(atoi(v));
+    if (const char* v = getenv("MGF_EMULATION_DROP_WAIT_LINE")) h.wait_line = static_cast<uint32_t>(atoi(v));
+    if (const char* v = getenv("MGF_EMULATION_DROP_FILE")) h.file = v;
+    return h;
+  }();
+  return hooks;
+}
+
+inline bool path_ends_with(const char* path, const char* suffix) {
+  const size_t n = strlen(path), m = strlen(suffix);
+  return n >= m && strcmp(path + n - m, suffix) == 0;
+}
+
+// Whether ``where`` is on ``line`` of the file the hooks name (MGF_EMULATION_DROP_FILE: a string literal at compile
+// time, or the environment variable; any file when neither names one).
+inline bool hook_matches(const SourceLocation& where, uint32_t line) {
+#if MGF_EMULATION_HAS_SOURCE_LOCATION
+  if (line == 0 || where.line() != line) return false;
+#if defined(MGF_EMULATION_DROP_FILE)
+  if (!path_ends_with(where.file_name(), MGF_EMULATION_DROP_FILE)) return false;
+#endif
+  return path_ends_with(where.file_name(), drop_hooks().file);
 #else
   (void)where;
+  (void)line;
   return false;
 #endif
 }
 
+inline bool dropped_sync(const SourceLocation& where) {
+#if defined(MGF_EMULATION_DROP_SYNC_LINE)
+  if (hook_matches(where, MGF_EMULATION_DROP_SYNC_LINE)) return true;
+#endif
+  return hook_matches(where, drop_hooks().sync_line);
+}
+
 inline bool dropped_wait(const SourceLocation& where) {
 #if defined(MGF_EMULATION_DROP_WAIT_LINE)
-  return where.line() == static_cast<uint32_t>(MGF_EMULATION_DROP_WAIT_LINE);
-#else
-  (void)where;
-  return false;
+  if (hook_matches(where, MGF_EMULATION_DROP_WAIT_LINE)) return true;
 #endif
+  return hook_matches(where, drop_hooks().wait_line);
 }
 
 }  // namespace emulation
