@@ -56,10 +56,16 @@ def _mask(kind, b, hq, nq, nk, device):
     return mask
 
 
-def _inputs(b, hq, hk, nq, nk, d, dv, dtype, mask, dropout_p, seed):
+def _inputs(b, hq, hk, nq, nk, d, dv, dtype, mask, dropout_p, seed, transposed=False):
+    """q, k, v, the upstream gradient, the mask and the seed tensor; ``transposed``: all four in (B, N, H, D) memory
+    order, as views (B, H, N, D)."""
     gen = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(b, h, n, e, generator=gen) for h, n, e in ((hq, nq, d), (hk, nk, d), (hk, nk, dv)))
-    grad_out = torch.randn(b, hq, nq, dv, generator=gen).to(dtype)
+    shapes = ((hq, nq, d), (hk, nk, d), (hk, nk, dv), (hq, nq, dv))
+    if transposed:
+        q, k, v, grad_out = (torch.randn(b, n, h, e, generator=gen).transpose(1, 2) for h, n, e in shapes)
+    else:
+        q, k, v, grad_out = (torch.randn(b, h, n, e, generator=gen) for h, n, e in shapes)
+    grad_out = grad_out.to(dtype)
     q, k, v = (x.to(dtype) for x in (q, k, v))
     attn_mask = _mask(mask, b, hq, nq, nk, "cpu")
     seed_t = torch.tensor([seed], dtype=torch.int64) if dropout_p > 0 else None
@@ -75,7 +81,7 @@ def _run(fn, q, k, v, grad_out, attn_mask, dt, **kwargs):
 
 
 def _run_case(monkeypatch, mode, *, b=1, hq=2, hk=None, nq=17, nk=None, d=32, dv=None, dtype=F32, causal=False,
-              mask=None, dropout_p=0.0, scale=None, seed=20240611, parity=True):  # fmt: skip
+              mask=None, dropout_p=0.0, scale=None, seed=20240611, transposed=False, parity=True):  # fmt: skip
     """Runs the Triton attention forward and backward under ``mode`` (asserting the fused kernel ran) and, with
     ``parity``, checks the output and the three gradients against the reference. Returns the Triton results and the
     fused launch's (tile, n_splits, atomic)."""
@@ -89,7 +95,7 @@ def _run_case(monkeypatch, mode, *, b=1, hq=2, hk=None, nq=17, nk=None, d=32, dv
     # The deterministic scratch is not zeroed: NaN there shows up in dQ if a row is read before it is written.
     monkeypatch.setattr(fused, "_scratch", lambda shape, device: torch.full(shape, math.nan, device=device))
 
-    q, k, v, grad_out, attn_mask, seed_t = _inputs(b, hq, hk, nq, nk, d, dv, dtype, mask, dropout_p, seed)
+    q, k, v, grad_out, attn_mask, seed_t = _inputs(b, hq, hk, nq, nk, d, dv, dtype, mask, dropout_p, seed, transposed)
     args = dict(dropout_p=dropout_p, is_causal=causal, scale=scale, enable_gqa=hq != hk)
     fast = _run(backend.attention, q, k, v, grad_out, attn_mask, dtype, seed=seed_t, **args)
     assert len(calls) == 1 and calls[0][-1] == (mode == "fused_atomic"), "the fused backward did not run"
@@ -125,11 +131,12 @@ SLOW = [
     _case(nq=1, d=16),
     _case(nq=64, nk=64, d=32, causal=True),  # no boundary block
     _case(nq=40, nk=64, d=64, dtype=F16, scale=-4.0),  # a negative scale
-    _case(nq=45, nk=66, d=32, b=2, hq=4, hk=2, causal=True, dropout_p=0.5),
+    _case(nq=45, nk=66, d=32, hq=4, hk=2, causal=True, dropout_p=0.5),
     _case(nq=50, d=32, b=2, mask="additive_2d", dropout_p=0.2),
-    _case(nq=37, nk=70, d=32, b=2, hq=4, hk=1, causal=False, dropout_p=0.1, dtype=F16),  # MQA
+    _case(nq=37, nk=70, d=32, hq=4, hk=1, causal=False, dropout_p=0.1, dtype=F16),  # MQA
     _case(nq=33, d=256, causal=True),  # D=256
     _case(nq=20, nk=64, d=256, dtype=F16),
+    _case(nq=40, nk=51, d=48, b=2, hq=4, hk=2, dtype=F16, causal=True, transposed=True),  # (B, N, H, D) storage
 ]
 
 
