@@ -116,10 +116,10 @@ def test_emulated_backward_windows_and_softcap_match_reference(emulation, case, 
 @pytest.mark.slow  # the emulation (see above)
 @pytest.mark.parametrize("d", [64, 128])
 def test_emulated_backward_skips_tiles_outside_the_window(emulation, d):
-    """A window of w visits O(w) tiles: rows 192.. of q, dO, k and v are poisoned with NaN after the reference ran,
+    """A window of w visits O(w) tiles: rows 256.. of q, dO, k and v are poisoned with NaN after the reference ran,
     and any tile of them a kernel loaded would spread NaN through its products (0 * NaN) into gradients whose
-    window never reaches them: dQ of rows < 192 (their keys end at 191) and dK, dV of keys < 128 (the CTAs of
-    those keys see rows < 144)."""
+    window never reaches them: dQ of rows < 256 (the CTAs of those rows see keys < 256) and dK, dV of keys < 192
+    (the CTAs of those keys see rows < 208)."""
     n, window, dtype = 320, (16, 0, 0), F16  # top-left: query i sees keys [i - 16, i]
     torch.manual_seed(1)
     q, k, v, grad_out = (torch.randn(1, 2, n, d).to(dtype) for _ in range(4))
@@ -128,9 +128,9 @@ def test_emulated_backward_skips_tiles_outside_the_window(emulation, d):
     _, _, lowp = _reference(q, k, v, allowed, 0.0, scale, grad_out, dtype)
     out, lse, oracle = _reference(q, k, v, allowed, 0.0, scale, grad_out, torch.float32)
     for x in (q, k, v, grad_out):
-        x[:, :, 192:] = float("nan")
+        x[:, :, 256:] = float("nan")
     dq, dk, dv = emulated_backward(emulation, q, k, v, out.to(dtype), lse, grad_out, scale, window, False, 0.0, SM90)
-    parts = ((dq, 192), (dk, 128), (dv, 128))
+    parts = ((dq, 256), (dk, 192), (dv, 192))
     fast = [g[:, :, :rows] for g, rows in parts]
     assert all(torch.isfinite(f).all() for f in fast)
     assert_all_parity(

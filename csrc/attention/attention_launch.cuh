@@ -63,20 +63,21 @@ int forward(const AttentionParams& p, Launch&& launch) {
   return forward_with_tile<T, typename Tiles::Narrow>(p, launch);
 }
 
-// Backward tiles (backward_kernels.cuh): 4 warps of 16 rows, two cp.async stages. dK/dV (64 keys per CTA) holds two
-// D-wide fp32 accumulators per warp (dK, dV) beside its 16 x BLOCK_M S^T and dP^T tiles; dQ (64 query rows per CTA)
-// one, beside 16 x BLOCK_N S and dP tiles. The query (dK/dV) and key (dQ) steps are as wide as 255 registers allow
-// without spilling: 64 rows at D = 64 (231-242 registers, 49 KB of shared memory), 32 at D = 128 (222-244
-// registers, 64 KB; 64 spills). At more than 168 registers a thread, registers bound every SM to two CTAs; at
-// D = 128 two Wide CTAs do not fit in the 100 KB of sm_86 / sm_89, where the Narrow tiles (16-row steps, 48 KB,
-// 180-238 registers) keep two.
+// Backward tiles (backward_kernels.cuh): 4 warps, two cp.async stages. dK/dV (64 keys per CTA, 16 per warp) holds
+// two D-wide fp32 accumulators per warp (dK, dV) beside its 16 x BLOCK_M S^T and dP^T tiles, so it steps through
+// 64 query rows at D = 64 (232-240 registers, 49 KB of shared memory) and 32 at D = 128 (238-246 registers, 64.5
+// KB; 64 spills). dQ gives each warp 32 query rows (128 per CTA), so every K / V fragment serves two 16-row mma
+// blocks: 32-key steps at D = 64 (248-249 registers, 48 KB), 16-key steps at D = 128 (241-243 registers, 80 KB).
+// At more than 168 registers a thread, registers bound every SM to two CTAs (8 warps). Where two Wide CTAs do not
+// fit in shared memory (D = 128 on the 100 KB sm_86 / sm_89), the Narrow tiles (dK/dV 16-row steps, 48.3 KB; dQ
+// 16 rows a warp, 16-key steps, 48 KB) keep two.
 template <int D>
 struct BackwardTiles;
 
 template <>
 struct BackwardTiles<64> {
   using WideDkdv = DkdvTile<64, 64, 64, 4, 2>;
-  using WideDq = DqTile<64, 64, 64, 4, 2>;
+  using WideDq = DqTile<64, 128, 32, 4, 2>;
   using NarrowDkdv = WideDkdv;
   using NarrowDq = WideDq;
 };
@@ -84,7 +85,7 @@ struct BackwardTiles<64> {
 template <>
 struct BackwardTiles<128> {
   using WideDkdv = DkdvTile<128, 32, 64, 4, 2>;
-  using WideDq = DqTile<128, 64, 32, 4, 2>;
+  using WideDq = DqTile<128, 128, 16, 4, 2>;
   using NarrowDkdv = DkdvTile<128, 16, 64, 4, 2>;
   using NarrowDq = DqTile<128, 64, 16, 4, 2>;
 };

@@ -113,47 +113,61 @@ MGF_DEV BackwardPointwise make_pointwise(const AttentionParams& p, int b, int h)
                            p.n_k};
 }
 
-// x1 = A1 B1^T and x2 = A2 B2^T over the head dim for this warp's 16 rows of A1, A2 (rows a_row.. of swizzled
+// x1 = A1 B1^T and x2 = A2 B2^T over the head dim for this warp's MT * 16 rows of A1, A2 (rows a_row.. of swizzled
 // (*, D) tiles) and the NT * 8 rows of B1, B2 (rows 0.. of swizzled (NT * 8, D) tiles): S / dP in the dQ kernel,
-// S^T / dP^T in the dK/dV kernel. Per 16-wide step of D: 2 + NT ldmatrix.x4 for 2 * NT mma.
-template <typename T, int NT, int D>
-MGF_DEV void paired_products(float (&x1)[NT][4], float (&x2)[NT][4], const T* a1, const T* a2, int a_row,
+// S^T / dP^T in the dK/dV kernel. Per 16-wide step of D: 2 * MT + NT ldmatrix.x4 for 2 * MT * NT mma (each B
+// fragment serves the MT row blocks).
+template <typename T, int MT, int NT, int D>
+MGF_DEV void paired_products(float (&x1)[MT][NT][4], float (&x2)[MT][NT][4], const T* a1, const T* a2, int a_row,
                              const T* b1, const T* b2, int lane) {
   static_assert(NT % 2 == 0, "B tiles come in pairs of 8 rows (one ldmatrix.x4)");
 #pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
+  for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) x1[nt][e] = x2[nt][e] = 0.0f;
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) x1[mt][nt][e] = x2[mt][nt][e] = 0.0f;
+    }
   }
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
-    uint32_t f1[4], f2[4];
-    ldsm_a<D>(f1, a1, a_row, kk * 16, lane);
-    ldsm_a<D>(f2, a2, a_row, kk * 16, lane);
+    uint32_t f1[MT][4], f2[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      ldsm_a<D>(f1[mt], a1, a_row + mt * 16, kk * 16, lane);
+      ldsm_a<D>(f2[mt], a2, a_row + mt * 16, kk * 16, lane);
+    }
 #pragma unroll
     for (int np = 0; np < NT / 2; ++np) {
       uint32_t g1[2][2], g2[2][2];
       ldsm_b<D>(g1[0], g1[1], b1, np * 16, kk * 16, lane);
       ldsm_b<D>(g2[0], g2[1], b2, np * 16, kk * 16, lane);
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        mma_16816<T>(x1[2 * np + half], f1, g1[half]);
-        mma_16816<T>(x2[2 * np + half], f2, g2[half]);
+      for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          mma_16816<T>(x1[mt][2 * np + half], f1[mt], g1[half]);
+          mma_16816<T>(x2[mt][2 * np + half], f2[mt], g2[half]);
+        }
       }
     }
   }
 }
 
-// acc[dn] += A B over K = KT * 16 rows: A the bf16 / fp16 A fragments a[kk] of a 16 x (KT * 16) product, B rows
-// kk * 16.. of a swizzled (*, D) tile read as B(k = row, n = column) with ldmatrix.trans.
-template <typename T, int D>
-MGF_DEV void accumulate_rows(float (&acc)[D / 8][4], const uint32_t (&a)[4], const T* b, int b_row, int lane) {
+// acc[mt][dn] += A_mt B for a 16-deep step: A_mt the A fragments of MT row blocks, B rows b_row.. b_row + 15 of a
+// swizzled (*, D) tile read as B(k = row, n = column) with ldmatrix.trans (one per 16 columns, serving MT blocks).
+template <typename T, int MT, int D>
+MGF_DEV void accumulate_rows(float (&acc)[MT][D / 8][4], const uint32_t (&a)[MT][4], const T* b, int b_row,
+                             int lane) {
 #pragma unroll
   for (int dp = 0; dp < D / 16; ++dp) {
     uint32_t g[2][2];
     ldsm_b_trans<D>(g[0], g[1], b, b_row, dp * 16, lane);
-    mma_16816<T>(acc[2 * dp], a, g[0]);
-    mma_16816<T>(acc[2 * dp + 1], a, g[1]);
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      mma_16816<T>(acc[mt][2 * dp], a[mt], g[0]);
+      mma_16816<T>(acc[mt][2 * dp + 1], a[mt], g[1]);
+    }
   }
 }
 
@@ -176,14 +190,15 @@ struct DkdvTile {
   static_assert(STAGES >= 2, "at least one tile in flight");
 };
 
-// dQ: a CTA owns BLOCK_M query rows (16 per warp) and streams BLOCK_N keys at a time through STAGES buffers.
+// dQ: a CTA owns BLOCK_M query rows (ROWS = 16 or 32 per warp: with 32, each K / V fragment serves two row blocks)
+// and streams BLOCK_N keys at a time through STAGES buffers.
 template <int D_, int BLOCK_M_, int BLOCK_N_, int WARPS_, int STAGES_>
 struct DqTile {
   static constexpr int D = D_, BLOCK_M = BLOCK_M_, BLOCK_N = BLOCK_N_, WARPS = WARPS_, STAGES = STAGES_;
-  static constexpr int THREADS = 32 * WARPS_;
+  static constexpr int THREADS = 32 * WARPS_, ROWS = BLOCK_M_ / WARPS_;
   // Q, dO tiles (BLOCK_M rows); per stage K, V tiles (BLOCK_N rows).
   static constexpr int SHARED_BYTES = 2 * BLOCK_M * D * 2 + STAGES * 2 * BLOCK_N * D * 2;
-  static_assert(BLOCK_M == 16 * WARPS, "each warp owns 16 query rows");
+  static_assert(BLOCK_M == ROWS * WARPS && (ROWS == 16 || ROWS == 32), "each warp owns 16 or 32 query rows");
   static_assert(D % 64 == 0 && BLOCK_N % 16 == 0, "swizzled tiles of whole m16n8k16 steps");
   static_assert(STAGES >= 2, "at least one tile in flight");
 };
@@ -230,9 +245,9 @@ MGF_KERNEL void MGF_LAUNCH_BOUNDS(Tile::THREADS, 2) attention_backward_dkdv_kern
     if (tid < 2 * BLOCK_M) stats[(it % STAGES) * 2 * BLOCK_M + tid] = value;
   };
 
-  float dk[D / 8][4], dv[D / 8][4];
-  zero_accumulator<D>(dk);
-  zero_accumulator<D>(dv);
+  float dk[1][D / 8][4], dv[1][D / 8][4];  // one 16-key block per warp
+  zero_accumulator<D>(dk[0]);
+  zero_accumulator<D>(dv[0]);
   if (n_tiles > 0) {
     load_tile_async<BLOCK_N, D, THREADS>(sk, static_cast<const T*>(p.k) + b * p.k_strides.batch + hk * p.k_strides.head,
                                          p.k_strides.row, n0, p.n_k, tid);
@@ -262,8 +277,8 @@ MGF_KERNEL void MGF_LAUNCH_BOUNDS(Tile::THREADS, 2) attention_backward_dkdv_kern
     const float* s_delta = s_lse2 + BLOCK_M;
 
     // S^T = K Q^T and dP^T = V dO^T: A = this warp's K (V) rows, B(k = d, n = query) = Q[query][d] (dO).
-    float st[BLOCK_M / 8][4], dpt[BLOCK_M / 8][4];
-    paired_products<T, BLOCK_M / 8, D>(st, dpt, sk, sv, warp * 16, sq, sdo, lane);
+    float st[1][BLOCK_M / 8][4], dpt[1][BLOCK_M / 8][4];
+    paired_products<T, 1, BLOCK_M / 8, D>(st, dpt, sk, sv, warp * 16, sq, sdo, lane);
 
     // Pointwise: st <- dropout(P)^T, dpt <- dS^T. A warp whose 16 keys x BLOCK_M queries lie wholly inside the
     // window and the bounds, without a mask, skips the per-element visibility test.
@@ -279,20 +294,20 @@ MGF_KERNEL void MGF_LAUNCH_BOUNDS(Tile::THREADS, 2) attention_backward_dkdv_kern
       for (int e = 0; e < 4; ++e) {
         const int i = m0 + i_local + (e & 1), j = key_lo + 8 * (e >> 1);
         float p_dropped;
-        dpt[nt][e] = pointwise(whole || visible(i, j), i, j, st[nt][e], dpt[nt][e], (e & 1) ? lse2.y : lse2.x,
-                               (e & 1) ? delta.y : delta.x, p_dropped);
-        st[nt][e] = p_dropped;
+        dpt[0][nt][e] = pointwise(whole || visible(i, j), i, j, st[0][nt][e], dpt[0][nt][e],
+                                  (e & 1) ? lse2.y : lse2.x, (e & 1) ? delta.y : delta.x, p_dropped);
+        st[0][nt][e] = p_dropped;
       }
     }
 
     // dV += dropout(P)^T dO and dK += dS^T Q: B(k = query, n = d) = dO[query][d] (Q), read transposed.
 #pragma unroll
     for (int kk = 0; kk < BLOCK_M / 16; ++kk) {
-      uint32_t a[4];
-      c_to_a<T>(a, st[2 * kk], st[2 * kk + 1]);
-      accumulate_rows<T, D>(dv, a, sdo, kk * 16, lane);
-      c_to_a<T>(a, dpt[2 * kk], dpt[2 * kk + 1]);
-      accumulate_rows<T, D>(dk, a, sq, kk * 16, lane);
+      uint32_t a[1][4];
+      c_to_a<T>(a[0], st[0][2 * kk], st[0][2 * kk + 1]);
+      accumulate_rows<T, 1, D>(dv, a, sdo, kk * 16, lane);
+      c_to_a<T>(a[0], dpt[0][2 * kk], dpt[0][2 * kk + 1]);
+      accumulate_rows<T, 1, D>(dk, a, sq, kk * 16, lane);
     }
     // Tile ``next``'s statistics go to a buffer last read during tile it - 1 and next read after a later barrier.
     if (next < n_tiles) store_stat(next, next_stat);
@@ -301,9 +316,9 @@ MGF_KERNEL void MGF_LAUNCH_BOUNDS(Tile::THREADS, 2) attention_backward_dkdv_kern
 
   const float dk_scale[2] = {p.scale, p.scale}, one[2] = {1.0f, 1.0f};
   store_rows<D>(static_cast<T*>(p.grad_k) + b * p.grad_k_strides.batch + hk * p.grad_k_strides.head,
-                p.grad_k_strides.row, dk, key_lo, p.n_k, dk_scale, lane);
+                p.grad_k_strides.row, dk[0], key_lo, p.n_k, dk_scale, lane);
   store_rows<D>(static_cast<T*>(p.grad_v) + b * p.grad_v_strides.batch + hk * p.grad_v_strides.head,
-                p.grad_v_strides.row, dv, key_lo, p.n_k, one, lane);
+                p.grad_v_strides.row, dv[0], key_lo, p.n_k, one, lane);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -311,7 +326,7 @@ MGF_KERNEL void MGF_LAUNCH_BOUNDS(Tile::THREADS, 2) attention_backward_dkdv_kern
 template <typename T, typename Tile>
 MGF_KERNEL void MGF_LAUNCH_BOUNDS(Tile::THREADS, 2) attention_backward_dq_kernel(const AttentionParams p) {
   constexpr int D = Tile::D, BLOCK_M = Tile::BLOCK_M, BLOCK_N = Tile::BLOCK_N, STAGES = Tile::STAGES;
-  constexpr int THREADS = Tile::THREADS;
+  constexpr int THREADS = Tile::THREADS, ROWS = Tile::ROWS, MT = ROWS / 16;
   const int tid = thread_index(), lane = tid & 31, warp = tid >> 5, t = lane & 3;
   const int m0 = block_index_x() * BLOCK_M, h = block_index_y(), b = block_index_z();
   const int hk = h / (p.heads_q / p.heads_k);
@@ -347,18 +362,23 @@ MGF_KERNEL void MGF_LAUNCH_BOUNDS(Tile::THREADS, 2) attention_backward_dq_kernel
     cp_async_commit();
   }
 
-  const int row_lo = m0 + warp * 16 + (lane >> 2);  // this lane's rows: row_lo and row_lo + 8
+  const int row0 = m0 + warp * ROWS;               // this warp's rows: row0 .. row0 + ROWS - 1
+  const int row_lo = row0 + (lane >> 2);           // this lane's rows: row_lo + 16 mt and row_lo + 16 mt + 8
   const int64_t row_stats = (static_cast<int64_t>(b) * p.heads_q + h) * p.n_q;
-  float lse2[2], delta[2];
+  float lse2[MT][2], delta[MT][2];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int i = row_lo + 8 * r;
-    lse2[r] = i < p.n_q ? p.lse[row_stats + i] * kLog2e : INFINITY;
-    delta[r] = i < p.n_q ? p.delta[row_stats + i] : 0.0f;
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int i = row_lo + 16 * mt + 8 * r;
+      lse2[mt][r] = i < p.n_q ? p.lse[row_stats + i] * kLog2e : INFINITY;
+      delta[mt][r] = i < p.n_q ? p.delta[row_stats + i] : 0.0f;
+    }
   }
 
-  float dq[D / 8][4];
-  zero_accumulator<D>(dq);
+  float dq[MT][D / 8][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) zero_accumulator<D>(dq[mt]);
   for (int it = 0; it < n_tiles; ++it) {
     cp_async_wait<STAGES - 2>();  // this thread's copies of tile it (and Q, dO) landed
     block_sync();                 // everyone's landed; every warp is done with tile it - 1 and its buffer
@@ -370,34 +390,42 @@ MGF_KERNEL void MGF_LAUNCH_BOUNDS(Tile::THREADS, 2) attention_backward_dq_kernel
     const T* sv = sk + BLOCK_N * D;
 
     // S = Q K^T and dP = dO V^T: A = this warp's Q (dO) rows, B(k = d, n = key) = K[key][d] (V).
-    float s[BLOCK_N / 8][4], dp[BLOCK_N / 8][4];
-    paired_products<T, BLOCK_N / 8, D>(s, dp, sq, sdo, warp * 16, sk, sv, lane);
+    float s[MT][BLOCK_N / 8][4], dp[MT][BLOCK_N / 8][4];
+    paired_products<T, MT, BLOCK_N / 8, D>(s, dp, sq, sdo, warp * ROWS, sk, sv, lane);
 
-    // Pointwise: s <- dS (a warp whose 16 rows x BLOCK_N keys need no visibility test skips it).
-    const bool whole = visible.whole_tile(m0 + warp * 16, m0 + warp * 16 + 16, n0, n0 + BLOCK_N);
+    // Pointwise: s <- dS (a warp whose rows x BLOCK_N keys need no visibility test skips it).
+    const bool whole = visible.whole_tile(row0, row0 + ROWS, n0, n0 + BLOCK_N);
 #pragma unroll
-    for (int nt = 0; nt < BLOCK_N / 8; ++nt) {
+    for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = row_lo + 8 * (e >> 1), j = n0 + nt * 8 + 2 * t + (e & 1);
-        float unused;
-        s[nt][e] = pointwise(whole || visible(i, j), i, j, s[nt][e], dp[nt][e], lse2[e >> 1], delta[e >> 1], unused);
+      for (int nt = 0; nt < BLOCK_N / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = row_lo + 16 * mt + 8 * (e >> 1), j = n0 + nt * 8 + 2 * t + (e & 1);
+          float unused;
+          s[mt][nt][e] = pointwise(whole || visible(i, j), i, j, s[mt][nt][e], dp[mt][nt][e], lse2[mt][e >> 1],
+                                   delta[mt][e >> 1], unused);
+        }
       }
     }
 
     // dQ += dS K: B(k = key, n = d) = K[key][d], read transposed.
 #pragma unroll
     for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
-      uint32_t a[4];
-      c_to_a<T>(a, s[2 * kk], s[2 * kk + 1]);
-      accumulate_rows<T, D>(dq, a, sk, kk * 16, lane);
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) c_to_a<T>(a[mt], s[mt][2 * kk], s[mt][2 * kk + 1]);
+      accumulate_rows<T, MT, D>(dq, a, sk, kk * 16, lane);
     }
   }
   // No copy is pending here: the groups committed after the last tile's wait are empty.
 
   const float dq_scale[2] = {p.scale, p.scale};
-  store_rows<D>(static_cast<T*>(p.grad_q) + b * p.grad_q_strides.batch + h * p.grad_q_strides.head,
-                p.grad_q_strides.row, dq, row_lo, p.n_q, dq_scale, lane);
+  T* grad_q = static_cast<T*>(p.grad_q) + b * p.grad_q_strides.batch + h * p.grad_q_strides.head;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    store_rows<D>(grad_q, p.grad_q_strides.row, dq[mt], row_lo + 16 * mt, p.n_q, dq_scale, lane);
+  }
 }
 
 }  // namespace attention
