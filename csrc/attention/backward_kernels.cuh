@@ -5,8 +5,8 @@
 //   attention_backward_dkdv_kernel: a CTA owns BLOCK_N keys of one (batch, kv head), 16 per warp, and streams the
 //     BLOCK_M-row tiles of Q and dO of every query head of its GQA group that the window lets see those keys,
 //     accumulating dK = scale * dS^T Q and dV = dropout(P)^T dO in registers;
-//   attention_backward_dq_kernel: a CTA owns BLOCK_M query rows, 16 per warp, and streams the BLOCK_N-key tiles of
-//     K and V its window sees, accumulating dQ = scale * dS K in registers;
+//   attention_backward_dq_kernel: a CTA owns BLOCK_M query rows, 16 or 32 per warp, and streams the BLOCK_N-key
+//     tiles of K and V its window sees, accumulating dQ = scale * dS K in registers;
 // with P recomputed from the forward's lse, dP = dO V^T and dS = P * (dropout(dP) - delta) (times 1 - tanh^2 of the
 // capped score under a softcap). Recomputing S and dP in the dQ pass costs two matmuls per tile over an atomic dQ
 // and buys bit-identical gradients run to run.
