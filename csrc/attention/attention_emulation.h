@@ -1,55 +1,57 @@
 // CPU emulation of the primitives in warp_primitives.cuh, so the attention kernels run without a GPU in tests.
 //
 // Compiled only with MGF_ATTENTION_EMULATION defined, by a host C++ compiler (never part of the extension; -std=c++20
-// for the test hooks below, C++17 works without them). Every CUDA thread of a block becomes a fiber (ucontext) on
-// one OS thread. The emulation is adversarial: it runs the real kernel code in schedules a GPU may produce and
-// makes the usual synchronisation mistakes visible as wrong results or as an abort with a message, instead of
-// hiding them behind a convenient order. What it guarantees:
+// for the test hooks below, C++17 works without them). Every CUDA thread of a block becomes a fiber (ucontext) on one
+// OS thread. The emulation is adversarial: it runs the real kernel code in schedules a GPU may produce and makes the
+// usual synchronisation mistakes visible as wrong results or as an abort with a message, instead of hiding them behind
+// a convenient order. What it guarantees:
 //
-// * Collectives. block_sync() and the warp-collective operations (warp_shfl_xor, mma_16816, ldmatrix_*) gather all
-//   32 lanes' operands before any lane gets a result, and compute the result at one instant (so an ldmatrix reads
-//   shared memory atomically for the warp), with the PTX fragment layouts. Lanes of one warp that reach different
+// * Collectives. block_sync() and the warp-collective operations (warp_sync, warp_shfl_xor, mma_16816, ldmatrix_*)
+//   gather all 32 lanes' operands before any lane gets a result, and compute the result at one instant (so an ldmatrix
+//   reads shared memory atomically for the warp), with the PTX fragment layouts. Lanes of one warp that reach different
 //   collectives (a divergent .sync.aligned instruction) abort; so does a barrier that can never complete (a divergent
 //   block_sync(), or one some threads skip by returning): "deadlock".
-// * Schedule. Fibers switch only at collectives and barriers. Between two barriers the warps run in an order drawn
-//   from a seeded PRNG: each step advances one warp (every runnable lane, in lane order, up to its next collective),
-//   and the next warp is picked at random among the runnable ones; per block the PRNG also picks how "sticky" the
-//   schedule is (a new warp every step, mostly the same warp, or each warp up to its next block barrier, in a random
-//   warp order). So a missing block_sync() — a warp reading shared data another warp has not written yet, or has
-//   already overwritten — gives wrong results for some seed. The seed is emulation::set_schedule_seed(uint64_t)
+// * Schedule. Fibers switch only at collectives and barriers. Between two barriers the warps run in an order drawn from
+//   a seeded PRNG: each step advances one warp (every runnable lane, in a random rotation of lane order, up to its next
+//   collective), and the next warp is picked at random among the runnable ones; per block the PRNG also picks how
+//   "sticky" the schedule is (a new warp every step, mostly the same warp, or each warp up to its next block barrier,
+//   in a random warp order). So a missing block_sync() — a warp reading shared data another warp has not written yet,
+//   or has already overwritten — gives wrong results for some seed. The seed is emulation::set_schedule_seed(uint64_t)
 //   (initially $MGF_EMULATION_SEED if set, else kDefaultScheduleSeed); the schedule of a block depends only on the
 //   seed, the launch count since the seed was set and the block index, so a failing seed reproduces.
 // * Shared memory starts filled with 0xff bytes (NaN in fp16, bf16 and fp32), so a read of bytes nobody wrote shows.
-// * cp.async. cp_async_16 reads its source at issue (a zero-filled row when !valid) and queues the copy in the
-//   issuing thread's current group; cp_async_commit() closes the group; cp_async_wait<N>() lands (writes into shared
-//   memory) the thread's copies of every committed group except the newest N, cp_async_wait_all() every copy. A copy
-//   lands ONLY there, so a missing or too-weak wait reads stale bytes (the previous tile, or the 0xff fill). A copy
-//   still pending when its thread finishes the kernel aborts with a message: every copy a kernel issues must be
-//   retired by a wait (a prefetch beyond the last tile is a bug or wasted bandwidth; empty groups are fine).
-//   Addresses: the destination must be 16-byte aligned inside the block's dynamic shared memory, a valid source
-//   16-byte aligned and outside it; otherwise abort.
+// * cp.async. cp_async_16 reads its source at issue (a zero-filled row when !valid) and queues the copy in the issuing
+//   thread's current group; cp_async_commit() closes the group; cp_async_wait<N>() lands (writes into shared memory)
+//   the thread's copies of every committed group except the newest N, cp_async_wait_all() every copy. A copy lands ONLY
+//   there, so a missing or too-weak wait reads stale bytes (the previous tile, or the 0xff fill). A copy still pending
+//   when its thread finishes the kernel aborts with a message: every copy a kernel issues must be retired by a wait (a
+//   prefetch beyond the last tile is a bug or wasted bandwidth; empty groups are fine). Addresses: the destination must
+//   be 16-byte aligned inside the block's dynamic shared memory, a valid source 16-byte aligned and outside it;
+//   otherwise abort.
 // * ldmatrix. Row addresses (lanes 0-7 for x1, 0-15 for x2, all 32 for x4) must be 16-byte aligned rows inside the
 //   block's shared memory; otherwise abort.
-// * Race detector (shared memory written by cp.async, read by ldmatrix), deterministic whatever the schedule. Each
-//   byte remembers the thread with a copy onto it still pending, the thread whose copy last landed on it, and the
-//   warps that read it with ldmatrix, per barrier epoch (the count of completed block_sync()s). These abort with a
-//   message naming both threads: an ldmatrix of a byte with a pending copy (a missing wait, whoever issued it); an
-//   ldmatrix of a byte another warp's copy landed on in the same epoch (a missing block_sync() after the wait); a copy
-//   issued or landing onto a byte another warp read or wrote in the same epoch, or with another thread's copy onto it
-//   pending (a missing block_sync() before a buffer is refilled: on the GPU the copy may land at any time after its
-//   issue). Plain C++ loads and stores of shared memory are not seen by the detector, only by the schedule.
+// * Race detector (shared memory written by cp.async, read by ldmatrix), deterministic whatever the schedule. Each byte
+//   remembers the thread with a copy onto it still pending, the thread whose copy last landed on it, and the warps that
+//   read it with ldmatrix, per barrier epoch (the count of completed block_sync()s). These abort with a message naming
+//   both threads: an ldmatrix of a byte with a pending copy (a missing wait, whoever issued it); an ldmatrix of a byte
+//   another warp's copy landed on in the same epoch (a missing block_sync() after the wait); a copy issued or landing
+//   onto a byte another warp read or wrote in the same epoch, or with another thread's copy onto it pending (a missing
+//   block_sync() before a buffer is refilled: on the GPU the copy may land at any time after its issue). Plain C++
+//   loads and stores of shared memory are not seen by the detector, only by the schedule.
 // * fast_exp2 is exp2f with denormal results flushed to zero (ex2.approx.ftz; the approximation error is not emulated).
 //
 // Test hooks (C++20, std::source_location): compiled with -DMGF_EMULATION_DROP_SYNC_LINE=n, the block_sync() call
-// written on source line n (of any file, or only of the file whose path ends with -DMGF_EMULATION_DROP_FILE=
-// '"name"') does nothing; -DMGF_EMULATION_DROP_WAIT_LINE=n does the same for a cp_async_wait<N>() /
-// cp_async_wait_all() call. The environment variables of the same names do the same at run time (read at the first
-// barrier or wait, so one build serves every removed line). tests/test_cuda_emulator.py uses them to show that removing one
-// barrier or wait from a kernel makes its results wrong.
+// written on source line n (of any file, or only of the file whose path ends with -DMGF_EMULATION_DROP_FILE= '"name"')
+// does nothing; -DMGF_EMULATION_DROP_WAIT_LINE=n does the same for a cp_async_wait<N>() / cp_async_wait_all() call. The
+// environment variables of the same names do the same at run time (read at the first barrier or wait, so one build
+// serves every removed line). tests/test_cuda_emulator.py uses them to show that removing one barrier or wait from a
+// kernel makes its results wrong.
 //
 // Not emulated: timing, the hardware's mma rounding and accumulation order, memory ordering of plain global accesses
-// between blocks (blocks run one after another), and intra-warp races of plain loads/stores between collectives
-// (the lanes of a warp run in lane order there).
+// between blocks (blocks run one after another). Intra-warp races of plain loads/stores (a lane reading another lane's
+// write with no warp_sync(), block_sync() or collective in between) show only through the lane order, which is a random
+// rotation per step (a lane reading a lane that runs after it reads stale bytes); lanes of one warp are never
+// interleaved between two collectives.
 #pragma once
 
 #include <stdint.h>
@@ -146,7 +148,7 @@ struct Fiber {
 
 // What a lane is doing at a warp collective (all 32 lanes must agree): 1 shuffle, 2 mma, 10 + 2 * NUM + TRANS
 // ldmatrix .xNUM[.trans].
-constexpr int kShuffle = 1, kMma = 2;
+constexpr int kShuffle = 1, kMma = 2, kWarpSync = 3;
 constexpr int ldmatrix_kind(int num, bool trans) { return 10 + 2 * num + (trans ? 1 : 0); }
 
 // Operands of one warp-collective operation, one slot per lane. Two slots alternate: a lane can only write slot s
@@ -366,9 +368,12 @@ inline void run_block(Dim3 index, int threads, size_t shared_bytes, const std::f
       w = runnable[splitmix64(rng) % runnable.size()];
     }
     last = w;
-    // One step: every runnable lane of warp w, in lane order, up to its next collective (or barrier, or the end).
-    for (int lane = 0; lane < 32; ++lane) {
-      const int i = w * 32 + lane;
+    // One step: every runnable lane of warp w, in a random rotation of lane order (either direction), up to its
+    // next collective (or barrier, or the end).
+    const uint64_t order = splitmix64(rng);
+    const int first = static_cast<int>(order % 32), direction = (order >> 5) & 1 ? 1 : 31;
+    for (int k = 0; k < 32; ++k) {
+      const int i = w * 32 + (first + k * direction) % 32;
       if (block.fibers[i].state == FiberState::kRunnable) {
         block.current = i;
         swapcontext(&block.scheduler, &block.fibers[i].context);
@@ -421,7 +426,7 @@ inline void warp_collective(int kind, Complete&& complete) {
         char message[200];
         snprintf(message, sizeof message,
                  "warp %d of block (%d, %d, %d): lanes 0 and %d reached different warp-collective operations "
-                 "(%d, %d: 1 shuffle, 2 mma, 10 + 2 x + trans ldmatrix .x[.trans])",
+                 "(%d, %d: 1 shuffle, 2 mma, 3 warp_sync, 10 + 2 x + trans ldmatrix .x[.trans])",
                  block.current >> 5, block.index.x, block.index.y, block.index.z, l, slot.kind[0], slot.kind[l]);
         fail(message);
       }
@@ -597,6 +602,9 @@ inline void block_sync(emulation::SourceLocation where MGF_EMULATION_HERE) {
   block.fibers[block.current].state = FiberState::kWaitBlock;
   yield_to_scheduler();
 }
+
+// __syncwarp: a warp collective with no operands (every lane's earlier writes are done before any lane goes on).
+inline void warp_sync() { emulation::warp_collective(emulation::kWarpSync, [](emulation::WarpExchange&) {}); }
 
 inline float warp_shfl_xor(float value, int mask) {
   using namespace emulation;

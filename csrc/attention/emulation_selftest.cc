@@ -117,6 +117,15 @@ MGF_KERNEL void barrier_kernel(const BarrierArgs args) {
   args.out[tid] = shared[tid ^ 32] + 0.0f * x;  // the partner warp's value
 }
 
+// ---- intra-warp: each lane reads its neighbour's plain store, after warp_sync() or not ----------------------------
+MGF_KERNEL void warp_sync_kernel(const BarrierArgs args) {
+  float* shared = reinterpret_cast<float*>(dynamic_shared_memory());
+  const int lane = thread_index();
+  shared[lane] = static_cast<float>(lane + 1);
+  if (args.with_barrier) warp_sync();
+  args.out[lane] = shared[(lane + 1) % 32];
+}
+
 // ---- a cp.async pipeline: C = A B with double-buffered tiles, ldmatrix and mma ----------------------------------
 // A (64 x K) and B (K x 32) row major, fp16, K a multiple of 8; 128 threads, warp w computes C rows 16w..16w+15.
 // K tiles of 32; the last tile is partly past K and zero-filled (valid == false).
@@ -237,6 +246,11 @@ int mgf_selftest_cp_async(const unsigned char* src, unsigned char* out) {
 
 int mgf_selftest_barrier(int with_barrier, float* out) {
   em::launch(&barrier_kernel, em::Dim3{}, 64, 64 * sizeof(float), BarrierArgs{with_barrier, out});
+  return 0;
+}
+
+int mgf_selftest_warp_sync(int with_sync, float* out) {
+  em::launch(&warp_sync_kernel, em::Dim3{}, 32, 32 * sizeof(float), BarrierArgs{with_sync, out});
   return 0;
 }
 

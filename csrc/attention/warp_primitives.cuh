@@ -35,6 +35,8 @@ MGF_DEV int block_index_x() { return blockIdx.x; }
 MGF_DEV int block_index_y() { return blockIdx.y; }
 MGF_DEV int block_index_z() { return blockIdx.z; }
 MGF_DEV void block_sync() { __syncthreads(); }
+// __syncwarp(): the lanes of this warp see each other's shared-memory writes made before it (every lane must call it).
+MGF_DEV void warp_sync() { __syncwarp(0xffffffffu); }
 
 // Exchange with the lane whose index is lane ^ mask (mask 1, 2: inside the quad of lanes sharing a C row).
 MGF_DEV float warp_shfl_xor(float value, int mask) { return __shfl_xor_sync(0xffffffffu, value, mask); }
