@@ -340,8 +340,12 @@ def _check_values(seqlens, new, nq, capacity, rows, page_size, cache_batch_idx, 
     """The checks that read the index tensors; returns ``(min, max)`` of ``seqlens`` (None when it is empty)."""
     bounds = None
     if seqlens.numel():
-        lo, hi = torch.aminmax(seqlens)
-        lo, hi = bounds = int(lo), int(hi)
+        if seqlens.numel() <= 64:  # one read of a few values beats a reduction and two reads (one sync on a GPU)
+            values = seqlens.tolist()
+            lo, hi = bounds = min(values), max(values)
+        else:
+            lo, hi = torch.aminmax(seqlens)
+            lo, hi = bounds = int(lo), int(hi)
         if lo < 0:
             raise check.ArgumentError(f"cache_seqlens must be >= 0, found {lo}")
         if hi + new > capacity:
