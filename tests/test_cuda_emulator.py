@@ -173,6 +173,24 @@ def test_lanes_see_each_other_only_after_warp_sync(selftest):
             assert torch.equal(out, expected) == bool(with_sync), (seed, with_sync, out)
 
 
+def test_plain_stores_read_by_another_warps_ldmatrix_need_a_barrier(selftest, selftest_path):
+    """Each of two warps stores a tile with plain stores and ldmatrix-reads the other's: right after a block_sync();
+    without it the race detector aborts, naming both warps, whatever the seed."""
+    out = torch.zeros(64)
+    assert selftest.mgf_selftest_plain_store(1, _ptr(out)) == 0
+    assert torch.equal(out, torch.tensor([float(4 * (lane // 4) * 4 + 2 * (lane % 4) + 1) for lane in range(32)] * 2))
+    for seed in SEEDS[:3]:
+        proc = _isolated(
+            selftest_path,
+            f"""
+            lib.mgf_selftest_set_seed.argtypes = [ctypes.c_uint64]
+            lib.mgf_selftest_set_seed({seed})
+            lib.mgf_selftest_plain_store(0, (ctypes.c_float * 64)())
+            """,
+        )
+        assert proc.returncode != 0 and "stored to it with no block_sync() in between" in proc.stderr, proc.stderr
+
+
 def _pipeline_inputs(k: int):
     gen = torch.Generator().manual_seed(k)
     a = torch.randn(64, k, generator=gen).half()

@@ -30,14 +30,17 @@
 //   otherwise abort.
 // * ldmatrix. Row addresses (lanes 0-7 for x1, 0-15 for x2, all 32 for x4) must be 16-byte aligned rows inside the
 //   block's shared memory; otherwise abort.
-// * Race detector (shared memory written by cp.async, read by ldmatrix), deterministic whatever the schedule. Each byte
-//   remembers the thread with a copy onto it still pending, the thread whose copy last landed on it, and the warps that
-//   read it with ldmatrix, per barrier epoch (the count of completed block_sync()s). These abort with a message naming
-//   both threads: an ldmatrix of a byte with a pending copy (a missing wait, whoever issued it); an ldmatrix of a byte
-//   another warp's copy landed on in the same epoch (a missing block_sync() after the wait); a copy issued or landing
-//   onto a byte another warp read or wrote in the same epoch, or with another thread's copy onto it pending (a missing
-//   block_sync() before a buffer is refilled: on the GPU the copy may land at any time after its issue). Plain C++
-//   loads and stores of shared memory are not seen by the detector, only by the schedule.
+// * Race detector (shared memory written by cp.async or plain stores, read by ldmatrix), deterministic whatever the
+//   schedule. Each byte remembers the thread with a copy onto it still pending, the thread whose copy last landed on it
+//   (or the warp whose plain store last changed it: shared memory is compared with a snapshot after every scheduling
+//   step, before a barrier completes and before copies land; $MGF_EMULATION_PLAIN_RACES=0 turns that off), and the
+//   warps that read it with ldmatrix, per barrier epoch (the count of completed block_sync()s). These abort with a
+//   message naming both sides: an ldmatrix of a byte with a pending copy (a missing wait, whoever issued it); an
+//   ldmatrix of a byte another warp wrote in the same epoch (a missing block_sync() after the wait or the stores); a
+//   copy issued or landing, or a plain store, onto a byte another warp read or wrote in the same epoch, or with another
+//   thread's copy onto it pending (a missing block_sync() before a buffer is refilled: on the GPU the copy may land at
+//   any time after its issue). Plain loads are not seen by the detector, only by the schedule; nor are stores that
+//   leave a byte's value unchanged.
 // * fast_exp2 is exp2f with denormal results flushed to zero (ex2.approx.ftz; the approximation error is not emulated).
 //
 // Test hooks (C++20, std::source_location): compiled with -DMGF_EMULATION_DROP_SYNC_LINE=n, the block_sync() call
@@ -130,6 +133,19 @@ inline void set_schedule_seed(uint64_t seed) {
   schedule_seed().launches = 0;
 }
 
+// Whether the race detector also tracks plain stores to shared memory (it compares shared memory with a snapshot
+// after every scheduling step, barrier and landing; cheap next to the fiber switches). On unless
+// $MGF_EMULATION_PLAIN_RACES is 0.
+inline bool& plain_store_tracking() {
+  static bool on = [] {
+    const char* env = getenv("MGF_EMULATION_PLAIN_RACES");
+    return env == nullptr || strcmp(env, "0") != 0;
+  }();
+  return on;
+}
+
+inline void set_plain_store_tracking(bool on) { plain_store_tracking() = on; }
+
 enum class FiberState { kRunnable, kWaitWarp, kWaitBlock, kDone };
 
 struct PendingCopy {
@@ -170,8 +186,10 @@ struct Warp {
 
 // Per-byte access record of the race detector (see the header comment).
 struct ByteRecord {
-  int32_t writer = -1;   // thread whose cp.async copy last landed here
+  int32_t writer = -1;   // thread whose cp.async copy last landed here (a plain store: the first thread of its warp)
   int32_t pending = -1;  // thread with a cp.async copy onto this byte issued and not landed yet
+  bool plain = false;    // the last write was a plain store (seen by the optional plain-store tracking)
+  uint32_t pending_step = 0;  // the scheduling step that issued the pending copy
   uint32_t write_epoch = 0;
   uint32_t read_epoch = 0;
   uint32_t readers = 0;  // bit w: warp w read it with ldmatrix in read_epoch
@@ -186,7 +204,10 @@ struct Block {
   std::vector<Fiber> fibers;
   std::vector<Warp> warps;
   std::vector<ByteRecord> records;  // allocated at the first tracked access
+  bool track_plain = false;         // plain stores are tracked (snapshot holds shared memory as last seen)
+  std::vector<char> snapshot;
   uint32_t epoch = 1;               // completed block barriers + 1
+  uint32_t step = 0;                // scheduling steps so far
   int block_arrived = 0;
   int current = 0;
   ucontext_t scheduler;
@@ -250,9 +271,14 @@ inline void track_read(Block& block, int warp, const char* p, size_t bytes) {
       race(block, p + i, what);
     }
     if (r[i].writer >= 0 && r[i].write_epoch == block.epoch && (r[i].writer >> 5) != warp) {
-      snprintf(what, sizeof what,
-               "warp %d reads it (ldmatrix) after thread %d's cp.async landed on it with no block_sync() in between",
-               warp, r[i].writer);
+      if (r[i].plain) {
+        snprintf(what, sizeof what, "warp %d reads it (ldmatrix) after warp %d stored to it with no block_sync() in between",
+                 warp, r[i].writer >> 5);
+      } else {
+        snprintf(what, sizeof what,
+                 "warp %d reads it (ldmatrix) after thread %d's cp.async landed on it with no block_sync() in between",
+                 warp, r[i].writer);
+      }
       race(block, p + i, what);
     }
     if (r[i].read_epoch != block.epoch) {
@@ -283,17 +309,60 @@ inline void track_write(Block& block, int thread, const char* p, bool landing) {
     }
     if (r[i].writer >= 0 && r[i].write_epoch == block.epoch && (r[i].writer >> 5) != warp) {
       snprintf(what, sizeof what,
-               "thread %d's cp.async %s onto it after thread %d's copy landed on it with no block_sync() in between",
-               thread, landing ? "lands" : "is issued", r[i].writer);
+               "thread %d's cp.async %s onto it after %s %d wrote it with no block_sync() in between", thread,
+               landing ? "lands" : "is issued", r[i].plain ? "a plain store of warp" : "a cp.async of thread",
+               r[i].plain ? r[i].writer >> 5 : r[i].writer);
       race(block, p + i, what);
     }
     if (landing) {
+      r[i].plain = false;
       r[i].pending = -1;
       r[i].writer = thread;
       r[i].write_epoch = block.epoch;
     } else {
       r[i].pending = thread;
+      r[i].pending_step = block.step;
     }
+  }
+}
+
+// Plain-store tracking: the bytes of shared memory that changed since the snapshot were stored by warp ``warp``
+// (the warp whose step is running) in this epoch; check them like a cp.async landing, and record them.
+inline void flush_plain_stores(Block& block, int warp) {
+  if (!block.track_plain) return;
+  const char* now = block.shared_base;
+  char* seen = block.snapshot.data();
+  const size_t n = block.shared_bytes;
+  if (memcmp(now, seen, n) == 0) return;
+  char what[300];
+  for (size_t chunk = 0; chunk < n; chunk += 256) {
+    const size_t end = std::min(n, chunk + 256);
+    if (memcmp(now + chunk, seen + chunk, end - chunk) == 0) continue;
+    ByteRecord* r = records_at(block, now);
+    for (size_t i = chunk; i < end; ++i) {
+      if (now[i] == seen[i]) continue;
+      // (A copy this warp issued in this step may have come after the store: the order within a step is unknown.)
+      if (r[i].pending >= 0 && !((r[i].pending >> 5) == warp && r[i].pending_step == block.step)) {
+        snprintf(what, sizeof what, "warp %d stores to it while thread %d's cp.async onto it is pending", warp,
+                 r[i].pending);
+        race(block, now + i, what);
+      }
+      if (r[i].read_epoch == block.epoch && (r[i].readers & ~(1u << warp)) != 0) {
+        snprintf(what, sizeof what, "warp %d stores to it after warp %d read it (ldmatrix) with no block_sync() in "
+                 "between", warp, __builtin_ctz(r[i].readers & ~(1u << warp)));
+        race(block, now + i, what);
+      }
+      if (r[i].writer >= 0 && r[i].write_epoch == block.epoch && (r[i].writer >> 5) != warp) {
+        snprintf(what, sizeof what, "warp %d stores to it after %s %d wrote it with no block_sync() in between", warp,
+                 r[i].plain ? "a plain store of warp" : "a cp.async of thread",
+                 r[i].plain ? r[i].writer >> 5 : r[i].writer);
+        race(block, now + i, what);
+      }
+      r[i].writer = warp * 32;
+      r[i].plain = true;
+      r[i].write_epoch = block.epoch;
+    }
+    memcpy(seen + chunk, now + chunk, end - chunk);
   }
 }
 
@@ -313,6 +382,8 @@ inline void run_block(Dim3 index, int threads, size_t shared_bytes, const std::f
   block.fibers.resize(threads);
   block.warps.resize(threads / 32);
   block.body = body;
+  block.track_plain = plain_store_tracking() && shared_bytes > 0;
+  if (block.track_plain) block.snapshot.assign(block.shared_base, block.shared_base + shared_bytes);
   Block* previous = current_block();
   current_block() = &block;
   for (int i = 0; i < threads; ++i) {
@@ -370,6 +441,7 @@ inline void run_block(Dim3 index, int threads, size_t shared_bytes, const std::f
     last = w;
     // One step: every runnable lane of warp w, in a random rotation of lane order (either direction), up to its
     // next collective (or barrier, or the end).
+    ++block.step;
     const uint64_t order = splitmix64(rng);
     const int first = static_cast<int>(order % 32), direction = (order >> 5) & 1 ? 1 : 31;
     for (int k = 0; k < 32; ++k) {
@@ -379,6 +451,7 @@ inline void run_block(Dim3 index, int threads, size_t shared_bytes, const std::f
         swapcontext(&block.scheduler, &block.fibers[i].context);
       }
     }
+    flush_plain_stores(block, w);
   }
   for (int i = 0; i < threads; ++i) {
     const Fiber& f = block.fibers[i];
@@ -501,12 +574,15 @@ inline void ldmatrix(uint32_t (&r)[NUM], const void* row) {
 
 // Lands every pending copy of ``fiber`` whose group is below ``group_end``.
 inline void land_copies(Block& block, Fiber& fiber, uint64_t group_end) {
+  if (fiber.pending.empty() || fiber.pending.front().group >= group_end) return;
+  flush_plain_stores(block, block.current >> 5);  // this step's stores so far are not the copies'
   size_t kept = 0;
   for (size_t i = 0; i < fiber.pending.size(); ++i) {
     PendingCopy& c = fiber.pending[i];
     if (c.group < group_end) {
       track_write(block, block.current, c.dst, true);
       memcpy(c.dst, c.bytes, 16);
+      if (block.track_plain) memcpy(block.snapshot.data() + (c.dst - block.shared_base), c.bytes, 16);
     } else {
       fiber.pending[kept++] = c;
     }
@@ -592,6 +668,7 @@ inline void block_sync(emulation::SourceLocation where MGF_EMULATION_HERE) {
   if (dropped_sync(where)) return;
   Block& block = *current_block();
   if (++block.block_arrived == block.threads) {
+    flush_plain_stores(block, block.current >> 5);  // this step's stores belong to the epoch that ends here
     block.block_arrived = 0;
     ++block.epoch;
     for (Fiber& f : block.fibers) {

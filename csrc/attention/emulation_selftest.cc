@@ -126,6 +126,17 @@ MGF_KERNEL void warp_sync_kernel(const BarrierArgs args) {
   args.out[lane] = shared[(lane + 1) % 32];
 }
 
+// ---- plain stores read by another warp's ldmatrix, after a block_sync() or not ----------------------------------
+MGF_KERNEL void plain_store_kernel(const BarrierArgs args) {
+  uint16_t* tiles = reinterpret_cast<uint16_t*>(dynamic_shared_memory());  // two 16x16 tiles, one per warp
+  const int tid = thread_index(), lane = tid & 31, warp = tid >> 5;
+  for (int e = lane; e < 256; e += 32) tiles[warp * 256 + e] = static_cast<uint16_t>(e + 1);
+  if (args.with_barrier) block_sync();
+  uint32_t r[4];
+  ldmatrix_x4(r, tiles + (1 - warp) * 256 + (lane % 16) * 16 + 8 * (lane / 16));  // the other warp's tile
+  args.out[tid] = static_cast<float>(r[0] & 0xffffu);
+}
+
 // ---- a cp.async pipeline: C = A B with double-buffered tiles, ldmatrix and mma ----------------------------------
 // A (64 x K) and B (K x 32) row major, fp16, K a multiple of 8; 128 threads, warp w computes C rows 16w..16w+15.
 // K tiles of 32; the last tile is partly past K and zero-filled (valid == false).
@@ -251,6 +262,11 @@ int mgf_selftest_barrier(int with_barrier, float* out) {
 
 int mgf_selftest_warp_sync(int with_sync, float* out) {
   em::launch(&warp_sync_kernel, em::Dim3{}, 32, 32 * sizeof(float), BarrierArgs{with_sync, out});
+  return 0;
+}
+
+int mgf_selftest_plain_store(int with_barrier, float* out) {
+  em::launch(&plain_store_kernel, em::Dim3{}, 64, 2 * 256 * sizeof(uint16_t), BarrierArgs{with_barrier, out});
   return 0;
 }
 
