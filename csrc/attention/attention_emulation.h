@@ -272,8 +272,9 @@ inline void track_read(Block& block, int warp, const char* p, size_t bytes) {
     }
     if (r[i].writer >= 0 && r[i].write_epoch == block.epoch && (r[i].writer >> 5) != warp) {
       if (r[i].plain) {
-        snprintf(what, sizeof what, "warp %d reads it (ldmatrix) after warp %d stored to it with no block_sync() in between",
-                 warp, r[i].writer >> 5);
+        snprintf(what, sizeof what,
+                 "warp %d reads it (ldmatrix) after warp %d stored to it with no block_sync() in between", warp,
+                 r[i].writer >> 5);
       } else {
         snprintf(what, sizeof what,
                  "warp %d reads it (ldmatrix) after thread %d's cp.async landed on it with no block_sync() in between",

@@ -29,7 +29,7 @@ const void* quadrant_row(const uint16_t* tile, int lane, int num) {
 
 struct LdmatrixArgs {
   uint32_t* out;    // [5 variants][32 lanes][4]: x1, x2, x4, x2.trans, x4.trans
-  int* mismatches;  // [3]: ldmatrix_x4 vs load_a, ldmatrix_x2 vs load_b (n-major), ldmatrix_x2_trans vs load_b (k-major)
+  int* mismatches;  // [3]: ldmatrix_x4 vs load_a, x2 vs load_b (n-major), x2_trans vs load_b (k-major)
 };
 
 MGF_KERNEL void ldmatrix_kernel(const LdmatrixArgs args) {

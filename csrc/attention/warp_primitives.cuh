@@ -1,10 +1,11 @@
 // The few warp-level primitives the attention kernels use, in one place.
 //
-// The kernels touch hardware only through these functions (thread/block indices, __syncthreads, a shuffle inside a
-// quad of lanes, the m16n8k16 tensor-core mma, ldmatrix, cp.async, ex2.approx and fp16/bf16 packing). Shared memory is read and written with plain
-// loads and stores, or through ldmatrix and cp.async below — so the kernels are also plain C++: compiled with
-// MGF_ATTENTION_EMULATION defined (by a host compiler), attention_emulation.h supplies these primitives by running
-// every CUDA thread of a block as a fiber on the CPU, and the test suite executes the real kernel code without a GPU.
+// The kernels touch hardware only through these functions (thread/block indices, __syncthreads, __syncwarp, a shuffle
+// inside a quad of lanes, the m16n8k16 tensor-core mma, ldmatrix, cp.async, ex2.approx and fp16/bf16 packing). Shared
+// memory is read and written with plain loads and stores, or through ldmatrix and cp.async below — so the kernels are
+// also plain C++: compiled with MGF_ATTENTION_EMULATION defined (by a host compiler), attention_emulation.h supplies
+// these primitives by running every CUDA thread of a block as a fiber on the CPU, and the test suite executes the real
+// kernel code without a GPU (adversarially: seeded warp schedules, cp.async landing only at its wait, a race detector).
 //
 // Fragment layout of mma.sync.aligned.m16n8k16.row.col (PTX ISA, "Matrix fragments for mma.m16n8k16"), with
 // g = lane / 4 and t = lane % 4; each 32-bit register holds two consecutive elements, lower index in the low half:
