@@ -195,6 +195,19 @@ def test_eager_decode_plan_steps_aside_for_hooks_and_training():
     assert _DecodePlan.build(model) is None
 
 
+def test_eager_decode_plan_keeps_the_module_error_of_a_fused_block_with_torch_norms():
+    """A fused block whose ln_2 is torch's LayerNorm (no residual argument) fails in its module call; the plan must
+    not run it with the residual silently dropped (its unpacking of one tensor as two gave another error)."""
+    torch.manual_seed(0)
+    model = MetaGPT(VOCAB, 32, 2, 4, 0.0, 40, positional="rotary", fused=True).eval()
+    ln = torch.nn.LayerNorm(32).eval()
+    ln.load_state_dict(model.blocks[1].ln_2.state_dict())
+    model.blocks[1].ln_2 = ln
+    assert _DecodePlan.build(model) is None
+    with pytest.raises(TypeError, match="positional argument"):
+        model.generate(ragged_prompts((4,))[0][None], 2, temperature=0)
+
+
 @pytest.mark.parametrize("positional", ["sinusoidal", "rotary"])
 def test_sliding_past_max_seq_length_is_the_cropping_loop(positional):
     model = model_for(positional, max_seq_length=16)
