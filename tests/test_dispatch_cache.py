@@ -133,3 +133,24 @@ def test_decode_appends_as_the_reference_write(seqlens):
     expected = metagpt_fast.flash_attn_with_kvcache(q, want_k, want_v, cache_seqlens=lengths + 2, causal=True,
                                                     backend="reference")  # fmt: skip
     torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support")
+@pytest.mark.parametrize("layout", ["coo", "csr"])
+def test_non_strided_tensors_are_refused_naming_the_argument(layout):
+    """A sparse tensor has no strides to summarise (CSR's stride() raises): the signature gives None, and the ops'
+    checks refuse it with a TypeError naming the argument instead of an error from deep inside."""
+    x = torch.randn(2, 4)
+    sparse = x.to_sparse() if layout == "coo" else x.to_sparse_csr()
+    q = torch.randn(1, 2, 1, 4)
+    assert signature(x, sparse) is None
+    for call, name in (
+        (lambda: metagpt_fast.layer_norm(sparse, (4,)), "input"),
+        (lambda: metagpt_fast.rms_norm(x, (4,), weight=torch.ones(4).to_sparse()), "weight"),
+        (lambda: metagpt_fast.bias_gelu(sparse, None), "x"),
+        (lambda: metagpt_fast.layer_norm(x, (4,), residual=sparse), "residual"),
+        (lambda: metagpt_fast.scaled_dot_product_attention(q.to_sparse(), q, q), "query"),
+        (lambda: metagpt_fast.flash_attn_with_kvcache(q, q.to_sparse(), q), "k_cache"),
+    ):
+        with pytest.raises(TypeError, match=f"{name} is a sparse"):
+            call()

@@ -8,8 +8,8 @@ selection cache, and the ops' memos of their signature checks. Checks that read 
 lengths, block tables) still run on every call.
 
 :func:`signature` gives ``None`` (no caching: the full checks run) for anything it cannot summarise exactly: tensor
-subclasses (``FakeTensor`` under ``torch.compile``, ``DTensor``, wrappers), nested tensors, containers of non-scalars,
-unknown objects, and any call while ``torch.compile`` traces.
+subclasses (``FakeTensor`` under ``torch.compile``, ``DTensor``, wrappers), nested and sparse tensors, containers of
+non-scalars, unknown objects, and any call while ``torch.compile`` traces.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 _SCALARS = frozenset((bool, int, float, str, torch.dtype, torch.device))
 _SEQUENCES = frozenset((tuple, list, torch.Size))
 _Tensor, _Parameter = _PLAIN_TENSORS
+_STRIDED = torch.strided
 _is_compiling, _is_grad_enabled = torch.compiler.is_compiling, torch.is_grad_enabled
 
 MEMO_LIMIT = 4096  # entries per memo before it starts over (a training loop's varying lengths must not grow it)
@@ -41,7 +42,7 @@ def signature(*values) -> tuple | None:
     for value in values:
         kind = type(value)
         if kind is _Tensor or kind is _Parameter:
-            if value.is_nested:
+            if value.is_nested or value.layout is not _STRIDED:  # sparse / mkldnn: no strides to summarise
                 return None
             i = id(value)
             alias = seen.index(i) if i in seen else len(seen)

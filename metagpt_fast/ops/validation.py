@@ -41,10 +41,16 @@ _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter, FakeTensor, FunctionalTensor)
 
 
 def plain_tensor(name: str, t: torch.Tensor) -> None:
-    """Refuses tensor subclasses and nested tensors, whose storage is not what a kernel would read it as."""
+    """Refuses tensor subclasses, nested tensors and layouts other than strided (sparse, mkldnn), whose storage is
+    not what a kernel would read it as."""
     if type(t) not in _PLAIN_TYPES or t.is_nested:
         kind = "a nested tensor" if type(t) in _PLAIN_TYPES else f"a {type(t).__module__}.{type(t).__name__}"
         raise ArgumentTypeError(f"{name} is {kind}, a tensor subclass metagpt_fast does not read; pass a plain tensor")
+    if t.layout is not torch.strided:
+        layout = str(t.layout).removeprefix("torch.")
+        raise ArgumentTypeError(
+            f"{name} is a {layout} tensor; metagpt_fast reads strided tensors only: pass .to_dense()"
+        )
 
 
 def same_device(**tensors: torch.Tensor | None) -> None:
