@@ -154,3 +154,20 @@ def test_non_strided_tensors_are_refused_naming_the_argument(layout):
     ):
         with pytest.raises(TypeError, match=f"{name} is a sparse"):
             call()
+
+
+@pytest.mark.parametrize("backend", ["no-such-backend", "unavailable"])
+def test_decode_refusing_the_backend_leaves_the_cache_unwritten(backend, monkeypatch):
+    """The backend request is part of validation: a name that is not a backend, or a backend that cannot serve the
+    call, raises before the new keys and values are appended (they were written first, then the call raised)."""
+    kc, vc = torch.zeros(2, 6, 2, 8), torch.zeros(2, 6, 2, 8)
+    q, k, v = torch.randn(2, 1, 2, 8), torch.randn(2, 1, 2, 8), torch.randn(2, 1, 2, 8)
+    lengths = torch.tensor([0, 3], dtype=torch.int32)
+    if backend == "unavailable":
+        backend = "cpu"
+        monkeypatch.setitem(registry._unavailable, "cpu", "switched off for this test")
+        monkeypatch.setattr(registry, "_selections", registry.Memo())  # the previous cache comes back afterwards
+    for _ in range(2):  # the second call through the memoised checks
+        with pytest.raises(ValueError, match="backend"):
+            metagpt_fast.flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=lengths, backend=backend)
+        assert not kc.any() and not vc.any()

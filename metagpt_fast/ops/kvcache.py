@@ -137,6 +137,16 @@ def flash_attn_with_kvcache(
         bounds = _check_values(seqlens, new, nq, capacity, rows, per_row, cache_batch_idx, block_table, rotary_cos,
                                rotary_local)  # fmt: skip
 
+    if alibi_slopes is not None:
+        alibi_slopes = alibi_slopes.expand(b, hq).contiguous()
+    scale = 1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale
+    # The implementation is chosen before anything is written: a backend request that cannot be served raises with the
+    # caches untouched. Its reasons read only what the signature holds, which the rotation and the append keep.
+    impl = select_signed("decode_attention", backend, key, _inputs(q, k_cache, v_cache, seqlens, cache_batch_idx,
+                         block_table, scale, window_left, window_right, softcap, alibi_slopes, num_splits))  # fmt: skip
+    if q.numel() == 0:  # nothing to compute: no kernel launch
+        impl = backends.lookup("decode_attention", "reference")
+
     if rotary_cos is not None:
         offsets = seqlens[:, None].long()
         local = causal or window_size[0] >= 0 or window_size[1] >= 0
@@ -157,29 +167,21 @@ def flash_attn_with_kvcache(
         else:
             reference.write_cache(k_cache, v_cache, k, v, seqlens, cache_batch_idx, block_table)
         seqlens = seqlens + new
-    if alibi_slopes is not None:
-        alibi_slopes = alibi_slopes.expand(b, hq).contiguous()
-
-    inputs = dict(
-        q=q,
-        k_cache=k_cache,
-        v_cache=v_cache,
-        seqlens=seqlens,
-        batch_idx=cache_batch_idx,
-        block_table=block_table,
-        scale=1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale,
-        window_left=window_left,
-        window_right=window_right,
-        softcap=softcap,
-        alibi_slopes=alibi_slopes,
-        num_splits=num_splits,
-    )
-    impl = select_signed("decode_attention", backend, key, inputs)
-    if q.numel() == 0:  # nothing to compute: no kernel launch
-        impl = backends.select("decode_attention", "reference", **inputs)
+    inputs = _inputs(q, k_cache, v_cache, seqlens, cache_batch_idx, block_table, scale, window_left, window_right,
+                     softcap, alibi_slopes, num_splits)  # fmt: skip
     with op_range("decode_attention", impl.backend):
         out, lse = impl.fn(**inputs)
     return (out, lse) if return_softmax_lse else out
+
+
+def _inputs(q, k_cache, v_cache, seqlens, batch_idx, block_table, scale, window_left, window_right, softcap,
+            alibi_slopes, num_splits) -> dict:  # fmt: skip
+    """The decode_attention op's inputs, by name."""
+    return dict(
+        q=q, k_cache=k_cache, v_cache=v_cache, seqlens=seqlens, batch_idx=batch_idx, block_table=block_table,
+        scale=scale, window_left=window_left, window_right=window_right, softcap=softcap, alibi_slopes=alibi_slopes,
+        num_splits=num_splits,
+    )  # fmt: skip
 
 
 def _int32(name: str, t, dims: int) -> torch.Tensor:
