@@ -193,3 +193,20 @@ def test_falcon_alibi_is_refused_under_the_name():
         transformers.AutoModelForCausalLM.from_config(config, attn_implementation="metagpt_fast")
     with pytest.raises(ValueError, match="model_type"):
         hf.patch_alibi("falcon")
+
+
+def test_mpt_attention_without_position_bias_is_its_own(patched, calls):
+    """MptAttention takes position_bias=None (no ALiBi): the patched forward runs the varlen kernel without slopes,
+    as the module's own forward adds no bias (it crashed reading the slopes of the missing bias)."""
+    attention = build("mpt").transformer.blocks[0].attn.eval()
+    hidden = torch.randn(2, 7, 48)
+    keep = torch.ones(2, 7, 7, dtype=torch.bool).tril()
+    keep[0, :, :2] = False  # left padding of row 0
+    mask = ~keep[:, None]  # MPT's convention: True where masked
+    with torch.no_grad():
+        expected, _ = attention(hidden, None, attention_mask=mask)
+        patched("mpt")
+        got, _ = attention(hidden, None, attention_mask=mask)
+    assert calls == {"varlen": 1, "dense": 0}
+    rows = keep.any(-1)  # row 0's first queries see no key: undefined in eager
+    torch.testing.assert_close(got[rows], expected[rows], atol=2e-5, rtol=1e-4)

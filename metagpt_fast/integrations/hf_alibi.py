@@ -155,9 +155,8 @@ def _attention(query, key, value, keep, slopes, bias_matches, dense_mask, scale,
     :func:`metagpt_fast.scaled_dot_product_attention`."""
     plan = None if keep is None else unpad_plan(keep)
     if plan is not None and bias_matches(plan):
-        return varlen_attention(
-            query, key, value, plan, alibi_slopes=slopes.to(torch.float32), softmax_scale=scale, dropout_p=dropout
-        )
+        slopes = None if slopes is None else slopes.to(torch.float32)  # None: the model passed no ALiBi bias
+        return varlen_attention(query, key, value, plan, alibi_slopes=slopes, softmax_scale=scale, dropout_p=dropout)
     out = scaled_dot_product_attention(query, key, value, attn_mask=dense_mask(), dropout_p=dropout, scale=scale)
     return out.transpose(1, 2)
 
