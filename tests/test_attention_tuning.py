@@ -309,3 +309,12 @@ def test_backward_keeps_block_pointers_where_descriptors_spill():
     q, k, v = _qkv(1, 2, 2, 20, 20, 80, F16)
     assert _backward_flags(q, k, v) == (False, True)
     assert _backward_flags(*_qkv(1, 2, 2, 20, 20, 80, F32)) == (True, True)  # float32: its own family
+
+
+def test_the_tuning_key_holds_every_flag_that_changes_the_compiled_kernel():
+    # A tile tuned on aligned inputs (tensor descriptors, TMA) must not be reused for strided ones (block pointers):
+    # they compile to different kernels. Every descriptor flag a kernel takes is in the autotuner's key.
+    for kind, kernel in kernels.KERNELS.items():
+        flags = [name for name in kernel.arg_names if name.endswith("DESCRIPTORS")]
+        missing = [name for name in flags if name not in kernels._TUNING_KEY]
+        assert not missing, f"{kind}: {missing} not in the tuning key"

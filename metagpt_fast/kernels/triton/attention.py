@@ -822,8 +822,11 @@ KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq, "prepro
 # for nothing else), so a model that sees many lengths tunes once per bucket, not once per length.
 _TUNING_KEY = [
     "Nq_bucket", "Nk_bucket", "GROUP", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "MASK_KIND", "MASK_ROW_BCAST",
-    "HAS_DROPOUT",
+    "HAS_DROPOUT", "KV_DESCRIPTORS", "DESCRIPTORS",
 ]  # fmt: skip
+# The descriptor flags are in the key: aligned (TMA) and unaligned (block-pointer) inputs compile to different kernels
+# with different shared memory and registers, so a tile tuned for one is not evidence for the other. A key name the
+# kernel does not take is skipped by the autotuner.
 
 
 def length_buckets(nq: int, nk: int) -> tuple[int, int]:
