@@ -102,9 +102,12 @@ void check_window(const Window& w) {
               "attention_window (CUDA): softcap must be 0 (off) or a finite positive cap, got ", w.softcap);
 }
 
+// Needs p.n_q and p.n_k. A side at least n_q + n_k wide excludes nothing, so it becomes -1 (unbounded): the kernels'
+// tile bounds add it to row indices in int, where a window near INT_MAX would overflow.
 void set_window(AttentionParams& p, const Window& w) {
-  p.window_left = static_cast<int>(w.left);
-  p.window_right = static_cast<int>(w.right);
+  const int64_t span = static_cast<int64_t>(p.n_q) + p.n_k;
+  p.window_left = w.left >= span ? -1 : static_cast<int>(w.left);
+  p.window_right = w.right >= span ? -1 : static_cast<int>(w.right);
   p.bottom_right = w.bottom_right;
   p.softcap = static_cast<float>(w.softcap);
 }
