@@ -158,6 +158,14 @@ def test_refusals(patched):
         model(**data, output_attentions=True)
 
 
+@pytest.mark.parametrize("fn", [hf.patch_alibi, hf.unpatch_alibi])
+def test_a_model_type_that_is_not_a_name_is_refused_naming_it(fn):
+    with pytest.raises(TypeError, match="model_type"):
+        fn(["bloom"])
+    with pytest.raises(ValueError if fn is hf.patch_alibi else TypeError, match="model_type"):
+        fn("falcon" if fn is hf.patch_alibi else 3)
+
+
 def test_unpatch_restores_the_models_attention(patched):
     cls = transformers.models.bloom.modeling_bloom.BloomAttention
     original = cls.forward

@@ -324,6 +324,8 @@ def patch_alibi(model_type: str) -> None:
     served, eager ones included, and ``attn_implementation="metagpt_fast"`` is accepted for it. Before patching, the
     patched forward is compared with the module's own on a tiny random model; a mismatch (modeling code of another
     transformers version) raises ``ValueError`` and nothing is patched. Undo with :func:`unpatch_alibi`."""
+    if not isinstance(model_type, str):
+        raise TypeError(f"hf.patch_alibi: model_type must be a str, got {type(model_type).__name__}")
     if model_type not in _MODELS:
         raise ValueError(f"hf.patch_alibi: model_type must be one of {sorted(_MODELS)}, got {model_type!r}")
     if model_type in _patched:
@@ -345,6 +347,8 @@ def patch_alibi(model_type: str) -> None:
 
 def unpatch_alibi(model_type: str) -> None:
     """Undoes :func:`patch_alibi` (no-op if ``model_type`` is not patched)."""
+    if not isinstance(model_type, str):
+        raise TypeError(f"hf.unpatch_alibi: model_type must be a str, got {type(model_type).__name__}")
     if model_type in _patched:
         attention_cls, original = _patched.pop(model_type)
         attention_cls.forward = original
