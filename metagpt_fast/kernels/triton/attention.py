@@ -825,8 +825,8 @@ _TUNING_KEY = [
     "HAS_DROPOUT", "KV_DESCRIPTORS", "DESCRIPTORS",
 ]  # fmt: skip
 # The descriptor flags are in the key: aligned (TMA) and unaligned (block-pointer) inputs compile to different kernels
-# with different shared memory and registers, so a tile tuned for one is not evidence for the other. A key name the
-# kernel does not take is skipped by the autotuner.
+# with different shared memory and registers, so a tile tuned for one is not evidence for the other. Each kernel keys
+# on the names it takes (the forward's flag is KV_DESCRIPTORS, the backward's DESCRIPTORS).
 
 
 def length_buckets(nq: int, nk: int) -> tuple[int, int]:
@@ -1008,7 +1008,8 @@ def _autotuned(
         for m, n, w, s in tiles(kind, family, capability, schedule)
     ]
     prune = {"early_config_prune": _early_config_prune(kind, family, capability, shared_limit)}
-    return triton.autotune(configs=configs, key=_TUNING_KEY, prune_configs_by=prune)(KERNELS[kind])
+    key = [name for name in _TUNING_KEY if name in KERNELS[kind].arg_names]
+    return triton.autotune(configs=configs, key=key, prune_configs_by=prune)(KERNELS[kind])
 
 
 def _kernel(kind: str, family: tuple[int, int, bool], launch, device: torch.device, schedule: str = "grid"):
