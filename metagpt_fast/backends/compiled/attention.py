@@ -59,9 +59,10 @@ def cuda_priority(inputs) -> int:
     """The measured priority where ``measured_speed.json`` has the input's size class (backends/measured.py), else
     30 (above Triton's 20) on sm_80-class GPUs, 15 (below it) on sm_90 and newer.
 
-    On Hopper, Triton's kernels use wgmma while these use mma.sync with 254 registers (one CTA per SM) and 3 to 3.7
-    shared-memory wavefronts per mma, estimated (not measured) at about 185 TFLOP/s forward on an H200 against about
-    280 for Triton's: static figures from the sm_90 SASS of both. No GPU measurement exists yet for either order.
+    On Hopper, Triton's kernels use wgmma and TMA, while these use mma.sync (ldmatrix, two cp.async stages, 2 CTAs per
+    SM, 0.3 to 0.8 shared-memory loads per mma: docs/cuda-attention.md), which cannot reach Hopper's tensor-core
+    rate; on sm_80-class parts mma.sync is the tensor-core instruction for both. Static figures only: no GPU
+    measurement exists yet for either order.
     """
     static = 15 if torch.cuda.get_device_capability(inputs["query"].device) >= (9, 0) else 30
     return measured.attention_priority("cuda", static, inputs)
