@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from metagpt_fast._spec import dropout_threshold, triton_interpreted
+from metagpt_fast.kernels.triton.allocator import ensure_allocator
 from metagpt_fast.kernels.triton.dropout import dropout_keep
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -363,7 +364,7 @@ def _attn_fwd(
     ``KV_DESCRIPTORS``: K and V are read through tensor descriptors (on sm_90, TMA copies issued by one thread into
     shared memory, in place of every thread's cp.async address arithmetic); they need a last stride of 1, the other
     strides and the base 16-byte aligned (:func:`kv_descriptors`), and scratch memory from triton's allocator for the
-    descriptors (:func:`_ensure_allocator`)."""
+    descriptors (:func:`metagpt_fast.kernels.triton.allocator.ensure_allocator`)."""
     tl.static_assert(BLOCK_D >= HEAD_DIM)
     tl.static_assert(BLOCK_DV >= HEAD_DIM_V)
     if HAS_DROPOUT:
@@ -1079,27 +1080,6 @@ def kv_descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heavy: boo
     return stream_descriptors((k, v), heavy)
 
 
-def _scratch(device: torch.device):
-    def allocate(size: int, alignment: int, stream):
-        return torch.empty(size, dtype=torch.int8, device=device)
-
-    return allocate
-
-
-def _ensure_allocator(device: torch.device) -> None:
-    """Kernels that build tensor descriptors on the device need global scratch memory, which triton asks of the
-    allocator set with ``triton.set_allocator`` (per thread: a ContextVar). Unless the caller (or torch.compile's
-    generated code) has set one, set one that takes it from torch's allocator on ``device``."""
-    try:
-        from triton.runtime import _allocation
-
-        unset = isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
-    except (ImportError, AttributeError):  # the private module moved: set ours
-        unset = True
-    if unset:
-        triton.set_allocator(_scratch(torch.device("cpu") if INTERPRETED else device))
-
-
 def _dropout_arguments(dropout_p, seed, placeholder):
     if dropout_p == 0.0:
         return placeholder, 0, 1.0, False
@@ -1122,7 +1102,7 @@ def attention_forward(q, k, v, attn_mask, out, lse, seed, dropout_p, is_causal, 
     heavy = has_dropout or (mask_kind != MASK_NONE and not row_bcast)
     descriptors = kv_descriptors(q, k, v, heavy)
     if descriptors:
-        _ensure_allocator(q.device)
+        ensure_allocator(q.device)
     family = tile_family(q.element_size(), D, Dv, heavy)
     capability = None if INTERPRETED else torch.cuda.get_device_capability(q.device)
     schedule = forward_schedule(schedule, family, capability)
@@ -1169,7 +1149,7 @@ def attention_backward(
     dkdv_descriptors = stream_descriptors((q, grad_out), heavy) and family[:2] not in BLOCK_POINTER_FAMILIES["dkdv"]
     dq_descriptors = stream_descriptors((k, v), heavy) and family[:2] not in BLOCK_POINTER_FAMILIES["dq"]
     if dkdv_descriptors or dq_descriptors:
-        _ensure_allocator(q.device)
+        ensure_allocator(q.device)
     flags = dict(
         HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=block_dim(D), BLOCK_DV=block_dim(Dv), IS_CAUSAL=is_causal,
         MASK_KIND=mask_kind, MASK_ROW_BCAST=row_bcast, HAS_DROPOUT=has_dropout,

@@ -47,6 +47,7 @@ import triton
 import triton.language as tl
 
 from metagpt_fast._spec import triton_interpreted
+from metagpt_fast.kernels.triton.allocator import ensure_allocator
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -757,27 +758,6 @@ def kv_descriptors(q, k, v) -> bool:
     return q.element_size() == 2 and q.is_cuda and torch.cuda.get_device_capability(q.device) >= (9, 0)
 
 
-def _scratch(device):
-    def allocate(size: int, alignment: int, stream):
-        return torch.empty(size, dtype=torch.int8, device=device)
-
-    return allocate
-
-
-def _ensure_allocator(device) -> None:
-    """Descriptors built on the device need global scratch memory, which triton asks of the allocator set with
-    ``triton.set_allocator`` (per thread). Unless the caller (or torch.compile's generated code) has set one, set one
-    that takes it from torch's allocator (as kernels/triton/attention.py does)."""
-    try:
-        from triton.runtime import _allocation
-
-        unset = isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
-    except (ImportError, AttributeError):  # the private module moved: set ours
-        unset = True
-    if unset:
-        triton.set_allocator(_scratch(torch.device("cpu") if INTERPRETED else device))
-
-
 def _visits(visits, placeholder):
     return (placeholder, False) if visits is None else (visits, True)
 
@@ -800,7 +780,7 @@ def flash_forward(
     counter, count = _visits(visits, lse)
     descriptors = kv_descriptors(q, k, v)
     if descriptors:
-        _ensure_allocator(q.device)
+        ensure_allocator(q.device)
     kernel, meta = _kernel("fwd", tile_family(q.element_size(), D, Dv), launch, tiles)
     kernel[lambda META: (triton.cdiv(max_seqlen_q, META["BLOCK_M"]), Hq, B)](
         q, k, v, cu_seqlens_q, cu_seqlens_k, alibi, out, lse, counter,
